@@ -1,0 +1,229 @@
+"""The `build` command. The only layer that prints or exits; the core raises BuilderError."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import BuilderError
+
+ENGINES = ("docker", "local")
+
+
+def _stage(stage: str, message: str) -> None:
+    click.secho(f"==> {stage}: ", bold=True, nl=False, err=True)
+    click.echo(message, err=True)
+
+
+def _log(line: str) -> None:
+    click.secho(f"    {line}", dim=True, err=True)
+
+
+def _fail(error: BuilderError) -> None:
+    if error.log_tail:
+        click.secho(f"--- last {len(error.log_tail)} lines of the log ---", fg="yellow", err=True)
+        for line in error.log_tail:
+            click.echo(f"    {line}", err=True)
+        click.secho("---", fg="yellow", err=True)
+    click.secho("error: ", fg="red", bold=True, nl=False, err=True)
+    click.echo(str(error), err=True)
+
+
+image_options = [
+    click.option(
+        "--base-image",
+        envvar="OLIVE_BUILDER_BASE_IMAGE",
+        default=None,
+        help="Base image for builder images (default: each Dockerfile's own). Env: OLIVE_BUILDER_BASE_IMAGE.",
+    ),
+    click.option(
+        "--wheels",
+        envvar="OLIVE_BUILDER_WHEELS",
+        type=click.Path(file_okay=False),
+        default=None,
+        help="A folder of wheels that pip may use inside image builds (e.g. a CPU torch). Env: OLIVE_BUILDER_WHEELS.",
+    ),
+]
+
+
+def with_image_options(f: Any) -> Any:
+    for option in reversed(image_options):
+        f = option(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="olive-builder")
+def cli() -> None:
+    """Build Hugging Face models into checked ONNX Runtime GenAI models with Microsoft Olive.
+
+    \b
+    build list                      every recipe id in recipes/
+    build recipe FILE --dry-run     the plan and its Olive config, as JSON
+    build recipe FILE               build it in a builder container
+    build images                    build the builder images
+    """
+
+
+@cli.command("recipe")
+@click.argument("recipe_file", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--engine", type=click.Choice(ENGINES), default="docker", show_default=True,
+              help="docker: a builder container. local: Olive in this Python (pip install -e '.[local]').")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: out/<model>/<target>].")
+@click.option("--force", is_flag=True, help="Replace an existing output folder once the new build is checked.")
+@click.option("--dry-run", is_flag=True, help="Print the build step and Olive config as JSON; build nothing.")
+@click.option("--image", default=None, help="Use this builder image instead of the one built from the Dockerfile.")
+@click.option("-q", "--quiet", is_flag=True, help="Show stages only, not the build log (a failure still shows its tail).")
+@with_image_options
+def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool, dry_run: bool,
+               image: str | None, quiet: bool, base_image: str | None, wheels: str | None) -> None:
+    """Build RECIPE_FILE into a checked ONNX Runtime GenAI model folder."""
+    from . import images, plan, recipe
+    from .engine import DockerEngine, make_engine
+    from .execute import default_output, execute
+
+    loaded = recipe.load(recipe_file)
+    flavour = loaded.recipe.target.device
+    image_spec = None
+    if image is None:
+        image_spec = images.image_spec(flavour, base_image=base_image, wheels_dir=wheels)
+        image = image_spec.tag
+    step = plan.plan(loaded, image)
+    if dry_run:
+        click.echo(json.dumps(step.to_json(), indent=2))
+        return
+    eng = make_engine(engine)
+    image_id = None
+    if isinstance(eng, DockerEngine):
+        eng.preflight()
+        if image_spec is not None and not eng.has_image(image):
+            _stage("image", f"builder image {image} is not built yet; building it (once)")
+            images.build_image(eng.client, image_spec, (lambda line: None) if quiet else _log)
+        image_id = eng.image_id(image) if eng.has_image(image) else None
+    result = execute(
+        step,
+        eng,
+        output or default_output(step),
+        force=force,
+        on_stage=_stage,
+        on_log=(lambda line: None) if quiet else _log,
+        image_id=image_id,
+    )
+    gen = result.info.get("check", {}).get("generated_ids", [])
+    click.echo(f"Built {step.id} in {result.seconds:.1f}s -> {result.output}")
+    click.echo(f"  checked: onnxruntime-genai {result.info['check'].get('onnxruntime_genai', '?')} loaded it and generated {len(gen)} tokens")
+    click.echo(f"  log: {result.log_path}")
+
+
+@cli.command("list")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
+    """List every recipe id (<model>/<target>) under PATHS (default: recipes/)."""
+    from . import recipe
+    from .errors import RecipeError
+
+    rows: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for path in recipe.discover(list(paths)):
+        try:
+            loaded = recipe.load(path)
+        except RecipeError as e:
+            problems.append(str(e))
+            continue
+        r = loaded.recipe
+        rows.append({
+            "id": loaded.id,
+            "recipe": str(path),
+            "device": r.target.device,
+            "precision": r.target.precision,
+            "model": r.model.hub or r.model.path,
+            "tag": f"{r.name}:{r.version}-{loaded.target_name}",
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif rows:
+        cols = ["id", "device", "precision", "model", "tag"]
+        widths = {c: max(len(c), *(len(str(row[c])) for row in rows)) for c in cols}
+        click.echo("  ".join(c.upper().ljust(widths[c]) for c in cols).rstrip())
+        for row in rows:
+            click.echo("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
+    if problems:
+        raise RecipeError(f"{len(problems)} recipe file(s) are invalid:\n\n" + "\n\n".join(problems))
+    if not rows and not as_json:
+        click.echo("No recipes found.", err=True)
+
+
+@cli.command("images")
+@click.option("--target", "targets", type=click.Choice(["cpu", "cuda", "all"]), multiple=True, default=["cpu"],
+              show_default=True, help="Which builder images to build (repeatable).")
+@click.option("--print-tags", is_flag=True, help="Print the tags the images would have; build nothing.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not stream the image build log.")
+@with_image_options
+def images_cmd(targets: tuple[str, ...], print_tags: bool, quiet: bool, base_image: str | None, wheels: str | None) -> None:
+    """Build the builder images (tags derived from their content; unchanged images are not rebuilt)."""
+    from . import images
+    from .engine import DockerEngine
+
+    flavours = ["cpu", "cuda"] if "all" in targets else list(dict.fromkeys(targets))
+    specs = [images.image_spec(f, base_image=base_image, wheels_dir=wheels) for f in flavours]
+    if print_tags:
+        for spec in specs:
+            click.echo(spec.tag)
+        return
+    eng = DockerEngine()
+    eng.preflight()
+    for spec in specs:
+        if eng.has_image(spec.tag):
+            _stage("image", f"{spec.tag} is up to date")
+            continue
+        _stage("image", f"building {spec.tag} from {spec.dockerfile.name}")
+        image_id = images.build_image(eng.client, spec, (lambda line: None) if quiet else _log)
+        _stage("image", f"built {spec.tag} ({image_id})")
+        click.echo(spec.tag)
+
+
+@cli.command("schema")
+def schema_cmd() -> None:
+    """Print the recipe format as JSON schema (recipes/recipe.schema.json is this output)."""
+    from .recipe import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@cli.command("check")
+@click.argument("folder", type=click.Path(path_type=Path))
+def check_cmd(folder: Path) -> None:
+    """Check that FOLDER is a usable ONNX Runtime GenAI model (needs onnxruntime-genai here)."""
+    from .check import check_generates
+
+    report = check_generates(folder)
+    click.echo(f"ok: {folder} loads and generated {len(report.generated_ids)} tokens "
+               f"(onnxruntime-genai {report.genai_version})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns every BuilderError into a message and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="build", standalone_mode=False)
+    except BuilderError as e:
+        _fail(e)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; nothing was left behind.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    sys.exit(0)

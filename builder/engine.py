@@ -1,0 +1,234 @@
+"""Engines run one command in a builder environment and stream its output line by line.
+
+Two implementations behind one small interface:
+
+- ``DockerEngine``: a container from a builder image, through docker-py. Podman works
+  through its Docker-compatible socket (``DOCKER_HOST=unix://$XDG_RUNTIME_DIR/podman/podman.sock``).
+- ``LocalEngine``: this Python on this host, for machines without an engine; needs
+  ``pip install 'olive-builder[local]'``.
+
+Paths differ between the two: a Mount names a host folder and where a container sees it,
+and ``engine.path_for(mount)`` says which one the command must be given.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from .errors import EngineError, ImageError
+
+EngineName = Literal["docker", "local"]
+LineSink = Callable[[str], None]
+
+# Where the driver's own package is mounted inside builder containers. It is mounted, not
+# installed, so that a change to olive-builder never needs a new builder image.
+CONTAINER_PACKAGE_ROOT = "/opt/olive-builder"
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class Job:
+    image: str
+    module: str
+    args: tuple[str, ...]
+    env: dict[str, str]
+    mounts: tuple[Mount, ...]
+    gpus: bool = False
+
+
+class Engine(Protocol):
+    name: str
+
+    def path_for(self, mount: Mount) -> str: ...
+
+    def run(self, job: Job, on_line: LineSink) -> int: ...
+
+
+def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """Bytes as they arrive -> text lines; a carriage return (progress bars) ends a line too."""
+    buf = b""
+    for chunk in chunks:
+        buf += chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield line.decode("utf-8", errors="replace")
+    if buf.strip():
+        yield buf.decode("utf-8", errors="replace")
+
+
+class LocalEngine:
+    """Runs the job with this interpreter on this host; the image and mounts are not used."""
+
+    name = "local"
+
+    def path_for(self, mount: Mount) -> str:
+        return str(mount.source)
+
+    def preflight(self) -> None:
+        missing = [m for m in ("olive", "onnxruntime_genai") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise EngineError(
+                f"--engine local runs Olive in this Python ({sys.executable}), but {', '.join(missing)} "
+                "is not installed here.",
+                hint="Install the build stack: pip install torch==2.13.0 && pip install -e '.[local]'\n"
+                "or use the default --engine docker.",
+            )
+
+    def run(self, job: Job, on_line: LineSink) -> int:
+        env = dict(os.environ)
+        env.update(job.env)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", job.module, *job.args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches us; we stop the child ourselves
+        )
+        assert proc.stdout is not None
+        try:
+            for line in split_lines(iter(lambda: proc.stdout.read1(65536), b"")):  # type: ignore[union-attr]
+                on_line(line)
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+class DockerEngine:
+    """Runs the job in a fresh, uniquely named container that is removed whatever happens."""
+
+    name = "docker"
+
+    def __init__(self, client: object | None = None):
+        self._client = client
+
+    @property
+    def client(self):  # type: ignore[no-untyped-def]
+        if self._client is None:
+            self._client = connect()
+        return self._client
+
+    def path_for(self, mount: Mount) -> str:
+        return mount.target
+
+    def preflight(self) -> None:
+        _ = self.client
+
+    def has_image(self, image: str) -> bool:
+        import docker.errors
+
+        try:
+            self.client.images.get(image)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as e:
+            raise EngineError(f"Docker could not look up image {image}: {e.explanation or e}") from None
+
+    def image_id(self, image: str) -> str:
+        return str(self.client.images.get(image).id)
+
+    def run(self, job: Job, on_line: LineSink) -> int:
+        import docker.errors
+        from docker.types import DeviceRequest
+
+        if not self.has_image(job.image):
+            raise ImageError(
+                f"The builder image {job.image} is not in this Docker engine.",
+                hint="Build it with `build images`, or name another one with --image.",
+            )
+        volumes = {
+            str(m.source): {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in job.mounts
+        }
+        device_requests = [DeviceRequest(count=-1, capabilities=[["gpu"]])] if job.gpus else None
+        name = f"olive-builder-{uuid.uuid4().hex[:12]}"
+        env = dict(job.env)
+        env["PYTHONPATH"] = CONTAINER_PACKAGE_ROOT
+        container = None
+        try:
+            container = self.client.containers.create(
+                job.image,
+                command=["python", "-m", job.module, *job.args],
+                name=name,
+                environment=env,
+                volumes=volumes,
+                # Files written to mounted folders belong to the user who runs the build.
+                user=f"{os.getuid()}:{os.getgid()}",
+                device_requests=device_requests,
+                labels={"org.olive-builder.job": job.module},
+                detach=True,
+            )
+            container.start()
+            for line in split_lines(container.logs(stream=True, follow=True)):
+                on_line(line)
+            status = container.wait()
+            return int(status.get("StatusCode", 1))
+        except docker.errors.APIError as e:
+            text = str(e.explanation or e)
+            if job.gpus and ("gpu" in text.lower() or "nvidia" in text.lower()):
+                raise EngineError(
+                    f"Docker could not give the container a GPU: {text}",
+                    hint="cuda targets need an NVIDIA GPU and nvidia-container-toolkit on the Docker host.",
+                ) from None
+            raise EngineError(f"Docker failed to run the builder container: {text}") from None
+        finally:
+            if container is not None:
+                try:
+                    container.remove(force=True)
+                except docker.errors.APIError:
+                    pass
+
+
+def connect():  # type: ignore[no-untyped-def]
+    """A docker-py client for DOCKER_HOST (or the default socket), checked to answer."""
+    try:
+        import docker
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise EngineError(f"docker-py is not installed: {e}") from None
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except Exception as e:
+        where = os.environ.get("DOCKER_HOST", "the default Docker socket (/var/run/docker.sock)")
+        raise EngineError(
+            f"No Docker engine answers at {where}: {_short(e)}",
+            hint="Start Docker (or Podman's socket and set DOCKER_HOST), or build on this host "
+            "with --engine local.",
+        ) from None
+    return client
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def make_engine(name: str) -> LocalEngine | DockerEngine:
+    if name == "local":
+        return LocalEngine()
+    if name == "docker":
+        return DockerEngine()
+    raise EngineError(f"Unknown engine {name!r}.", hint="Use --engine docker or --engine local.")

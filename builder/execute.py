@@ -1,0 +1,258 @@
+"""Execute one BuildStep on an engine and deliver a checked model folder, atomically.
+
+The build happens in a hidden work folder beside the output (same filesystem, so the
+final rename is atomic). The output folder appears only once the worker has checked the
+model; a failure or Ctrl-C removes the work folder and leaves no output behind. The full
+log goes to a log file; a failure carries its last lines.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .check import check_files
+from .engine import Job, Mount
+from .errors import BuildError, CheckError, EngineError, ModelNotFoundError, PlanError
+from .plan import BuildStep
+from .worker import EVENT_PREFIX
+
+INFO_FILE = "olive-builder.json"
+LOG_TAIL_LINES = 40
+TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    info: dict[str, Any]
+    seconds: float
+    log_path: Path
+
+
+StageSink = Callable[[str, str], None]
+LineSink = Callable[[str], None]
+
+
+def default_output(step: BuildStep) -> Path:
+    return Path("out") / step.id
+
+
+def log_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "olive-builder" / "logs"
+
+
+def hf_home() -> Path:
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+
+
+def hf_token() -> str | None:
+    for name in TOKEN_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+def preflight_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise PlanError(
+            f"The output folder {output} already exists.",
+            hint="Pass --force to replace it once the new build has passed its check, or choose --output.",
+        )
+    if output.exists() and not output.is_dir():
+        raise PlanError(f"{output} exists and is not a folder.", hint="Choose another --output.")
+
+
+def preflight_model(step: BuildStep) -> None:
+    if step.model.path is None:
+        return
+    folder = Path(step.model.path)
+    if not folder.is_dir():
+        raise ModelNotFoundError(
+            f"The model folder {folder} does not exist.",
+            hint=f"Fix `model.path` in {step.recipe} (relative paths start at the recipe file's folder).",
+        )
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"The model folder {folder} has no config.json, so it is not a Hugging Face model folder.",
+            hint="Point `model.path` at a folder saved with save_pretrained (config.json, weights, tokenizer).",
+        )
+
+
+def execute(
+    step: BuildStep,
+    engine: Any,
+    output: Path,
+    *,
+    force: bool = False,
+    on_stage: StageSink = lambda stage, msg: None,
+    on_log: LineSink = lambda line: None,
+    image_id: str | None = None,
+) -> BuildResult:
+    output = output.absolute()
+    preflight_output(output, force)
+    preflight_model(step)
+    engine.preflight()
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    started = time.monotonic()
+    logs = log_dir()
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{step.id.replace('/', '__')}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    token = hf_token()
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    secrets = Path(tempfile.mkdtemp(prefix="olive-builder-secret-")) if token else None
+    try:
+        job, spec = _job(step, engine, work, secrets, token)
+        (work / "spec.json").write_text(json.dumps(spec, indent=2))
+        on_stage("start", f"{step.id}: {engine.name} engine" + (f", image {step.builder_image}" if engine.name == "docker" else ""))
+        with log_path.open("w", encoding="utf-8") as log:
+
+            def sink(line: str) -> None:
+                if token:
+                    line = line.replace(token, "***")
+                log.write(line + "\n")
+                log.flush()
+                if line.startswith(EVENT_PREFIX):
+                    try:
+                        ev = json.loads(line[len(EVENT_PREFIX) :])
+                        on_stage(str(ev.get("stage", "")), str(ev.get("message", "")))
+                        return
+                    except ValueError:
+                        pass
+                tail.append(line)
+                on_log(line)
+
+            code = engine.run(job, sink)
+        result = _read_result(work)
+        if result is None:
+            raise BuildError(
+                f"The builder stopped (exit code {code}) before reporting a result.",
+                hint=f"The full log is in {log_path}.",
+                log_tail=list(tail),
+            )
+        if not result.get("ok"):
+            raise _failure(result, log_path, list(tail))
+        model = work / "model"
+        try:
+            check_files(model)  # the worker checked it; make sure it all arrived on this side too
+        except CheckError as e:
+            e.log_tail = list(tail)
+            raise
+        info = _info(step, result, engine.name, image_id)
+        (model / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        _replace(model, output, work)
+        on_stage("done", f"{output}")
+        return BuildResult(output=output, info=info, seconds=time.monotonic() - started, log_path=log_path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if secrets is not None:
+            shutil.rmtree(secrets, ignore_errors=True)
+
+
+def _job(step: BuildStep, engine: Any, work: Path, secrets: Path | None, token: str | None) -> tuple[Job, dict[str, Any]]:
+    work_mount = Mount(work, "/work", read_only=False)
+    mounts = [work_mount]
+    env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1"} if engine.name == "docker" else {}
+    spec: dict[str, Any] = {"step": step.to_json(), "work_dir": engine.path_for(work_mount), "model_dir": None}
+    if step.model.path is not None:
+        model_mount = Mount(Path(step.model.path), "/model", read_only=True)
+        mounts.append(model_mount)
+        spec["model_dir"] = engine.path_for(model_mount)
+    elif engine.name == "docker":
+        # The user's Hugging Face cache, so a model is downloaded once for every build and engine.
+        cache = hf_home()
+        cache.mkdir(parents=True, exist_ok=True)
+        mounts.append(Mount(cache, "/hf-cache", read_only=False))
+        env["HF_HOME"] = "/hf-cache"
+    if token and secrets is not None and engine.name == "docker":
+        # A file mount, not an environment variable: `docker inspect` shows environments.
+        token_file = secrets / "hf_token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        mounts.append(Mount(token_file, "/run/secrets/hf_token", read_only=True))
+        env["HF_TOKEN_PATH"] = "/run/secrets/hf_token"
+    package = Path(__file__).resolve().parent
+    mounts.append(Mount(package, "/opt/olive-builder/builder", read_only=True))
+    spec_mount_path = f"{spec['work_dir']}/spec.json"
+    job = Job(
+        image=step.builder_image,
+        module="builder.worker",
+        args=(spec_mount_path,),
+        env=env,
+        mounts=tuple(mounts),
+        gpus=step.gpus,
+    )
+    return job, spec
+
+
+def _read_result(work: Path) -> dict[str, Any] | None:
+    path = work / "meta" / "result.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _failure(result: dict[str, Any], log_path: Path, tail: list[str]) -> Exception:
+    kind, message, hint = result.get("kind"), result.get("message", "the build failed"), result.get("hint") or ""
+    hint = (hint + "\n" if hint else "") + f"The full log is in {log_path}."
+    if kind == "model_not_found":
+        return ModelNotFoundError(message, hint=hint, log_tail=tail)
+    if kind == "check_failed":
+        return CheckError(message, hint=hint, log_tail=tail)
+    if kind == "internal":
+        return EngineError(message, hint=hint, log_tail=tail)
+    return BuildError(f"Olive failed: {message}", hint=hint, log_tail=tail)
+
+
+def _info(step: BuildStep, result: dict[str, Any], engine: str, image_id: str | None) -> dict[str, Any]:
+    """What was built from what, by what: recorded in the model folder for packaging and people."""
+    return {
+        "id": step.id,
+        "name": step.name,
+        "version": step.version,
+        "tags": list(step.tags),
+        "target": {"device": step.device, "execution_provider": step.execution_provider, "precision": step.precision},
+        "source": {
+            "hub": step.model.hub,
+            "revision": step.model.revision,
+            "resolved_revision": result.get("resolved_revision"),
+            "local": step.model.path is not None,
+            "trust_remote_code": step.model.trust_remote_code,
+        },
+        "recipe_digest": step.recipe_digest,
+        "cache_key": step.cache_key,
+        "builder": {
+            "version": step.builder_version,
+            "engine": engine,
+            "image": step.builder_image if engine == "docker" else None,
+            "image_id": image_id,
+        },
+        "tools": result.get("versions", {}),
+        "check": result.get("check", {}),
+    }
+
+
+def _replace(model: Path, output: Path, work: Path) -> None:
+    """Put the checked model at ``output``; an existing folder is swapped out only now."""
+    if output.exists():
+        old = work / "previous-output"
+        os.replace(output, old)
+        try:
+            os.replace(model, output)
+        except OSError:
+            os.replace(old, output)
+            raise
+    else:
+        os.replace(model, output)

@@ -1,0 +1,144 @@
+"""Planning: a validated recipe becomes one BuildStep. Pure: no files, no network, no engine.
+
+The Olive config in a step is exact except for three placeholders that the worker fills
+with the paths it sees (they differ between a container and the host):
+``${MODEL_DIR}``, ``${OUTPUT_DIR}`` and ``${CACHE_DIR}``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import __version__
+from .errors import PlanError
+from .recipe import LoadedRecipe, digest_of, normalized
+
+MODEL_DIR = "${MODEL_DIR}"
+OUTPUT_DIR = "${OUTPUT_DIR}"
+CACHE_DIR = "${CACHE_DIR}"
+
+# Files every ONNX Runtime GenAI model folder must hold whatever genai_config.json names.
+REQUIRED_OUTPUTS = ("genai_config.json", "tokenizer_config.json")
+# At least one of these tokenizer files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+_OLIVE_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    hub: str | None
+    revision: str | None
+    path: str | None  # absolute host path of a local model folder
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    id: str
+    recipe: str
+    recipe_digest: str
+    name: str
+    version: str
+    device: str
+    execution_provider: str
+    precision: str
+    builder_image: str
+    gpus: bool
+    model: ModelRef
+    olive_config: dict[str, Any]
+    expected_outputs: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+    tags: tuple[str, ...]
+    cache_key: str
+    builder_version: str = field(default=__version__)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def olive_passes(loaded: LoadedRecipe) -> dict[str, dict[str, Any]]:
+    """The Olive passes for a recipe: ModelBuilder at the target precision (int8: fp32 + dynamic quantization)."""
+    r = loaded.recipe
+    if r.olive is not None and r.olive.passes is not None:
+        return copy.deepcopy(dict(r.olive.passes))
+    precision = r.target.precision
+    mb: dict[str, Any] = {"type": "ModelBuilder", "precision": "fp32" if precision == "int8" else precision}
+    if r.generation is not None:
+        search = r.generation.model_dump(exclude_none=True)
+        if search:
+            mb["search"] = search
+    if r.olive is not None and r.olive.extra_options:
+        mb["extra_options"] = dict(r.olive.extra_options)
+    passes: dict[str, dict[str, Any]] = {"builder": mb}
+    if precision == "int8":
+        passes["quantize"] = {"type": "OnnxDynamicQuantization", "precision": "int8"}
+    return passes
+
+
+def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
+    r = loaded.recipe
+    input_model: dict[str, Any] = {"type": "HfModel", "model_path": MODEL_DIR}
+    if r.model.trust_remote_code:
+        input_model["load_kwargs"] = {"trust_remote_code": True}
+    return {
+        "input_model": input_model,
+        "systems": {
+            "target_system": {
+                "type": "LocalSystem",
+                "accelerators": [
+                    {"device": _OLIVE_DEVICE[r.target.device], "execution_providers": [r.target.execution_provider]}
+                ],
+            }
+        },
+        "passes": olive_passes(loaded),
+        "host": "target_system",
+        "target": "target_system",
+        "evaluate_input_model": False,
+        "cache_dir": CACHE_DIR,
+        "output_dir": OUTPUT_DIR,
+        "log_severity_level": 1,
+    }
+
+
+def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
+    """Turn a recipe into the one container run that builds it."""
+    r = loaded.recipe
+    if not builder_image:
+        raise PlanError("No builder image given for the plan.")
+    model_dir = loaded.model_dir
+    model = ModelRef(
+        hub=r.model.hub,
+        revision=(r.model.revision or "main") if r.model.hub else None,
+        path=str(model_dir) if model_dir is not None else None,
+        trust_remote_code=r.model.trust_remote_code,
+    )
+    config = olive_config(loaded)
+    target = loaded.target_name
+    cache_inputs = {
+        # What decides the output. The version and the description do not.
+        "recipe": {k: v for k, v in normalized(r).items() if k not in ("version", "description")},
+        "target": target,
+        "builder_image": builder_image,
+        "builder_version": __version__,
+    }
+    return BuildStep(
+        id=loaded.id,
+        recipe=str(loaded.path),
+        recipe_digest=loaded.digest,
+        name=r.name,
+        version=r.version,
+        device=r.target.device,
+        execution_provider=r.target.execution_provider,
+        precision=r.target.precision,
+        builder_image=builder_image,
+        gpus=r.target.device == "cuda",
+        model=model,
+        olive_config=config,
+        expected_outputs=REQUIRED_OUTPUTS,
+        tokenizer_files=TOKENIZER_FILES,
+        tags=(f"{r.name}:{r.version}-{target}",),
+        cache_key=digest_of(cache_inputs),
+    )

@@ -1,0 +1,342 @@
+"""Recipes: one YAML file per model and target, validated at the boundary into frozen objects.
+
+A recipe lives at ``recipes/<model>/<target>.yaml``; its id is ``<model>/<target>``.
+Every problem in a file is reported at once, each as ``file:line: key: what is wrong``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import _yaml
+from .errors import RecipeError
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
+Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider"]
+
+DEFAULT_PROVIDER: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+# OCI distribution-spec grammar for a repository path component and for a tag.
+_NAME_RE = r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$"
+_TAG_RE = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,100}$"
+_HUB_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelSource(_Strict):
+    """Where the model comes from: a Hugging Face repository or a local folder (exactly one)."""
+
+    hub: Annotated[str, Field(pattern=_HUB_ID_RE)] | None = Field(
+        default=None, description="Hugging Face repository id, e.g. Qwen/Qwen2.5-0.5B-Instruct."
+    )
+    revision: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None,
+        description="Branch, tag or commit of the Hub repository; the build records the commit it resolves to. "
+        "Defaults to main.",
+    )
+    path: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None, description="A local model folder, relative to the recipe file (or absolute)."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run the model repository's own Python code. Only if you trust it."
+    )
+    license: str | None = Field(default=None, description="SPDX license id of the model, recorded in artifacts.")
+
+
+class Target(_Strict):
+    device: Device = Field(description="Where the model will run: cpu or cuda.")
+    provider: Provider | None = Field(
+        default=None, description="ONNX Runtime execution provider; defaults to the device's own."
+    )
+    precision: Precision = Field(description="Weight precision of the built model.")
+
+    @property
+    def execution_provider(self) -> str:
+        return self.provider or DEFAULT_PROVIDER[self.device]
+
+
+class Generation(_Strict):
+    """Default search options written into genai_config.json (callers may still override them)."""
+
+    max_length: Annotated[int, Field(gt=0)] | None = None
+    min_length: Annotated[int, Field(ge=0)] | None = None
+    do_sample: bool | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    num_beams: Annotated[int, Field(ge=1)] | None = None
+    length_penalty: float | None = None
+    no_repeat_ngram_size: Annotated[int, Field(ge=0)] | None = None
+
+    @field_validator("temperature", "top_p", "repetition_penalty", "length_penalty", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, v: Any) -> Any:
+        # YAML reads `temperature: 1` as an int; strict mode would refuse it.
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+OptionValue = str | int | float | bool | list[str] | list[int]
+
+
+class OliveOptions(_Strict):
+    """Escape hatch into Olive. Prefer the recipe's own keys; these are passed through as they are."""
+
+    extra_options: dict[str, OptionValue] | None = Field(
+        default=None,
+        description="Extra key/values for the generated ModelBuilder pass (e.g. int4_block_size: 32).",
+    )
+    passes: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="Olive passes that replace the generated ones, in order. Each needs a `type`.",
+    )
+
+
+class Recipe(_Strict):
+    """A recipe file: one model, one target."""
+
+    name: Annotated[str, Field(pattern=_NAME_RE, max_length=128)] = Field(
+        description="Artifact name (an OCI repository name: lower-case letters, digits, '.', '_', '-')."
+    )
+    version: Annotated[str, Field(pattern=_TAG_RE)] = Field(description="Artifact version, e.g. 1.0.0.")
+    description: str | None = None
+    model: ModelSource
+    target: Target
+    generation: Generation | None = None
+    olive: OliveOptions | None = None
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    recipe: Recipe
+    path: Path
+    id: str
+    digest: str  # sha256 of the normalized recipe content
+
+    @property
+    def target_name(self) -> str:
+        return self.id.split("/", 1)[1]
+
+    @property
+    def model_dir(self) -> Path | None:
+        """The local model folder, resolved against the recipe file; None for Hub models."""
+        if self.recipe.model.path is None:
+            return None
+        p = Path(self.recipe.model.path).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def recipe_id(path: Path) -> str:
+    """``recipes/qwen/cpu-int4.yaml`` -> ``qwen/cpu-int4``."""
+    return f"{path.parent.name}/{path.stem}"
+
+
+def normalized(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain JSON data, defaults filled in, for digests and dry runs."""
+    return recipe.model_dump(mode="json", exclude_none=True)
+
+
+def digest_of(data: Any) -> str:
+    raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "olive-builder recipe"
+    return schema
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path) -> LoadedRecipe:
+    """Read and validate one recipe file. Raises RecipeError listing every problem."""
+    path = Path(path)
+    shown = str(path)
+    if not path.exists():
+        raise RecipeError(
+            f"Recipe file {shown} does not exist.",
+            hint="Give the path of a recipe YAML file; `build list` shows the recipes in this repository.",
+        )
+    if path.is_dir():
+        raise RecipeError(
+            f"{shown} is a folder, not a recipe file.",
+            hint=f"Name one file inside it, e.g. {shown.rstrip('/')}/cpu-int4.yaml; `build list {shown}` lists them.",
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"Cannot read recipe {shown}: {e}") from None
+    try:
+        loaded = _yaml.load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{shown}:{mark.line + 1}" if mark is not None else shown
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(
+            f"{where}: not valid YAML: {problem}",
+            hint="Fix the YAML syntax at that line (indentation, a missing ':' or an unclosed quote).",
+        ) from None
+
+    problems: list[str] = []
+    for key_path, line in loaded.duplicates:
+        problems.append(f"{shown}:{line}: {_dotted(key_path)}: key given twice")
+    if not isinstance(loaded.data, dict):
+        got = "an empty file" if loaded.data is None else f"a {type(loaded.data).__name__}"
+        raise RecipeError(
+            f"{shown}:1: a recipe must be a YAML mapping, got {got}.",
+            hint="Start from an existing recipe, e.g. recipes/qwen2.5-0.5b-instruct/cpu-int4.yaml.",
+        )
+
+    recipe: Recipe | None = None
+    try:
+        recipe = Recipe.model_validate(loaded.data)
+    except ValidationError as e:
+        problems.extend(_describe(err, loaded, shown) for err in e.errors())
+    if recipe is not None:
+        for key_path, message in semantic_problems(recipe):
+            problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
+    if problems or recipe is None:
+        n = len(problems)
+        raise RecipeError(
+            f"Recipe {shown} has {n} problem{'s' if n != 1 else ''}:",
+            problems=problems,
+            hint="Fix them and run again; `build schema` prints the full recipe format.",
+        )
+    return LoadedRecipe(recipe=recipe, path=path, id=recipe_id(path.resolve()), digest=digest_of(normalized(recipe)))
+
+
+def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
+    """Combinations that validate field by field but no build can honour, with the key to blame."""
+    out: list[tuple[tuple[Any, ...], str]] = []
+    m, t = recipe.model, recipe.target
+    if (m.hub is None) == (m.path is None):
+        out.append((("model",), "give exactly one of `hub` (a Hugging Face repo id) or `path` (a local folder)"))
+    if m.path is not None and m.revision is not None:
+        out.append((("model", "revision"), "`revision` applies to `hub` models only; a local `path` has none"))
+    provider = t.execution_provider
+    if t.device == "cpu" and provider != "CPUExecutionProvider":
+        out.append((("target", "provider"), f"{provider} cannot run on device cpu; use CPUExecutionProvider"))
+    if t.device == "cuda" and provider != "CUDAExecutionProvider":
+        out.append((("target", "provider"), f"{provider} on device cuda would not use the GPU; use CUDAExecutionProvider"))
+    if t.precision in ("fp16", "bf16") and t.device != "cuda":
+        out.append(
+            (("target", "precision"), f"{t.precision} needs device cuda (ONNX Runtime's CPU kernels are fp32/int8/int4)")
+        )
+    if t.precision == "int8" and t.device != "cpu":
+        out.append(
+            (("target", "precision"), "int8 is built by dynamic quantization, which targets the CPU; use int4 or fp16 on cuda")
+        )
+    olive = recipe.olive
+    if olive is not None and olive.passes is not None:
+        if olive.extra_options is not None:
+            out.append(
+                (
+                    ("olive", "extra_options"),
+                    "`extra_options` tunes the generated ModelBuilder pass; with `olive.passes` put it in your own "
+                    "ModelBuilder pass instead",
+                )
+            )
+        if not olive.passes:
+            out.append((("olive", "passes"), "an empty pass list builds nothing; remove `passes` or name a pass"))
+        for name, spec in olive.passes.items():
+            ptype = spec.get("type")
+            if not isinstance(ptype, str) or not ptype:
+                out.append((("olive", "passes", name), "every pass needs a `type`, e.g. type: ModelBuilder"))
+            elif ptype == "ModelBuilder" and str(spec.get("precision", "")).lower() == "int8":
+                out.append(
+                    (
+                        ("olive", "passes", name, "precision"),
+                        "ModelBuilder has no int8 (onnxruntime-genai 0.14); use precision int8 in `target` "
+                        "(ModelBuilder fp32 then OnnxDynamicQuantization) or int4",
+                    )
+                )
+    return out
+
+
+# ---------------------------------------------------------------------------- error text
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) if loc else "(top level)"
+
+
+def _describe(err: Any, loaded: _yaml.LoadedYaml, shown: str) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # drop union tags
+    line = loaded.line_of(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1]
+        allowed = _fields_at(parent)
+        close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        hint = f" Perhaps you meant `{close[0]}`?" if close else (f" Known keys: {', '.join(allowed)}." if allowed else "")
+        return f"{shown}:{line}: {_dotted(loc)}: unknown key.{hint}"
+    if kind == "missing":
+        return f"{shown}:{line}: {_dotted(loc)}: required key is missing"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{shown}:{line}: {_dotted(loc)}: {err['input']!r} is not one of {expected}"
+    if kind == "string_pattern_mismatch":
+        return f"{shown}:{line}: {_dotted(loc)}: {err['input']!r} is not allowed here ({_PATTERN_HELP.get(loc[-1], err['msg'])})"
+    return f"{shown}:{line}: {_dotted(loc)}: {err['msg']} (got {err['input']!r})"
+
+
+_PATTERN_HELP = {
+    "name": "lower-case letters, digits and single '.', '_' or '-' between them, as an OCI repository name",
+    "version": "letters, digits, '.', '_' and '-', as an OCI tag",
+    "hub": "a Hugging Face repo id like Qwen/Qwen2.5-0.5B-Instruct",
+}
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None or hasattr(annotation, "__args__"):
+        for arg in get_args(annotation):
+            found = _model_class(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    cls: type[BaseModel] | None = Recipe
+    for part in loc:
+        if cls is None or part not in cls.model_fields:
+            return []
+        cls = _model_class(cls.model_fields[part].annotation)
+    return list(cls.model_fields) if cls is not None else []
+
+
+# ---------------------------------------------------------------------------- discovery
+
+
+def discover(paths: list[Path]) -> list[Path]:
+    """Every recipe file under the given files/folders (``recipes/`` when none), sorted."""
+    found: set[Path] = set()
+    for p in paths or [Path("recipes")]:
+        if p.is_file():
+            found.add(p)
+        elif p.is_dir():
+            found.update(q for q in p.rglob("*.yaml") if q.is_file())
+            found.update(q for q in p.rglob("*.yml") if q.is_file())
+        else:
+            raise RecipeError(f"{p} does not exist.", hint="Name recipe files or folders that hold them.")
+    return sorted(found)
+

@@ -1,0 +1,225 @@
+"""The build, as run inside a builder container (or on the host by the local engine).
+
+    python -m builder.worker SPEC.json
+
+SPEC holds the planned BuildStep and the paths this process sees. The worker fetches the
+model (Hub models through huggingface_hub, so the mounted cache is reused and the
+revision is resolved to a commit), runs ``olive run`` on the planned config, moves
+Olive's bookkeeping out of the model folder, checks the result, and writes
+``WORK/meta/result.json``. Stdlib only, apart from what the builder image provides.
+
+Lines starting with EVENT_PREFIX are progress events for the driver; everything else
+it prints is the build log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .check import check_generates
+from .errors import BuilderError, CheckError
+
+EVENT_PREFIX = "::olive-builder::"
+# Olive writes these next to the model; they are build records, not part of the model.
+OLIVE_BOOKKEEPING = ("footprint.json", "output_footprint.json", "run_history.txt", "model_config.json")
+# Never fetched from the Hub: original checkpoints, other formats.
+HUB_IGNORE = ["original/*", "*.gguf", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.pth"]
+VERSIONED = (
+    "olive-ai",
+    "onnxruntime-genai",
+    "onnxruntime-genai-cuda",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "transformers",
+    "torch",
+    "huggingface_hub",
+)
+
+
+def event(stage: str, message: str) -> None:
+    print(f"{EVENT_PREFIX} {json.dumps({'stage': stage, 'message': message})}", flush=True)
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class WorkerFailure(Exception):
+    def __init__(self, kind: str, message: str, hint: str = ""):
+        super().__init__(message)
+        self.kind, self.message, self.hint = kind, message, hint
+
+
+def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str | None]:
+    """The model folder to convert and, for Hub models, the commit it resolved to."""
+    if model.get("path"):
+        folder = Path(local_dir or model["path"])
+        if not (folder / "config.json").is_file():
+            raise WorkerFailure(
+                "model_not_found",
+                f"The model folder {model['path']} has no config.json; it is not a Hugging Face model folder.",
+            )
+        return str(folder), None
+    repo, revision = model["hub"], model.get("revision") or "main"
+    event("fetch", f"fetching {repo}@{revision} from the Hugging Face Hub")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+    except ImportError as e:  # pragma: no cover
+        raise WorkerFailure("internal", f"huggingface_hub is not installed: {e}") from None
+    try:
+        path = snapshot_download(repo, revision=revision, ignore_patterns=HUB_IGNORE)
+    except GatedRepoError:
+        raise WorkerFailure(
+            "model_not_found",
+            f"{repo} is gated: your Hugging Face account must accept its license first.",
+            "Accept the license on the model's Hub page, then set HF_TOKEN to a token of that account.",
+        ) from None
+    except RevisionNotFoundError:
+        raise WorkerFailure(
+            "model_not_found",
+            f"{repo} has no revision {revision!r}.",
+            "Fix `model.revision` in the recipe (a branch, tag or commit of that repository).",
+        ) from None
+    except RepositoryNotFoundError:
+        raise WorkerFailure(
+            "model_not_found",
+            f"The model {repo} was not found on the Hugging Face Hub (or it is private).",
+            "Check `model.hub` in the recipe; for a private model set HF_TOKEN.",
+        ) from None
+    except LocalEntryNotFoundError as e:
+        raise WorkerFailure(
+            "model_not_found",
+            f"{repo}@{revision} is not in the Hugging Face cache and the Hub cannot be reached: {e}",
+            "Connect to the Hub once, or point `model.path` at a local copy of the model.",
+        ) from None
+    except Exception as e:  # network errors and the like
+        raise WorkerFailure("model_not_found", f"Fetching {repo}@{revision} failed: {e}") from None
+    return path, Path(path).name  # the snapshot folder is named by its commit
+
+
+def substitute(node: Any, values: dict[str, str]) -> Any:
+    if isinstance(node, str):
+        for key, value in values.items():
+            node = node.replace(key, value)
+        return node
+    if isinstance(node, dict):
+        return {k: substitute(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute(v, values) for v in node]
+    return node
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    step = spec["step"]
+    work = Path(spec["work_dir"])
+    meta, output = work / "meta", work / "model"
+    olive_cache = work / "olive-cache"
+    for d in (meta, olive_cache):
+        d.mkdir(parents=True, exist_ok=True)
+
+    model_dir, resolved = fetch_model(step["model"], spec.get("model_dir"))
+    values = {"${MODEL_DIR}": model_dir, "${OUTPUT_DIR}": str(output), "${CACHE_DIR}": str(olive_cache)}
+    config = substitute(step["olive_config"], values)
+    config_path = meta / "olive-config.json"
+    config_path.write_text(json.dumps(config, indent=2))
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "CI": "1",  # Olive skips its telemetry heartbeat only when CI is set (~17 s)
+            "OLIVE_DISABLE_TELEMETRY": "1",
+            "HF_HUB_OFFLINE": "1",  # the model is local by now: nothing below may reach the Hub
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            # ModelBuilder keeps intermediates in the HF hub cache; keep them in the work dir.
+            "HF_HUB_CACHE": str(olive_cache / "hf-hub"),
+            "XDG_CACHE_HOME": str(olive_cache / "xdg"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step["olive_config"]["passes"].items())
+    event("convert", f"olive run: {passes}")
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "olive", "run", "--config", str(config_path)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    olive_seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        raise WorkerFailure("olive_failed", f"olive run exited with code {proc.returncode}.")
+    if not (output / "genai_config.json").is_file():
+        # Olive exits 0 when a pass fails ("No output model produced").
+        raise WorkerFailure(
+            "olive_failed",
+            "Olive finished without producing a model (it exits 0 when a pass fails).",
+            "The end of the build log above shows the pass that failed.",
+        )
+    for name in OLIVE_BOOKKEEPING:
+        if (output / name).exists():
+            shutil.move(str(output / name), str(meta / name))
+
+    event("check", "loading the model with onnxruntime-genai and generating tokens")
+    try:
+        report = check_generates(output)
+    except CheckError as e:
+        raise WorkerFailure("check_failed", e.message, e.hint or "") from None
+    event("check", f"generated {len(report.generated_ids)} tokens from a {report.prompt_tokens}-token prompt")
+    return {
+        "ok": True,
+        "resolved_revision": resolved,
+        "versions": tool_versions(),
+        "check": report.to_json(),
+        "olive_seconds": round(olive_seconds, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m builder.worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(args[0]).read_text())
+    result_path = Path(spec["work_dir"]) / "meta" / "result.json"
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run(spec)
+        code = 0
+    except WorkerFailure as e:
+        result = {"ok": False, "kind": e.kind, "message": e.message, "hint": e.hint}
+        code = 1
+    except BuilderError as e:
+        result = {"ok": False, "kind": "internal", "message": e.message, "hint": e.hint or ""}
+        code = 1
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(result_path)
+    if not result["ok"]:
+        print(f"error: {result['message']}", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
