@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,13 @@ def _stage(stage: str, message: str) -> None:
     click.echo(message, err=True)
 
 
+_PROGRESS_BAR = re.compile(r"\d+%\|")
+
+
 def _log(line: str) -> None:
+    # Progress bars arrive as one line per redraw: show only finished ones (the log file has all).
+    if _PROGRESS_BAR.search(line) and "100%|" not in line:
+        return
     click.secho(f"    {line}", dim=True, err=True)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -213,6 +214,7 @@ def load(path: str | Path) -> LoadedRecipe:
         for key_path, message in semantic_problems(recipe):
             problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
     if problems or recipe is None:
+        problems.sort(key=_line_number)
         n = len(problems)
         raise RecipeError(
             f"Recipe {shown} has {n} problem{'s' if n != 1 else ''}:",
@@ -271,6 +273,11 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
 
 
 # ---------------------------------------------------------------------------- error text
+
+
+def _line_number(problem: str) -> int:
+    match = re.match(r"^.*?:(\d+): ", problem)
+    return int(match.group(1)) if match else 0
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:

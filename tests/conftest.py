@@ -1,0 +1,129 @@
+"""Shared fixtures.
+
+Integration tests need real parts: Olive in this Python (local engine), a Docker engine
+and the CPU builder image (docker engine). Where a part is missing they skip, unless
+OLIVE_BUILDER_REQUIRE_INTEGRATION=1 (set by .ci/run), where a missing part fails the test:
+CI must never pass by skipping. GPU tests (marker `gpu`) always skip without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tinymodel import make_tiny_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRE = os.environ.get("OLIVE_BUILDER_REQUIRE_INTEGRATION") == "1"
+
+
+def need(ok: bool, reason: str) -> None:
+    """Skip (or, in CI, fail) when a real part the test needs is missing."""
+    if ok:
+        return
+    if REQUIRE:
+        pytest.fail(f"required for CI but missing: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build logs and HF caches of tests go to temporary folders, never the user's."""
+    state = tmp_path_factory.getbasetemp() / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need(importlib.util.find_spec("torch") is not None, "torch and transformers are not installed")
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2")
+
+
+def write_recipe(folder: Path, target: str, body: str) -> Path:
+    """Write ``folder/<target>.yaml`` (folder name = model part of the recipe id)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{target}.yaml"
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+def tiny_recipe(tmp_path: Path, model: Path, precision: str = "int4", extra: str = "") -> Path:
+    return write_recipe(
+        tmp_path / "recipes" / "tiny-qwen2",
+        f"cpu-{precision}",
+        f"""
+        name: tiny-qwen2
+        version: 0.1.0
+        model:
+          path: {model}
+        target:
+          device: cpu
+          precision: {precision}
+        generation:
+          max_length: 64
+        """
+        + textwrap.dedent(extra),
+    )
+
+
+@pytest.fixture(scope="session")
+def local_engine_ready() -> None:
+    need(
+        importlib.util.find_spec("olive") is not None and importlib.util.find_spec("onnxruntime_genai") is not None,
+        "Olive and onnxruntime-genai are not installed here (pip install -e '.[local]')",
+    )
+
+
+@pytest.fixture(scope="session")
+def docker_client():  # type: ignore[no-untyped-def]
+    import docker
+
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except Exception as e:  # noqa: BLE001
+        need(False, f"no Docker engine answers ({e})")
+    return client
+
+
+@pytest.fixture(scope="session")
+def cpu_builder_image(docker_client) -> str:  # type: ignore[no-untyped-def]
+    """The CPU builder image from Dockerfile.cpu, built by the same code as `build images`."""
+    from builder import images
+
+    spec = images.image_spec("cpu")
+    try:
+        docker_client.images.get(spec.tag)
+    except Exception:  # noqa: BLE001
+        need(
+            bool(os.environ.get("OLIVE_BUILDER_BASE_IMAGE")),
+            "no CPU builder image, and OLIVE_BUILDER_BASE_IMAGE names no local base image to build one on",
+        )
+        images.build_image(docker_client, spec, lambda line: None)
+    return spec.tag
+
+
+def no_partials(folder: Path) -> list[Path]:
+    """Leftover work folders of a build (there must be none)."""
+    return [p for p in folder.rglob(".*.partial-*")] if folder.exists() else []
+
+
+@pytest.fixture
+def clean_copy(tmp_path: Path):  # type: ignore[no-untyped-def]
+    def copy(src: Path, name: str) -> Path:
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        return dst
+
+    return copy
