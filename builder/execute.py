@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from .worker import EVENT_PREFIX
 
 INFO_FILE = "olive-builder.json"
 LOG_TAIL_LINES = 40
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
 TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -109,6 +111,7 @@ def execute(
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{step.id.replace('/', '__')}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+    causes: list[str] = []  # the last exception line seen: usually the reason a build failed
     token = hf_token()
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     secrets = Path(tempfile.mkdtemp(prefix="olive-builder-secret-")) if token else None
@@ -131,6 +134,8 @@ def execute(
                     except ValueError:
                         pass
                 tail.append(line)
+                if _EXCEPTION_LINE.match(line):
+                    causes[:] = [line.strip()]
                 on_log(line)
 
             code = engine.run(job, sink)
@@ -142,7 +147,7 @@ def execute(
                 log_tail=list(tail),
             )
         if not result.get("ok"):
-            raise _failure(result, log_path, list(tail))
+            raise _failure(result, log_path, list(tail), causes[-1] if causes else None)
         model = work / "model"
         try:
             check_files(model)  # the worker checked it; make sure it all arrived on this side too
@@ -204,8 +209,10 @@ def _read_result(work: Path) -> dict[str, Any] | None:
         return None
 
 
-def _failure(result: dict[str, Any], log_path: Path, tail: list[str]) -> Exception:
+def _failure(result: dict[str, Any], log_path: Path, tail: list[str], cause: str | None) -> Exception:
     kind, message, hint = result.get("kind"), result.get("message", "the build failed"), result.get("hint") or ""
+    if cause and kind == "olive_failed":
+        message = f"{message}\nCause: {cause}"
     hint = (hint + "\n" if hint else "") + f"The full log is in {log_path}."
     if kind == "model_not_found":
         return ModelNotFoundError(message, hint=hint, log_tail=tail)
@@ -213,7 +220,7 @@ def _failure(result: dict[str, Any], log_path: Path, tail: list[str]) -> Excepti
         return CheckError(message, hint=hint, log_tail=tail)
     if kind == "internal":
         return EngineError(message, hint=hint, log_tail=tail)
-    return BuildError(f"Olive failed: {message}", hint=hint, log_tail=tail)
+    return BuildError(message, hint=hint, log_tail=tail)
 
 
 def _info(step: BuildStep, result: dict[str, Any], engine: str, image_id: str | None) -> dict[str, Any]:

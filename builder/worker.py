@@ -138,6 +138,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     for d in (meta, olive_cache):
         d.mkdir(parents=True, exist_ok=True)
 
+    if os.environ.get("HF_TOKEN_PATH") or os.environ.get("HF_TOKEN"):
+        event("auth", "a Hugging Face token is available to this build")
     model_dir, resolved = fetch_model(step["model"], spec.get("model_dir"))
     values = {"${MODEL_DIR}": model_dir, "${OUTPUT_DIR}": str(output), "${CACHE_DIR}": str(olive_cache)}
     config = substitute(step["olive_config"], values)
@@ -169,12 +171,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     )
     olive_seconds = time.monotonic() - started
     if proc.returncode != 0:
-        raise WorkerFailure("olive_failed", f"olive run exited with code {proc.returncode}.")
+        raise WorkerFailure("olive_failed", f"Olive failed: olive run exited with code {proc.returncode}.")
     if not (output / "genai_config.json").is_file():
         # Olive exits 0 when a pass fails ("No output model produced").
         raise WorkerFailure(
             "olive_failed",
-            "Olive finished without producing a model (it exits 0 when a pass fails).",
+            "Olive failed: it finished without producing a model (it exits 0 when a pass fails).",
             "The end of the build log above shows the pass that failed.",
         )
     for name in OLIVE_BOOKKEEPING:
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(result_path)
     if not result["ok"]:
-        print(f"error: {result['message']}", flush=True)
+        print(f"[olive-builder] build failed: {result['message']}", flush=True)
     return code
 
 

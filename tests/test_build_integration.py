@@ -1,0 +1,173 @@
+"""`build recipe` end to end on a tiny model made here: real Olive, real onnxruntime-genai,
+with the local engine and with a real Docker engine running the CPU builder image."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from builder.cli import main
+from builder.execute import INFO_FILE
+from conftest import no_partials, tiny_recipe
+
+pytestmark = pytest.mark.integration
+
+
+def build(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(["recipe", *argv])
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def generate(folder: Path, new_tokens: int = 6) -> list[int]:
+    """Greedy tokens from the built model, with this host's onnxruntime-genai."""
+    from builder.check import check_generates
+
+    return check_generates(folder, new_tokens=new_tokens).generated_ids
+
+
+def assert_built(out: Path, precision: str, engine: str) -> dict:
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "chat_template.jinja",
+            "config.json",
+            "genai_config.json",
+            "generation_config.json",
+            "model.onnx",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            INFO_FILE,
+        ]
+        + (["model.onnx.data"] if (out / "model.onnx.data").exists() else [])
+    ), "Olive's bookkeeping files must not be in the model folder"
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["target"] == {"device": "cpu", "execution_provider": "CPUExecutionProvider", "precision": precision}
+    assert info["builder"]["engine"] == engine
+    assert info["tools"]["olive-ai"] == "0.13.0" and info["tools"]["onnxruntime-genai"] == "0.14.1"
+    assert len(info["check"]["generated_ids"]) == 8
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == 64  # the recipe's generation defaults
+    assert len(generate(out)) == 6
+    assert not no_partials(out.parent)
+    return info
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp32"])
+def test_local_engine_builds_a_checked_model(capsys, tmp_path, tiny_model, local_engine_ready, precision):  # type: ignore[no-untyped-def]
+    recipe = tiny_recipe(tmp_path, tiny_model, precision)
+    out = tmp_path / "out" / precision
+    code, stdout, err = build(capsys, str(recipe), "--engine", "local", "-o", str(out))
+    assert code == 0, err
+    assert f"Built tiny-qwen2/cpu-{precision}" in stdout and "generated 8 tokens" in stdout
+    assert "==> convert: olive run: builder (ModelBuilder)" in err  # progress
+    assert "Running pass builder:modelbuilder" in err  # Olive's log, streamed
+    assert_built(out, precision, "local")
+
+
+def test_fp32_model_generates_what_transformers_generates(tmp_path, tiny_model, local_engine_ready, capsys):  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "fp32"
+    code, _, err = build(capsys, str(tiny_recipe(tmp_path, tiny_model, "fp32")), "--engine", "local", "-o", str(out))
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, tokenize=False)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert generate(out) == expected
+
+
+def test_int8_is_dynamically_quantized(capsys, tmp_path, tiny_model, local_engine_ready):  # type: ignore[no-untyped-def]
+    import onnx
+
+    out = tmp_path / "int8"
+    code, _, err = build(capsys, str(tiny_recipe(tmp_path, tiny_model, "int8")), "--engine", "local", "-o", str(out))
+    assert code == 0, err
+    assert_built(out, "int8", "local")
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops, ops
+
+
+def test_failed_build_leaves_nothing_and_shows_the_log_tail(capsys, tmp_path, tiny_model, local_engine_ready, clean_copy):  # type: ignore[no-untyped-def]
+    broken = clean_copy(tiny_model, "broken")
+    (broken / "model.safetensors").unlink()  # config and tokenizer, but no weights
+    out = tmp_path / "out" / "broken"
+    code, _, err = build(capsys, str(tiny_recipe(tmp_path, broken)), "--engine", "local", "-o", str(out))
+    assert code == 4, err
+    assert "--- last " in err and "lines of the log ---" in err
+    assert "error: Olive failed:" in err and "The full log is in" in err
+    # The cause, lifted out of Olive's traceback into the message itself:
+    assert "Cause: OSError: Error no file named model.safetensors" in err.rsplit("error: ", 1)[1]
+    assert not out.exists() and not no_partials(tmp_path / "out")
+
+
+def test_force_replaces_only_after_a_checked_build(capsys, tmp_path, tiny_model, local_engine_ready, clean_copy):  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    broken = clean_copy(tiny_model, "broken")
+    (broken / "model.safetensors").unlink()
+    code, _, _ = build(capsys, str(tiny_recipe(tmp_path / "b", broken)), "--engine", "local", "-o", str(out), "--force")
+    assert code == 4 and (out / "old.txt").read_text() == "old"  # a failed build keeps what was there
+    code, _, err = build(capsys, str(tiny_recipe(tmp_path / "g", tiny_model)), "--engine", "local", "-o", str(out), "--force")
+    assert code == 0, err
+    assert not (out / "old.txt").exists() and (out / "genai_config.json").is_file()
+    assert not no_partials(tmp_path)
+
+
+# ----------------------------------------------------------------------------- docker
+
+
+def containers_left(docker_client) -> list:  # type: ignore[no-untyped-def]
+    return docker_client.containers.list(all=True, filters={"label": "org.olive-builder.job"})
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("precision", ["int4", "fp32"])
+def test_docker_engine_builds_a_checked_model(capsys, tmp_path, tiny_model, docker_client, cpu_builder_image, precision):  # type: ignore[no-untyped-def]
+    out = tmp_path / "out" / precision
+    code, stdout, err = build(capsys, str(tiny_recipe(tmp_path, tiny_model, precision)), "-o", str(out))
+    assert code == 0, err
+    assert f"docker engine, image {cpu_builder_image}" in err
+    assert "Running pass builder:modelbuilder" in err
+    info = assert_built(out, precision, "docker")
+    assert info["builder"]["image"] == cpu_builder_image
+    assert info["builder"]["image_id"] == docker_client.images.get(cpu_builder_image).id
+    assert all(p.stat().st_uid == os.getuid() for p in out.iterdir())
+    assert containers_left(docker_client) == []
+
+
+@pytest.mark.docker
+def test_docker_hf_token_reaches_the_build_but_no_file_or_log(capsys, tmp_path, tiny_model, docker_client,  # type: ignore[no-untyped-def]
+                                                              cpu_builder_image, monkeypatch):
+    secret = "hf_olivebuilderTESTsecret0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    out = tmp_path / "out"
+    code, stdout, err = build(capsys, str(tiny_recipe(tmp_path, tiny_model)), "-o", str(out))
+    assert code == 0, err
+    assert "==> auth: a Hugging Face token is available to this build" in err
+    assert secret not in stdout + err
+    state = Path(os.environ["XDG_STATE_HOME"])
+    for folder in (out, state):
+        for path in folder.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    assert containers_left(docker_client) == []
+
+
+@pytest.mark.docker
+def test_docker_failed_build_leaves_nothing(capsys, tmp_path, tiny_model, docker_client, cpu_builder_image, clean_copy):  # type: ignore[no-untyped-def]
+    broken = clean_copy(tiny_model, "broken")
+    (broken / "model.safetensors").unlink()
+    out = tmp_path / "out" / "broken"
+    code, _, err = build(capsys, str(tiny_recipe(tmp_path, broken)), "-o", str(out))
+    assert code == 4 and "error: Olive failed:" in err and "--- last " in err
+    assert not out.exists() and not no_partials(tmp_path / "out")
+    assert containers_left(docker_client) == []
