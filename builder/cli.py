@@ -222,10 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     except BuilderError as e:
         _fail(e)
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # Every stage cleans up in its own `finally` before we get here.
         click.echo("Interrupted; nothing was left behind.", err=True)
         sys.exit(130)
     except click.ClickException as e:

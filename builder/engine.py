@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -108,13 +109,21 @@ class LocalEngine:
                 on_line(line)
             return proc.wait()
         finally:
+            # The worker leads its own process group (olive runs as its child): stop them all.
             if proc.poll() is None:
-                proc.terminate()
+                _signal_group(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    _signal_group(proc.pid, signal.SIGKILL)
                     proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class DockerEngine:

@@ -171,3 +171,45 @@ def test_docker_failed_build_leaves_nothing(capsys, tmp_path, tiny_model, docker
     assert code == 4 and "error: Olive failed:" in err and "--- last " in err
     assert not out.exists() and not no_partials(tmp_path / "out")
     assert containers_left(docker_client) == []
+
+
+def _interrupt_mid_build(recipe: Path, out: Path, engine: str) -> tuple[int, str]:
+    """Start `build recipe` as a user would, press Ctrl-C once Olive is running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "builder", "recipe", str(recipe), "--engine", engine, "-o", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        seen.append(line)
+        if "==> convert:" in line or time.monotonic() > deadline:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_local_ctrl_c_leaves_nothing(tmp_path, tiny_model, local_engine_ready):  # type: ignore[no-untyped-def]
+    out = tmp_path / "out" / "m"
+    code, text = _interrupt_mid_build(tiny_recipe(tmp_path, tiny_model), out, "local")
+    assert code == 130, text
+    assert "Interrupted; nothing was left behind." in text and "Traceback" not in text
+    assert not out.exists() and not no_partials(tmp_path / "out")
+
+
+@pytest.mark.docker
+def test_docker_ctrl_c_removes_the_container(tmp_path, tiny_model, docker_client, cpu_builder_image):  # type: ignore[no-untyped-def]
+    out = tmp_path / "out" / "m"
+    code, text = _interrupt_mid_build(tiny_recipe(tmp_path, tiny_model), out, "docker")
+    assert code == 130, text
+    assert "Interrupted; nothing was left behind." in text and "Traceback" not in text
+    assert not out.exists() and not no_partials(tmp_path / "out")
+    assert containers_left(docker_client) == []
