@@ -30,6 +30,7 @@ INFO_FILE = "olive-builder.json"
 LOG_TAIL_LINES = 40
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
 TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+HF_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_ENDPOINT")
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,8 @@ def _job(step: BuildStep, engine: Any, work: Path, secrets: Path | None, token: 
         cache.mkdir(parents=True, exist_ok=True)
         mounts.append(Mount(cache, "/hf-cache", read_only=False))
         env["HF_HOME"] = "/hf-cache"
+        # Offline builds from the cache, and Hub mirrors, work as they do on the host.
+        env.update({name: os.environ[name] for name in HF_PASSTHROUGH if os.environ.get(name)})
     if token and secrets is not None and engine.name == "docker":
         # A file mount, not an environment variable: `docker inspect` shows environments.
         token_file = secrets / "hf_token"

@@ -213,3 +213,56 @@ def test_docker_ctrl_c_removes_the_container(tmp_path, tiny_model, docker_client
     assert "Interrupted; nothing was left behind." in text and "Traceback" not in text
     assert not out.exists() and not no_partials(tmp_path / "out")
     assert containers_left(docker_client) == []
+
+
+# ----------------------------------------------------------------------------- Hub models
+
+
+def _hub_recipe(tmp_path: Path, repo: str) -> Path:
+    from conftest import write_recipe
+
+    return write_recipe(
+        tmp_path / "recipes" / "hub-model",
+        "cpu-int4",
+        f"name: hub-model\nversion: 0.1.0\nmodel:\n  hub: {repo}\n  revision: main\n"
+        "target:\n  device: cpu\n  precision: int4\n",
+    )
+
+
+def _seed_hf_cache(model: Path, repo: str, commit: str) -> None:
+    """Put ``model`` into $HF_HOME as the Hub cache would hold ``repo`` at ``commit`` (branch main)."""
+    import shutil
+
+    entry = Path(os.environ["HF_HOME"]) / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model, entry / "snapshots" / commit)
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.parametrize("engine", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+def test_hub_model_from_the_user_cache_records_its_commit(engine, request, capsys, tmp_path, tiny_model, monkeypatch):  # type: ignore[no-untyped-def]
+    request.getfixturevalue("cpu_builder_image" if engine == "docker" else "local_engine_ready")
+    repo, commit = "olive-builder-tests/tiny-qwen2", "0123456789abcdef0123456789abcdef01234567"
+    _seed_hf_cache(tiny_model, repo, commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Hub is never asked: the cache must serve it
+    out = tmp_path / "out"
+    code, _, err = build(capsys, str(_hub_recipe(tmp_path, repo)), "--engine", engine, "-o", str(out))
+    assert code == 0, err
+    assert f"==> fetch: fetching {repo}@main from the Hugging Face Hub" in err
+    source = json.loads((out / INFO_FILE).read_text())["source"]
+    assert source == {"hub": repo, "revision": "main", "resolved_revision": commit, "local": False,
+                      "trust_remote_code": False}
+    assert len(generate(out)) == 6
+
+
+@pytest.mark.parametrize("engine", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+def test_unknown_hub_model_fails_clearly(engine, request, capsys, tmp_path):  # type: ignore[no-untyped-def]
+    request.getfixturevalue("cpu_builder_image" if engine == "docker" else "local_engine_ready")
+    repo = "olive-builder-tests/no-such-model"
+    out = tmp_path / "out"
+    code, _, err = build(capsys, str(_hub_recipe(tmp_path, repo)), "--engine", engine, "-o", str(out))
+    assert code == 4, err
+    message = err.rsplit("error: ", 1)[1]
+    # Unreachable Hub (here) or a Hub that says "not found" (elsewhere): either way, named and explained.
+    assert repo in message and "Traceback" not in message
+    assert not out.exists() and not no_partials(tmp_path)
