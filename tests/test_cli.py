@@ -21,6 +21,17 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return int(info.value.code or 0), out, err
 
 
+def stub_model_recipe(tmp_path: Path) -> Path:
+    """A valid recipe whose local model folder exists (enough to get past every preflight)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    recipe = tmp_path / "m" / "cpu-int4.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(f"name: m\nversion: '1'\nmodel:\n  path: {model}\ntarget:\n  device: cpu\n  precision: int4\n")
+    return recipe
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--version")
     assert code == 0 and __version__ in out
@@ -94,12 +105,7 @@ def test_no_docker_engine_suggests_local(capsys: pytest.CaptureFixture[str], mon
 
 
 def test_existing_output_needs_force(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    recipe = tmp_path / "m" / "cpu-int4.yaml"
-    recipe.parent.mkdir()
-    recipe.write_text(f"name: m\nversion: '1'\nmodel:\n  path: {model}\ntarget:\n  device: cpu\n  precision: int4\n")
+    recipe = stub_model_recipe(tmp_path)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("mine")
@@ -124,12 +130,7 @@ def test_local_engine_without_olive_explains(capsys: pytest.CaptureFixture[str],
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olive" else real(name, *a))
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    recipe = tmp_path / "m" / "cpu-int4.yaml"
-    recipe.parent.mkdir()
-    recipe.write_text(f"name: m\nversion: '1'\nmodel:\n  path: {model}\ntarget:\n  device: cpu\n  precision: int4\n")
+    recipe = stub_model_recipe(tmp_path)
     code, _, err = run(capsys, "recipe", str(recipe), "--engine", "local", "-o", str(tmp_path / "out"))
     assert code == 3 and "olive is not installed here" in err and "pip install" in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
