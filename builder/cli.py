@@ -168,18 +168,24 @@ def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
 
 
 @cli.command("images")
-@click.option("--target", "targets", type=click.Choice(["cpu", "cuda", "all"]), multiple=True, default=["cpu"],
-              show_default=True, help="Which builder images to build (repeatable).")
+@click.option("--target", "targets", type=click.Choice(["cpu", "cuda", "runtime-cpu", "runtime-cuda", "all"]),
+              multiple=True, default=["cpu"], show_default=True,
+              help="Which images: builders (cpu, cuda), runtimes (runtime-cpu, runtime-cuda), or all. Repeatable.")
+@click.option("--runtime-base-image", envvar="OLIVE_BUILDER_RUNTIME_BASE_IMAGE", default=None,
+              help="Base image runtime images run on (default: --base-image, else the Dockerfile's own). "
+                   "Env: OLIVE_BUILDER_RUNTIME_BASE_IMAGE.")
 @click.option("--print-tags", is_flag=True, help="Print the tags the images would have; build nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not stream the image build log.")
 @with_image_options
-def images_cmd(targets: tuple[str, ...], print_tags: bool, quiet: bool, base_image: str | None, wheels: str | None) -> None:
-    """Build the builder images (tags derived from their content; unchanged images are not rebuilt)."""
+def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_tags: bool, quiet: bool,
+               base_image: str | None, wheels: str | None) -> None:
+    """Build builder and runtime images (tags derived from their content; unchanged images are not rebuilt)."""
     from . import images
     from .engine import DockerEngine
 
-    flavours = ["cpu", "cuda"] if "all" in targets else list(dict.fromkeys(targets))
-    specs = [images.image_spec(f, base_image=base_image, wheels_dir=wheels) for f in flavours]
+    flavours = list(images.FLAVOURS) if "all" in targets else list(dict.fromkeys(targets))
+    specs = [images.image_spec(f, base_image=base_image, wheels_dir=wheels, runtime_base_image=runtime_base_image)
+             for f in flavours]
     if print_tags:
         for spec in specs:
             click.echo(spec.tag)
@@ -194,6 +200,31 @@ def images_cmd(targets: tuple[str, ...], print_tags: bool, quiet: bool, base_ima
         image_id = images.build_image(eng.client, spec, (lambda line: None) if quiet else _log)
         _stage("image", f"built {spec.tag} ({image_id})")
         click.echo(spec.tag)
+
+
+@cli.command("serve")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--model-id", default=None, help="The id clients name in `model` [default: the build's tag].")
+@click.option("--max-concurrency", default=4, show_default=True, type=click.IntRange(1), help="Generations at once.")
+@click.option("--queue-size", default=16, show_default=True, type=click.IntRange(0),
+              help="Requests that may wait for a slot; more get 429.")
+def serve_cmd(model_dir: Path, host: str, port: int, model_id: str | None, max_concurrency: int, queue_size: int) -> None:
+    """Serve MODEL_DIR with an OpenAI-compatible API (as the runtime image does), on this host."""
+    from .check import check_files
+    from .errors import BuilderError
+
+    check_files(model_dir)
+    try:
+        from . import server
+    except ImportError as e:
+        raise BuilderError(f"The server's dependencies are not installed: {e}",
+                           hint="pip install -e '.[serve]' (and onnxruntime-genai).") from None
+    code = server.run(model_dir, host=host, port=port, model_id=model_id, max_concurrency=max_concurrency,
+                      queue_size=queue_size)
+    if code:
+        raise BuilderError(f"The server stopped: the model in {model_dir} could not be loaded (see above).")
 
 
 @cli.command("schema")

@@ -144,7 +144,8 @@ def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
 def test_images_print_tags_are_content_derived(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, _ = run(capsys, "images", "--target", "all", "--print-tags")
     tags = out.split()
-    assert code == 0 and [t.split(":")[0] for t in tags] == ["olive-builder-cpu", "olive-builder-cuda"]
+    assert code == 0 and [t.split(":")[0] for t in tags] == [
+        "olive-builder-cpu", "olive-builder-cuda", "olive-builder-runtime-cpu", "olive-builder-runtime-cuda"]
     code, out2, _ = run(capsys, "images", "--print-tags", "--base-image", "other:1")
     assert out2.split()[0] != tags[0]
     wheels = tmp_path / "wheels"
