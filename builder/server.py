@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -42,6 +43,7 @@ log = logging.getLogger("olive-builder.server")
 
 MAX_BODY_BYTES = 1 << 20
 MAX_STOP_SEQUENCES = 4
+AHEAD = 64  # text pieces a generation may run ahead of its HTTP writer
 
 
 class ApiError(Exception):
@@ -66,6 +68,7 @@ class Sampling:
     top_k: int | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
 
 @dataclass
@@ -124,6 +127,8 @@ class ModelRunner:
             options["top_k"] = sampling.top_k
         if sampling.seed is not None:
             options["random_seed"] = sampling.seed
+        if sampling.ignore_eos:
+            options["min_length"] = len(ids) + max_tokens  # genai masks EOS until min_length
         params.set_search_options(**options)
         generator = og.Generator(self.model, params)
         generator.append_tokens(ids)
@@ -134,7 +139,7 @@ class ModelRunner:
                 return Finished("cancelled", produced)
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
-            if token in self.eos_ids:
+            if token in self.eos_ids and not sampling.ignore_eos:
                 return Finished("stop", produced)
             produced += 1
             emit(stream.decode(token))
@@ -155,6 +160,8 @@ class Metrics:
         self.ttft = Histogram("olive_server_time_to_first_token_seconds", "Time to first token", buckets=buckets, registry=r)
         self.latency = Histogram("olive_server_request_duration_seconds", "Request latency", ["endpoint"],
                                  buckets=buckets, registry=r)
+        self.cancelled = Counter("olive_server_cancelled_generations", "Generations stopped early (client gone, "
+                                 "stop sequence or shutdown)", registry=r)
         self.in_flight = Gauge("olive_server_requests_generating", "Requests generating now", registry=r)
         self.waiting = Gauge("olive_server_requests_waiting", "Requests waiting for a generation slot", registry=r)
 
@@ -399,8 +406,18 @@ class _Job:
         server.metrics.prompt_tokens.inc(len(self.ids))
         first = True
 
+        # Backpressure: the generator may run at most AHEAD pieces ahead of the HTTP writer, so a
+        # request's memory is bounded and a client that left is noticed while generation still runs.
+        credits = threading.Semaphore(AHEAD)
+
         def emit(text: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, text)
+            while not credits.acquire(timeout=0.1):
+                if self.cancel.is_set():
+                    return
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, text)
+            except RuntimeError:  # the loop closed while we generated (shutdown)
+                self.cancel.set()
 
         def work() -> None:
             try:
@@ -408,11 +425,17 @@ class _Job:
                     self.ids, self.sampling, self.max_tokens, self.cancel, emit)
             except BaseException as e:  # noqa: BLE001 - handed to the event loop
                 result = e
-            loop.call_soon_threadsafe(queue.put_nowait, result)
+            if isinstance(result, Finished) and result.reason == "cancelled":
+                server.metrics.cancelled.inc()
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, result)
+            except RuntimeError:  # the loop closed while we generated (shutdown)
+                pass
 
         future = loop.run_in_executor(server.pool, work)
         stops = self.sampling.stop
         held = ""
+        consumed = 0
         try:
             while True:
                 item = await queue.get()
@@ -423,6 +446,8 @@ class _Job:
                     if held:
                         yield held
                     break
+                credits.release()
+                consumed += 1  # one piece per generated token
                 if first:
                     server.metrics.ttft.observe(time.monotonic() - self.started)
                     first = False
@@ -432,9 +457,10 @@ class _Job:
                     self.cancel.set()
                     if held[:cut]:
                         yield held[:cut]
-                    result = await _drain(queue)
-                    n = result.completion_tokens if isinstance(result, Finished) else 0
-                    self.finished = Finished("stop", n)
+                    await _drain(queue)  # the thread stops at its next token
+                    # Usage counts the tokens up to the one that completed the stop sequence,
+                    # not those the thread produced after it.
+                    self.finished = Finished("stop", consumed)
                     break
                 keep = _stop_prefix_len(held, stops)
                 if len(held) > keep:
@@ -540,7 +566,9 @@ def _sampling(body: dict[str, Any], *, chat: bool) -> Sampling:
         raise ApiError(400, "`stop` must be a string or an array of strings.", param="stop")
     if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
         raise ApiError(400, f"`stop` takes 1 to {MAX_STOP_SEQUENCES} non-empty strings.", param="stop")
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops)
+    ignore_eos = _optional(body, "ignore_eos", "bool", False)
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops,
+                    ignore_eos=ignore_eos)
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -607,6 +635,9 @@ def run(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_
             userver.should_exit = True
 
     threading.Thread(target=watch_load, daemon=True).start()
+    # uvicorn drains on SIGTERM, then re-raises the signal to the handler it found: make that
+    # handler a no-op, so a clean drain ends with exit code 0 instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     userver.run()
     return 1 if server.load_error is not None else 0
 

@@ -77,7 +77,8 @@ def make_tiny_model(
     fast.save_pretrained(out)
 
     config = Qwen2Config(
-        vocab_size=vocab_size,
+        # The trained vocabulary can be smaller than asked for: every model id must be a token.
+        vocab_size=len(fast),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,

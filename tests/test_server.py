@@ -1,0 +1,427 @@
+"""The model server: a tiny model built by the pipeline, served by a real server process on
+loopback, used through the real `openai` client and through raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import need, write_recipe
+
+pytestmark = pytest.mark.integration
+
+MODEL_ID = "tiny-qwen2:0.1.0-cpu-int4"
+CONTEXT = 4096
+
+
+@pytest.fixture(scope="session")
+def served_model(tmp_path_factory: pytest.TempPathFactory, local_engine_ready: None) -> Path:
+    """A tiny model with a 4096-token context, built by `build recipe --engine local`."""
+    from builder.cli import main
+    from tinymodel import make_tiny_model
+
+    root = tmp_path_factory.mktemp("served")
+    model = make_tiny_model(root / "hf", max_position_embeddings=CONTEXT)
+    recipe = write_recipe(root / "recipes" / "tiny-qwen2", "cpu-int4",
+                          f"name: tiny-qwen2\nversion: 0.1.0\nmodel:\n  path: {model}\n"
+                          f"target:\n  device: cpu\n  precision: int4\ngeneration:\n  max_length: {CONTEXT}\n")
+    out = root / "out"
+    env = {"XDG_STATE_HOME": str(root / "state")}
+    with _env(env), pytest.raises(SystemExit) as info:
+        main(["recipe", str(recipe), "--engine", "local", "-q", "-o", str(out)])
+    assert info.value.code == 0
+    return out
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Running:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def request(self, method: str, path: str, body: bytes | str | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+        finally:
+            conn.close()
+
+    def post(self, path: str, payload: object) -> tuple[int, dict[str, str], dict]:
+        status, headers, body = self.request("POST", path, json.dumps(payload))
+        return status, headers, json.loads(body)
+
+    def metric(self, name: str) -> float:
+        _, _, body = self.request("GET", "/metrics")
+        for line in body.decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+@contextlib.contextmanager
+def serve(model: Path, tmp_path: Path, *args: str, cmd: list[str] | None = None) -> Iterator[Running]:
+    """A real server process on loopback, stopped by its PID at the end."""
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    argv = cmd or [sys.executable, "-m", "builder.server", "--model", str(model), "--port", str(port), *args]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+    running = Running(proc, port, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"server exited early:\n{log.read_text()}"
+            try:
+                status, _, _ = running.request("GET", "/health")
+                if status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"server never became healthy:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(served_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    with serve(served_model, tmp_path_factory.mktemp("server"), "--max-concurrency", "2") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: Running):  # type: ignore[no-untyped-def]
+    need(_has("openai"), "the openai package is not installed")
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def greedy(model: Path, prompt_ids: list[int], n: int) -> str:
+    """The raw onnxruntime-genai greedy loop, in this process: what the server must reproduce."""
+    import onnxruntime_genai as og
+
+    m = og.Model(str(model))
+    tok = og.Tokenizer(m)
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(prompt_ids)
+    stream, text = tok.create_stream(), ""
+    while not gen.is_done():
+        gen.generate_next_token()
+        text += stream.decode(int(gen.get_next_tokens()[0]))
+    return text
+
+
+def chat_ids(model: Path, messages: list[dict[str, str]]) -> list[int]:
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(og.Model(str(model)))
+    return [int(t) for t in tok.encode(tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True))]
+
+
+def _tokens_to_reach(model: Path, messages: list[dict[str, str]], n_chars: int) -> int:
+    """How many greedy tokens it takes for the decoded text to reach ``n_chars`` characters."""
+    import onnxruntime_genai as og
+
+    ids = chat_ids(model, messages)
+    m = og.Model(str(model))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(ids) + 200, min_length=len(ids) + 200, do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(ids)
+    stream, text, count = og.Tokenizer(m).create_stream(), "", 0
+    while len(text) < n_chars:
+        gen.generate_next_token()
+        text += stream.decode(int(gen.get_next_tokens()[0]))
+        count += 1
+    return count
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a color."}]
+
+
+# ----------------------------------------------------------------------------- with the openai client
+
+
+def test_chat_completion_matches_the_raw_generate_loop(client, served_model) -> None:  # type: ignore[no-untyped-def]
+    ids = chat_ids(served_model, MESSAGES)
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert r.model == MODEL_ID and r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == greedy(served_model, ids, 12) != ""
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+
+
+def test_chat_stream_is_the_same_text_in_pieces(client, served_model) -> None:  # type: ignore[no-untyped-def]
+    ids = chat_ids(served_model, MESSAGES)
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_completion_tokens=12,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy(served_model, ids, 12)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == len(ids)
+
+
+def test_completions_plain_prompt(client, served_model) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime_genai as og
+
+    prompt = "the model build"
+    ids = [int(t) for t in og.Tokenizer(og.Model(str(served_model))).encode(prompt)]
+    r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0)
+    assert r.choices[0].text == greedy(served_model, ids, 8)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), 8)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_ID, prompt=prompt, max_tokens=8, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_stop_sequences_cut_the_text(client, served_model) -> None:  # type: ignore[no-untyped-def]
+    full = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=40, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].message.content
+    stop = full[12:15]
+    expected = full[: full.index(stop)]
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=40, temperature=0, stop=[stop],
+                                       extra_body={"ignore_eos": True})
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (expected, "stop")
+    # Exact usage: the tokens whose text reaches the stop sequence, no more.
+    assert r.usage.completion_tokens == _tokens_to_reach(served_model, MESSAGES, len(expected) + len(stop))
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=40, temperature=0, stop=stop, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices)
+    assert streamed == expected
+
+
+def test_sampling_with_a_seed_is_reproducible(client) -> None:  # type: ignore[no-untyped-def]
+    def sample(seed: int) -> str:
+        return client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=16, temperature=1.0,
+                                              top_p=0.9, seed=seed, extra_body={"top_k": 50}).choices[0].message.content
+
+    assert sample(7) == sample(7)
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client) -> None:  # type: ignore[no-untyped-def]
+    hi = [{"role": "user", "content": "hi"}]
+    natural = client.chat.completions.create(model=MODEL_ID, messages=hi, max_tokens=200, temperature=0)
+    assert natural.choices[0].finish_reason == "stop" and natural.usage.completion_tokens < 200  # EOS came first
+    forced = client.chat.completions.create(model=MODEL_ID, messages=hi, max_tokens=200, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert (forced.choices[0].finish_reason, forced.usage.completion_tokens) == ("length", 200)
+
+
+def test_models_lists_the_served_model(client) -> None:  # type: ignore[no-untyped-def]
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+
+
+# ----------------------------------------------------------------------------- raw HTTP: bad input
+
+
+GOOD = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "fragment"),
+    [
+        ("{not json", 400, None, "not valid JSON"),
+        ("[1, 2]", 400, None, "must be a JSON object"),
+        ({"model": MODEL_ID}, 400, "messages", "`messages` is required"),
+        ({**GOOD, "messages": "hi"}, 400, "messages", "`messages` is required"),
+        ({**GOOD, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "must be system"),
+        ({**GOOD, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "must be a string"),
+        ({**GOOD, "model": 3}, 400, "model", "`model` is required"),
+        ({**GOOD, "model": "gpt-4o"}, 404, "model", "does not exist"),
+        ({**GOOD, "max_tokens": "ten"}, 400, "max_tokens", "must be an integer"),
+        ({**GOOD, "max_tokens": 0}, 400, "max_tokens", "at least 1"),
+        ({**GOOD, "temperature": "hot"}, 400, "temperature", "must be a number"),
+        ({**GOOD, "temperature": 3}, 400, "temperature", "between 0 and 2"),
+        ({**GOOD, "top_p": 0}, 400, "top_p", "greater than 0"),
+        ({**GOOD, "stream": "yes"}, 400, "stream", "must be a boolean"),
+        ({**GOOD, "stop": [1]}, 400, "stop", "string or an array of strings"),
+        ({**GOOD, "n": 2}, 400, "n", "Only n=1"),
+        ({**GOOD, "max_tokens": CONTEXT}, 400, "max_tokens", "maximum context length is 4096"),
+        ({**GOOD, "messages": [{"role": "user", "content": "model " * 5000}]}, 400, "messages",
+         "maximum context length is 4096"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server: Running, body, status, param, fragment) -> None:  # type: ignore[no-untyped-def]
+    code, _, raw = server.request("POST", "/v1/chat/completions", body if isinstance(body, str) else json.dumps(body))
+    error = json.loads(raw)["error"]
+    assert code == status, error
+    assert fragment in error["message"] and error["param"] == param and error["type"]
+
+
+def test_huge_body_is_refused(server: Running) -> None:
+    code, _, raw = server.request("POST", "/v1/chat/completions", "x" * (2 << 20))
+    assert code == 413 and "larger than" in json.loads(raw)["error"]["message"]
+
+
+def test_completions_needs_a_prompt(server: Running) -> None:
+    code, _, body = server.post("/v1/completions", {"model": MODEL_ID, "prompt": ""})
+    assert code == 400 and body["error"]["param"] == "prompt"
+
+
+def test_health_and_metrics_after_bad_input(server: Running) -> None:
+    status, _, raw = server.request("GET", "/health")
+    assert status == 200 and json.loads(raw) == {"status": "ok", "model": MODEL_ID}
+    assert server.metric('olive_server_requests_total{endpoint="/v1/chat/completions",status="400"}') >= 1
+    assert server.metric("olive_server_completion_tokens_total") > 0
+    assert server.metric("olive_server_time_to_first_token_seconds_count") > 0
+    assert server.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- concurrency and lifecycle
+
+
+def _stream_first_event(port: int, payload: dict) -> socket.socket:
+    """Start a streaming request on a raw socket and read until its first SSE event."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    body = json.dumps(payload).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    seen = b""
+    while b"data: " not in seen:
+        chunk = sock.recv(4096)
+        assert chunk, seen
+        seen += chunk
+    return sock
+
+
+LONG = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
+        "temperature": 0, "stream": True, "ignore_eos": True}
+
+
+def test_concurrent_requests_are_all_answered(server: Running) -> None:
+    payload = {**GOOD, "messages": MESSAGES, "max_tokens": 50, "temperature": 0}
+    _, _, alone = server.post("/v1/chat/completions", payload)
+    expected = (alone["choices"][0]["message"]["content"], alone["usage"])
+    results: list[object] = []
+
+    def one() -> None:
+        code, _, body = server.post("/v1/chat/completions", payload)
+        results.append((body["choices"][0]["message"]["content"], body["usage"]) if code == 200 else code)
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 6  # 2 generate at once, 4 wait (the queue holds 16): none is disturbed
+
+
+def test_full_queue_answers_429(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path, "--max-concurrency", "1", "--queue-size", "0") as busy:
+        payload = {**LONG, "stream": False}  # ~0.7 s each: the burst arrives while the first runs
+        answers: list[tuple[int, dict[str, str], dict]] = []
+        threads = [threading.Thread(target=lambda: answers.append(busy.post("/v1/chat/completions", payload)))
+                   for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(code for code, _, _ in answers)
+        assert codes[0] == 200 and codes[-1] == 429 and set(codes) == {200, 429}, codes
+        for code, headers, body in answers:
+            if code == 429:
+                assert headers["retry-after"] == "1" and body["error"]["type"] == "rate_limit_error"
+            else:
+                assert body["usage"]["completion_tokens"] == 4000
+
+
+def test_client_disconnect_cancels_generation(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path, "--max-concurrency", "1", "--queue-size", "0") as s:
+        _stream_first_event(s.port, LONG).close()
+        deadline = time.monotonic() + 10
+        while s.metric("olive_server_cancelled_generations_total") < 1:
+            assert time.monotonic() < deadline, "the generation went on after its client left"
+            time.sleep(0.05)
+        assert s.metric("olive_server_requests_generating") == 0
+        code, _, body = s.post("/v1/chat/completions", GOOD)  # the slot is free again
+        assert code == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def test_sigterm_drains_in_flight_requests(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path) as s:
+        payload = {**LONG, "max_tokens": 3000, "stream_options": {"include_usage": True}}
+        sock = _stream_first_event(s.port, payload)
+        s.proc.send_signal(signal.SIGTERM)  # ~0.5 s of generation still to go
+        data = b""
+        sock.settimeout(60)
+        while not data.rstrip().endswith(b"0\r\n\r\n") and b"[DONE]" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        sock.close()
+        assert b"data: [DONE]" in data
+        assert b'"completion_tokens": 3000' in data
+        assert s.proc.wait(timeout=30) == 0
+        assert "Waiting for connections to close" in s.log.read_text()  # it really drained
+
+
+def test_a_folder_that_is_not_a_model_exits_nonzero(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "builder.server", "--model", str(tmp_path), "--port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not an ONNX Runtime GenAI model folder" in proc.stdout
+
+
+def test_a_model_that_cannot_load_stops_the_server(served_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(served_model, broken)
+    (broken / "model.onnx").write_bytes(b"not onnx")
+    proc = subprocess.run([sys.executable, "-m", "builder.server", "--model", str(broken), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "cannot load the model" in proc.stdout + proc.stderr
