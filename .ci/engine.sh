@@ -4,13 +4,14 @@
 #   .ci/engine.sh start STATE_DIR   starts dockerd (unless one answers at STATE_DIR/docker.sock)
 #   .ci/engine.sh stop STATE_DIR    stops the dockerd this script started, by its PID
 #   .ci/engine.sh base-image NAME   builds a Debian bookworm + python3 base image with mmdebstrap
+#   .ci/engine.sh runtime-base-image NAME   the same, slim: interpreter and stdlib only (runtime images)
 #
 # Facts behind this (../shared/environment.md): no systemd, Debian's docker.io 20.10, a
 # private bridge so we never fight another daemon over docker0, and no registry to pull
 # a base image from, so the base image is made with mmdebstrap and `docker import`.
 set -euo pipefail
 
-cmd=${1:?usage: engine.sh start|stop STATE_DIR | base-image NAME}
+cmd=${1:?usage: engine.sh start|stop STATE_DIR | base-image|runtime-base-image NAME}
 bridge=${OLIVE_BUILDER_TEST_BRIDGE:-obr0}
 bridge_cidr=${OLIVE_BUILDER_TEST_BRIDGE_CIDR:-172.31.251.1/24}
 
@@ -50,12 +51,21 @@ stop)
   rm -f "$pidfile"
   echo "dockerd $pid stopped"
   ;;
-base-image)
+base-image|runtime-base-image)
   name=${2:?image name}
   if docker image inspect "$name" >/dev/null 2>&1; then echo "$name exists"; exit 0; fi
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/obase.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
-  TMPDIR=$tmp mmdebstrap --quiet --variant=minbase --include=ca-certificates,python3,python3-venv \
+  if [ "$cmd" = base-image ]; then
+    # For builders and build stages: python3 with venv and pip.
+    packages=ca-certificates,python3,python3-venv; slim=()
+  else
+    # For runtime images: the interpreter and its standard library, no pip, no docs.
+    packages=ca-certificates,python3-minimal,libpython3.11-stdlib
+    slim=(--dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*'
+          --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*')
+  fi
+  TMPDIR=$tmp mmdebstrap --quiet --variant=minbase --include="$packages" "${slim[@]}" \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --setup-hook='mkdir -p "$1/usr/local/share/ca-certificates" && cp /usr/local/share/ca-certificates/*.crt "$1/usr/local/share/ca-certificates/" 2>/dev/null || true' \
     bookworm - "deb http://deb.debian.org/debian bookworm main" \

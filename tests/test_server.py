@@ -425,3 +425,72 @@ def test_a_model_that_cannot_load_stops_the_server(served_model: Path, tmp_path:
     proc = subprocess.run([sys.executable, "-m", "builder.server", "--model", str(broken), "--port", str(free_port())],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "cannot load the model" in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- the runtime image
+
+
+@pytest.fixture(scope="session")
+def runtime_image(docker_client) -> str:  # type: ignore[no-untyped-def]
+    """The CPU runtime image from images/runtime-cpu/Dockerfile, built as `build images` does."""
+    from builder import images
+
+    spec = images.image_spec("runtime-cpu")
+    try:
+        docker_client.images.get(spec.tag)
+    except Exception:  # noqa: BLE001
+        need(bool(os.environ.get("OLIVE_BUILDER_BASE_IMAGE")),
+             "no runtime image, and OLIVE_BUILDER_BASE_IMAGE names no local base image to build one on")
+        images.build_image(docker_client, spec, lambda line: None)
+    return spec.tag
+
+
+@pytest.mark.docker
+def test_docker_run_serves_the_model(served_model: Path, runtime_image: str, docker_client) -> None:  # type: ignore[no-untyped-def]
+    need(_has("openai"), "the openai package is not installed")
+    import openai
+
+    port = free_port()
+    container = docker_client.containers.run(
+        runtime_image, detach=True, ports={"8000/tcp": ("127.0.0.1", port)},
+        volumes={str(served_model): {"bind": "/model", "mode": "ro"}},
+    )
+    try:
+        running = Running(subprocess.Popen(["true"]), port, Path("/dev/null"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if running.request("GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            container.reload()
+            assert container.status == "running", container.logs().decode()[-2000:]
+            assert time.monotonic() < deadline, container.logs().decode()[-2000:]
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=10, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 10 and r.usage.prompt_tokens == len(chat_ids(served_model, MESSAGES))
+        assert r.choices[0].message.content and r.choices[0].finish_reason == "length"
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=MODEL_ID, messages=MESSAGES, max_tokens=10, temperature=0, stream=True,
+            extra_body={"ignore_eos": True}) if c.choices)
+        assert streamed == r.choices[0].message.content
+        # Non-root, and nothing of the build side inside.
+        assert container.exec_run("id -u").output.decode().strip() == "1000"
+        probe = "import importlib.util as u; print([m for m in ('torch','transformers','olive','pip') if u.find_spec(m)])"
+        assert container.exec_run(["python3", "-c", probe]).output.decode().strip() == "[]"
+        container.stop(timeout=30)  # SIGTERM: drain, then exit 0
+        assert container.wait(timeout=60)["StatusCode"] == 0
+    finally:
+        container.remove(force=True)
+
+
+@pytest.mark.docker
+def test_runtime_image_adds_little_to_its_base(runtime_image: str, docker_client) -> None:  # type: ignore[no-untyped-def]
+    base_name = os.environ.get("OLIVE_BUILDER_RUNTIME_BASE_IMAGE") or os.environ.get("OLIVE_BUILDER_BASE_IMAGE")
+    need(bool(base_name), "the runtime image's base is not named (OLIVE_BUILDER_RUNTIME_BASE_IMAGE)")
+    added = docker_client.images.get(runtime_image).attrs["Size"] - docker_client.images.get(base_name).attrs["Size"]
+    # onnxruntime-genai + onnxruntime's library + numpy + the server: ~102 MB. Guard against creep.
+    assert added < 120 * 1024 * 1024, f"the runtime layers weigh {added / 2**20:.0f} MB"
