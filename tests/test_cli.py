@@ -153,3 +153,8 @@ def test_images_print_tags_are_content_derived(capsys: pytest.CaptureFixture[str
     (wheels / "x-1-py3-none-any.whl").write_bytes(b"x")
     code, out3, _ = run(capsys, "images", "--print-tags", "--wheels", str(wheels))
     assert out3.split()[0] not in (tags[0], out2.split()[0])
+
+
+def test_serve_refuses_a_folder_that_is_not_a_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "serve", str(tmp_path))
+    assert code == 4 and "holds no genai_config.json" in err and "Traceback" not in err
