@@ -96,21 +96,32 @@ def docker_client():  # type: ignore[no-untyped-def]
     return client
 
 
-@pytest.fixture(scope="session")
-def cpu_builder_image(docker_client) -> str:  # type: ignore[no-untyped-def]
-    """The CPU builder image from Dockerfile.cpu, built by the same code as `build images`."""
+def ensure_image(docker_client, flavour: str) -> str:  # type: ignore[no-untyped-def]
+    """The image of ``flavour`` (cpu, runtime-cpu, ...), built by the same code as `build images` if missing."""
     from builder import images
 
-    spec = images.image_spec("cpu")
+    spec = images.image_spec(flavour)
     try:
         docker_client.images.get(spec.tag)
     except Exception:  # noqa: BLE001
         need(
             bool(os.environ.get("OLIVE_BUILDER_BASE_IMAGE")),
-            "no CPU builder image, and OLIVE_BUILDER_BASE_IMAGE names no local base image to build one on",
+            f"no {flavour} image, and OLIVE_BUILDER_BASE_IMAGE names no local base image to build one on",
         )
         images.build_image(docker_client, spec, lambda line: None)
     return spec.tag
+
+
+@pytest.fixture(scope="session")
+def cpu_builder_image(docker_client) -> str:  # type: ignore[no-untyped-def]
+    """The CPU builder image from Dockerfile.cpu."""
+    return ensure_image(docker_client, "cpu")
+
+
+@pytest.fixture(scope="session")
+def runtime_image(docker_client) -> str:  # type: ignore[no-untyped-def]
+    """The CPU runtime image from images/runtime-cpu/Dockerfile."""
+    return ensure_image(docker_client, "runtime-cpu")
 
 
 def no_partials(folder: Path) -> list[Path]:

@@ -430,21 +430,6 @@ def test_a_model_that_cannot_load_stops_the_server(served_model: Path, tmp_path:
 # ----------------------------------------------------------------------------- the runtime image
 
 
-@pytest.fixture(scope="session")
-def runtime_image(docker_client) -> str:  # type: ignore[no-untyped-def]
-    """The CPU runtime image from images/runtime-cpu/Dockerfile, built as `build images` does."""
-    from builder import images
-
-    spec = images.image_spec("runtime-cpu")
-    try:
-        docker_client.images.get(spec.tag)
-    except Exception:  # noqa: BLE001
-        need(bool(os.environ.get("OLIVE_BUILDER_BASE_IMAGE")),
-             "no runtime image, and OLIVE_BUILDER_BASE_IMAGE names no local base image to build one on")
-        images.build_image(docker_client, spec, lambda line: None)
-    return spec.tag
-
-
 @pytest.mark.docker
 def test_docker_run_serves_the_model(served_model: Path, runtime_image: str, docker_client) -> None:  # type: ignore[no-untyped-def]
     need(_has("openai"), "the openai package is not installed")
