@@ -17,6 +17,9 @@ from typing import Any
 
 from .errors import CheckError
 
+# Every model folder holds these, besides the files genai_config.json names...
+REQUIRED_FILES = ("genai_config.json", "tokenizer_config.json")
+# ...and at least one of these.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 CHECK_MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -69,9 +72,7 @@ def check_files(folder: str | Path) -> list[str]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckError(f"{config_path} is not readable JSON: {e}") from None
-    missing = [name for name in named_files(config) if not (folder / name).is_file()]
-    if not (folder / "tokenizer_config.json").is_file():
-        missing.append("tokenizer_config.json")
+    missing = [name for name in (*REQUIRED_FILES, *named_files(config)) if not (folder / name).is_file()]
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         missing.append(" or ".join(TOKENIZER_FILES))
     if missing:

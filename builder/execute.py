@@ -112,7 +112,7 @@ def execute(
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{step.id.replace('/', '__')}-{time.strftime('%Y%m%d-%H%M%S')}.log"
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-    causes: list[str] = []  # the last exception line seen: usually the reason a build failed
+    cause: str | None = None  # the last exception line seen: usually the reason a build failed
     token = hf_token()
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     secrets = Path(tempfile.mkdtemp(prefix="olive-builder-secret-")) if token else None
@@ -123,6 +123,7 @@ def execute(
         with log_path.open("w", encoding="utf-8") as log:
 
             def sink(line: str) -> None:
+                nonlocal cause
                 if token:
                     line = line.replace(token, "***")
                 log.write(line + "\n")
@@ -136,7 +137,7 @@ def execute(
                         pass
                 tail.append(line)
                 if _EXCEPTION_LINE.match(line):
-                    causes[:] = [line.strip()]
+                    cause = line.strip()
                 on_log(line)
 
             code = engine.run(job, sink)
@@ -148,7 +149,7 @@ def execute(
                 log_tail=list(tail),
             )
         if not result.get("ok"):
-            raise _failure(result, log_path, list(tail), causes[-1] if causes else None)
+            raise _failure(result, log_path, list(tail), cause)
         model = work / "model"
         try:
             check_files(model)  # the worker checked it; make sure it all arrived on this side too

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import __version__
+from .check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
 from .errors import PlanError
 from .recipe import LoadedRecipe, digest_of, normalized
 
@@ -19,10 +20,6 @@ MODEL_DIR = "${MODEL_DIR}"
 OUTPUT_DIR = "${OUTPUT_DIR}"
 CACHE_DIR = "${CACHE_DIR}"
 
-# Files every ONNX Runtime GenAI model folder must hold whatever genai_config.json names.
-REQUIRED_OUTPUTS = ("genai_config.json", "tokenizer_config.json")
-# At least one of these tokenizer files.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 _OLIVE_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
 
@@ -137,7 +134,7 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         gpus=r.target.device == "cuda",
         model=model,
         olive_config=config,
-        expected_outputs=REQUIRED_OUTPUTS,
+        expected_outputs=REQUIRED_FILES,
         tokenizer_files=TOKENIZER_FILES,
         tags=(f"{r.name}:{r.version}-{target}",),
         cache_key=digest_of(cache_inputs),

@@ -20,7 +20,7 @@ def _has_gpu() -> bool:
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: set up before the session-wide Docker fixture, so "no GPU" wins
 def gpu() -> None:
     if not _has_gpu():
         pytest.skip("no GPU: nvidia-smi finds none")
