@@ -5,9 +5,14 @@
     ├── PlanError                 a valid recipe asks for something no build can do (exit 2)
     ├── EngineError               the container engine is unreachable or misbehaves (exit 3)
     │   └── ImageError            a builder image is missing or failed to build (exit 3)
-    └── BuildError                the build ran and failed (exit 4)
-        ├── ModelNotFoundError    the model source does not exist or is not accessible
-        └── CheckError            Olive produced an output that is not a usable model
+    ├── BuildError                the build ran and failed (exit 4)
+    │   ├── ModelNotFoundError    the model source does not exist or is not accessible
+    │   └── CheckError            Olive produced an output that is not a usable model
+    └── DistributionError         packaging, pushing or pulling OCI content failed (exit 5)
+        ├── StoreError            the local OCI store cannot be used or lacks content
+        ├── RegistryError         a registry refused, failed or could not be reached
+        │   └── AuthError         the registry refused our credentials (or we had none)
+        └── ContentError          content does not match its digest or size (tampered or truncated)
 
 The core raises these; only ``builder.cli`` prints them and exits. A message says what
 failed and why, then (after a blank line) what to do about it.
@@ -68,4 +73,24 @@ class ModelNotFoundError(BuildError):
 
 
 class CheckError(BuildError):
+    pass
+
+
+class DistributionError(BuilderError):
+    exit_code = 5
+
+
+class StoreError(DistributionError):
+    pass
+
+
+class RegistryError(DistributionError):
+    pass
+
+
+class AuthError(RegistryError):
+    pass
+
+
+class ContentError(DistributionError):
     pass

@@ -1,0 +1,382 @@
+"""Packaging: a checked model folder becomes OCI content in the local store.
+
+Two manifests share the very same model layer blobs:
+
+- the model artifact (CNCF ModelPack): artifactType ``application/vnd.cncf.model.manifest.v1+json``,
+  a ModelPack config, one layer per weight file, one small layer with the tokenizer and
+  other files that every target of a model shares, and one with the target's own
+  ``genai_config.json`` and ``olive-builder.json``. Tag ``<name>:<version>-<target>``.
+- the runnable image: the runtime image's layers plus those model layers (they unpack
+  under ``/model``, where the runtime's server reads), with the runtime's entrypoint.
+  Tag ``<name>:<version>-<target>-serve``.
+
+Layers are deterministic tars (sorted names, mtime 0, uid/gid 0, fixed modes) and every
+JSON document is written in one canonical form, so the same folder and the same creation
+time always give the same digests. Digests are computed while the tars are written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import oci
+from .errors import CheckError, ImageError, StoreError
+
+INFO_FILE = "olive-builder.json"
+MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
+SERVE_SUFFIX = "-serve"
+NS = "org.olive-builder."
+WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin", ".safetensors", ".pb", ".ort")
+BIG_FILE = 64 << 20  # any file this large gets a layer of its own
+TARGET_FILES = ("genai_config.json", INFO_FILE)  # differ between targets of one model
+RUNTIME_GENAI_LABEL = "org.olive-builder.runtime.onnxruntime-genai"
+TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
+_PRECISION_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int4": "int4", "int8": "int8"}
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    kind: str  # weight | shared | target
+    files: tuple[str, ...]
+    media_type: str
+
+    @property
+    def title(self) -> str:
+        return self.files[0] if self.kind == "weight" else f"{self.kind}-files"
+
+
+@dataclass(frozen=True)
+class Packaged:
+    artifact_ref: str
+    artifact: oci.Descriptor
+    image_ref: str | None
+    image: oci.Descriptor | None
+    layers: tuple[oci.Descriptor, ...]
+    written_bytes: int  # model bytes written into new blobs (0 when every layer was already stored)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+# ---- what goes where ------------------------------------------------------------------------
+
+def model_files(model_dir: Path) -> list[str]:
+    """Every regular file under ``model_dir``, relative, sorted. Links and odd files are refused."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(model_dir):
+        dirnames.sort()
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise CheckError(f"{path} is a symbolic link; a model folder to package holds plain files only.",
+                                 hint="Replace the link with the file it points to.")
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_file():
+                raise CheckError(f"{path} is not a regular file; a model folder to package holds plain files only.")
+            out.append(path.relative_to(model_dir).as_posix())
+    return sorted(out)
+
+
+def group_files(model_dir: Path, files: list[str]) -> list[LayerGroup]:
+    weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES) or (model_dir / f).stat().st_size >= BIG_FILE]
+    target = [f for f in files if f in TARGET_FILES]
+    shared = [f for f in files if f not in weights and f not in target]
+    groups = [LayerGroup("weight", (f,), oci.MODEL_WEIGHT) for f in weights]
+    if shared:
+        groups.append(LayerGroup("shared", tuple(shared), oci.MODEL_WEIGHT_CONFIG))
+    if target:
+        groups.append(LayerGroup("target", tuple(target), oci.MODEL_WEIGHT_CONFIG))
+    return groups
+
+
+def read_info(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckError(f"{model_dir} has no {INFO_FILE}, so it was not made by `build recipe`.",
+                         hint="Package folders that `build recipe` produced: it records what the artifact needs.") from None
+    except ValueError as e:
+        raise CheckError(f"{path} is not valid JSON: {e}") from None
+    for key in ("name", "version", "tags", "target"):
+        if key not in info:
+            raise CheckError(f"{path} lacks `{key}`; rebuild the model with `build recipe`.")
+    return info
+
+
+def created_time(recipe_path: Path | None = None, model_dir: Path | None = None) -> dt.datetime:
+    """The creation time recorded in manifests: SOURCE_DATE_EPOCH if set, else the last commit
+    of the recipe file, else the newest file in the model folder. Never the wall clock."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc)
+        except ValueError:
+            raise StoreError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds.") from None
+    if recipe_path is not None:
+        try:
+            out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", recipe_path.name], cwd=recipe_path.parent,
+                                 capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                return dt.datetime.fromtimestamp(int(out.stdout.strip()), dt.timezone.utc)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    newest = 0.0
+    if model_dir is not None:
+        newest = max((p.stat().st_mtime for p in model_dir.rglob("*") if p.is_file()), default=0.0)
+    return dt.datetime.fromtimestamp(int(newest), dt.timezone.utc)
+
+
+def rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:
+    """The manifest annotations: standard OCI ones, then this project's (what ModelPack cannot say)."""
+    source = info.get("source") or {}
+    target = info.get("target") or {}
+    tools = info.get("tools") or {}
+    builder = info.get("builder") or {}
+    a: dict[str, str] = {
+        "org.opencontainers.image.title": str(info["name"]),
+        "org.opencontainers.image.version": str(info["version"]),
+        "org.opencontainers.image.created": rfc3339(created),
+    }
+    if info.get("description"):
+        a["org.opencontainers.image.description"] = str(info["description"])
+    if info.get("license"):
+        a["org.opencontainers.image.licenses"] = str(info["license"])
+    if source.get("hub"):
+        a["org.opencontainers.image.source"] = f"https://huggingface.co/{source['hub']}"
+        if source.get("resolved_revision"):
+            a["org.opencontainers.image.revision"] = str(source["resolved_revision"])
+    ours = {
+        "target": info.get("id"),
+        "device": target.get("device"),
+        "execution-provider": target.get("execution_provider"),
+        "precision": target.get("precision"),
+        "source.model": source.get("hub") or ("local folder" if source.get("local") else None),
+        "source.revision": source.get("resolved_revision") or source.get("revision"),
+        "recipe.digest": info.get("recipe_digest"),
+        "cache-key": info.get("cache_key"),
+        "builder.version": builder.get("version"),
+        "builder.image": builder.get("image"),
+        "builder.image-digest": builder.get("image_id"),
+        # Models are written by the builder's onnxruntime-genai; older runtimes cannot read them.
+        "runtime.min-onnxruntime-genai": tools.get("onnxruntime-genai"),
+    }
+    for tool in TOOLS:
+        ours[f"tools.{tool}"] = tools.get(tool)
+    a.update({NS + k: str(v) for k, v in ours.items() if v not in (None, "")})
+    return a
+
+
+def modelpack_config(info: dict[str, Any], model_dir: Path, created: dt.datetime, diff_ids: list[str]) -> dict[str, Any]:
+    source = info.get("source") or {}
+    precision = (info.get("target") or {}).get("precision", "")
+    descriptor: dict[str, Any] = {
+        "name": str(info["name"]),
+        "version": str(info["version"]),
+        "createdAt": rfc3339(created),
+        "title": f"{info['name']} {info['version']} ({info.get('id', '')})".replace(" ()", ""),
+    }
+    if source.get("hub"):
+        descriptor["sourceURL"] = f"https://huggingface.co/{source['hub']}"
+        descriptor["family"] = str(source["hub"]).split("/")[0]
+    if source.get("resolved_revision"):
+        descriptor["revision"] = str(source["resolved_revision"])
+    if info.get("license"):
+        descriptor["licenses"] = [str(info["license"])]
+    if info.get("description"):
+        descriptor["description"] = str(info["description"])
+    config: dict[str, Any] = {"format": "onnx", "capabilities": {"inputTypes": ["text"], "outputTypes": ["text"]}}
+    try:
+        model_type = json.loads((model_dir / "genai_config.json").read_text())["model"]["type"]
+        config["architecture"] = str(model_type)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if precision:
+        config["precision"] = _PRECISION_NAMES.get(precision, precision)
+        if precision in ("int4", "int8"):
+            config["quantization"] = {"int4": "onnx-matmulnbits-int4", "int8": "onnx-dynamic-int8"}[precision]
+    return {"descriptor": descriptor, "config": config, "modelfs": {"type": "layers", "diffIds": diff_ids}}
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+def write_layers(store: oci.Store, model_dir: Path, groups: list[LayerGroup],
+                 on_bytes: Callable[[int], None] = lambda n: None) -> tuple[list[oci.Descriptor], int]:
+    layers: list[oci.Descriptor] = []
+    written = 0
+    for group in groups:
+        with store.writer() as w:
+            oci.write_tar(w, model_dir, list(group.files), MODEL_ROOT, on_bytes)
+            digest = w.commit()
+            size = w.size
+        written += size
+        ann = {oci.ANN_TITLE: group.title, oci.ANN_UNTESTED: "false"}
+        if group.kind == "weight":
+            name = group.files[0]
+            ann[oci.ANN_FILEPATH] = f"{MODEL_ROOT}/{name}"
+            ann[oci.ANN_FILE_METADATA] = oci.file_metadata(f"{MODEL_ROOT}/{name}", (model_dir / name).stat().st_size)
+        else:
+            ann[oci.ANN_FILEPATH] = MODEL_ROOT
+            ann[NS + "files"] = ",".join(group.files)
+        layers.append(oci.Descriptor(group.media_type, digest, size, ann))
+    return layers, written
+
+
+def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = None,
+            runtime: RuntimeImage | None = None, on_bytes: Callable[[int], None] = lambda n: None,
+            extra: dict[str, Any] | None = None) -> Packaged:
+    """Put ``model_dir`` into ``store`` as a ModelPack artifact and (with ``runtime``) a runnable image."""
+    model_dir = Path(model_dir)
+    info = {**read_info(model_dir), **(extra or {})}
+    created = created or created_time(model_dir=model_dir)
+    files = model_files(model_dir)
+    layers, written = write_layers(store, model_dir, group_files(model_dir, files), on_bytes)
+    ann = annotations(info, created)
+    config = store.put_json(modelpack_config(info, model_dir, created, [d.digest for d in layers]), oci.MODEL_CONFIG)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.MANIFEST,
+        "artifactType": oci.MODEL_ARTIFACT,
+        "config": config.to_json(),
+        "layers": [d.to_json() for d in layers],
+        "annotations": ann,
+    }
+    artifact = store.put_json(manifest, oci.MANIFEST, artifact_type=oci.MODEL_ARTIFACT)
+    artifact_ref = str(info["tags"][0])
+    image_ref = image = None
+    if runtime is not None:
+        image = compose_image(store, runtime, layers, ann, created)
+        image_ref = artifact_ref + SERVE_SUFFIX
+        store.tag(image_ref, image)
+    store.tag(artifact_ref, artifact)
+    return Packaged(artifact_ref, artifact, image_ref, image, tuple(layers), written, ann)
+
+
+# ---- the runnable image ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RuntimeImage:
+    """A runtime image in the local store: its manifest, config and layers."""
+
+    ref: str
+    manifest: oci.Descriptor
+    config: dict[str, Any]
+    layers: tuple[oci.Descriptor, ...]
+
+
+def compose_image(store: oci.Store, runtime: RuntimeImage, model_layers: list[oci.Descriptor],
+                  ann: dict[str, str], created: dt.datetime) -> oci.Descriptor:
+    config = json.loads(json.dumps(runtime.config))
+    config["created"] = rfc3339(created)
+    config.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+    config["rootfs"]["diff_ids"] = list(config["rootfs"]["diff_ids"]) + [d.digest for d in model_layers]
+    history = list(config.get("history") or [])
+    for d in model_layers:
+        history.append({"created": rfc3339(created), "created_by": f"olive-builder: {d.annotations.get(oci.ANN_TITLE)}",
+                        "comment": "model layer (the same blob as in the model artifact)"})
+    config["history"] = history
+    inner = config.setdefault("config", {})
+    labels = dict(inner.get("Labels") or {})
+    genai = labels.get(RUNTIME_GENAI_LABEL)
+    labels.update(ann)
+    inner["Labels"] = labels
+    for stale in ("container", "container_config"):  # the runtime build's last step, not ours
+        config.pop(stale, None)
+    config_desc = store.put_json(config, oci.IMAGE_CONFIG)
+    image_ann = dict(ann)
+    image_ann["org.opencontainers.image.base.name"] = runtime.ref
+    image_ann["org.opencontainers.image.base.digest"] = runtime.manifest.digest
+    if genai:
+        image_ann[NS + "runtime.onnxruntime-genai"] = genai
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": oci.MANIFEST,
+        "config": config_desc.to_json(),
+        "layers": [d.to_json() for d in runtime.layers]
+        + [oci.Descriptor(oci.IMAGE_LAYER, d.digest, d.size, d.annotations).to_json() for d in model_layers],
+        "annotations": image_ann,
+    }
+    return store.put_json(manifest, oci.MANIFEST)
+
+
+class _ChunkReader:
+    """A file-like reader over an iterator of byte chunks (docker-py's image save stream)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = chunks
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            try:
+                self._buf += next(self._chunks)
+            except StopIteration:
+                break
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+def import_runtime(client: Any, image_ref: str, store: oci.Store) -> RuntimeImage:
+    """Copy a runtime image from the Docker engine into the store (once per image id)."""
+    import docker.errors
+
+    try:
+        image = client.images.get(image_ref)
+    except docker.errors.ImageNotFound:
+        raise ImageError(f"The runtime image {image_ref} is not in the Docker engine.",
+                         hint="Build it with `build images --target runtime-cpu` (or runtime-cuda).") from None
+    existing = store.resolve(image_ref)
+    if existing is not None:
+        manifest = store.read_json(existing.digest)
+        if manifest["config"]["digest"] == image.id and all(store.has(d["digest"]) for d in manifest["layers"]):
+            return RuntimeImage(image_ref, existing, store.read_json(image.id),
+                                tuple(oci.Descriptor.from_json(d) for d in manifest["layers"]))
+    try:
+        stream = image.save(chunk_size=oci.CHUNK, named=True)
+        files: dict[str, str] = {}  # name in the save tar -> digest of its content in the store
+        small: dict[str, bytes] = {}
+        with tarfile.open(fileobj=_ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[arg-type]
+            for member in tar:
+                if not member.isfile():
+                    continue
+                f = tar.extractfile(member)
+                assert f is not None
+                if member.size < (1 << 20):  # documents and tiny layers: stored only if used
+                    small[member.name] = f.read()
+                    continue
+                with store.writer() as w:
+                    while chunk := f.read(oci.CHUNK):
+                        w.write(chunk)
+                    files[member.name] = w.commit()
+    except docker.errors.APIError as e:
+        raise ImageError(f"Docker could not export {image_ref}: {e.explanation or e}") from None
+    try:
+        entry = json.loads(small["manifest.json"])[0]
+        config_bytes = small[entry["Config"]]
+        layer_digests = [files[name] if name in files else store.put_bytes(small[name], oci.IMAGE_LAYER).digest
+                         for name in entry["Layers"]]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ImageError(f"Docker exported {image_ref} in a form this version does not understand ({e}).") from None
+    config_desc = store.put_bytes(config_bytes, oci.IMAGE_CONFIG)
+    config = json.loads(config_bytes)
+    if config.get("rootfs", {}).get("diff_ids") != layer_digests:
+        raise ImageError(f"Docker's export of {image_ref} does not match its own layer list.")
+    layers = tuple(oci.Descriptor(oci.IMAGE_LAYER, d, store.blob_path(d).stat().st_size) for d in layer_digests)
+    manifest_desc = store.put_json({"schemaVersion": 2, "mediaType": oci.MANIFEST, "config": config_desc.to_json(),
+                                    "layers": [d.to_json() for d in layers]}, oci.MANIFEST)
+    store.tag(image_ref, manifest_desc)
+    return RuntimeImage(image_ref, manifest_desc, config, layers)
