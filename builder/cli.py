@@ -64,6 +64,119 @@ def with_image_options(f: Any) -> Any:
     return f
 
 
+store_option = click.option(
+    "--store", type=click.Path(file_okay=False, path_type=Path), envvar="OLIVE_BUILDER_STORE", default=None,
+    help="The local OCI store [default: ~/.local/share/olive-builder/store]. Env: OLIVE_BUILDER_STORE.")
+insecure_option = click.option(
+    "--insecure", is_flag=True,
+    help="Plain HTTP to the registry (loopback registries and OLIVE_BUILDER_INSECURE_REGISTRIES need no flag).")
+package_options = [
+    store_option,
+    click.option("--push", "push_to", envvar="OLIVE_BUILDER_REGISTRY", default=None, metavar="REGISTRY[/NAMESPACE]",
+                 help="Push the artifact and image to REGISTRY/NAMESPACE/<name>:<tag>. Env: OLIVE_BUILDER_REGISTRY."),
+    click.option("--no-push", is_flag=True, help="Do not push, even if a registry is configured."),
+    click.option("--no-image", is_flag=True, help="Package the model artifact only, not the runnable image."),
+    insecure_option,
+    click.option("--runtime-base-image", envvar="OLIVE_BUILDER_RUNTIME_BASE_IMAGE", default=None,
+                 help="Base image runtime images run on. Env: OLIVE_BUILDER_RUNTIME_BASE_IMAGE."),
+]
+
+
+def with_package_options(f: Any) -> Any:
+    for option in reversed(package_options):
+        f = option(f)
+    return f
+
+
+class _Progress:
+    """Byte progress for long transfers on stderr: one line, rewritten at most every 2% (only on a terminal)."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done, self.shown = what, max(total, 1), 0, -1
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        pct = int(100 * self.done / self.total)
+        if self.tty and pct // 2 != self.shown // 2:
+            self.shown = pct
+            click.echo(f"\r    {self.what}: {min(pct, 100):3d}% of {self.total / 1e6:.1f} MB", nl=False, err=True)
+
+    def close(self) -> None:
+        if self.tty and self.shown >= 0:
+            click.echo("", err=True)
+
+
+def _runtime_image(client: Any, device: str, *, base_image: str | None, wheels: str | None,
+                   runtime_base_image: str | None, quiet: bool) -> str:
+    from . import images
+
+    spec = images.image_spec(f"runtime-{device}", base_image=base_image, wheels_dir=wheels,
+                             runtime_base_image=runtime_base_image)
+    try:
+        client.images.get(spec.tag)
+    except Exception:  # docker.errors.ImageNotFound: build it once, as for builder images
+        _stage("image", f"runtime image {spec.tag} is not built yet; building it (once)")
+        images.build_image(client, spec, (lambda line: None) if quiet else _log)
+    return spec.tag
+
+
+def _package_and_push(model_dir: Path, device: str, *, store: Path | None, destination: str | None, no_image: bool,
+                      insecure: bool, quiet: bool, recipe_path: Path | None, base_image: str | None,
+                      wheels: str | None, runtime_base_image: str | None, client: Any = None) -> None:
+    from . import distribute, oci, package
+    from .engine import DockerEngine
+    from .errors import EngineError
+
+    st = oci.open_store(store)
+    runtime = None
+    if not no_image:
+        if client is None:
+            try:
+                eng = DockerEngine()
+                eng.preflight()
+                client = eng.client
+            except EngineError as e:
+                click.secho(f"warning: no runnable image (it needs Docker for the runtime image): {e.message}",
+                            fg="yellow", err=True)
+        if client is not None:
+            tag = _runtime_image(client, device, base_image=base_image, wheels=wheels,
+                                 runtime_base_image=runtime_base_image, quiet=quiet)
+            runtime = package.import_runtime(client, tag, st)
+    _stage("package", f"into the local store {st.root}")
+    total = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+    progress = _Progress("packaging", total)
+    created = package.created_time(recipe_path, model_dir)
+    try:
+        result = package.package(Path(model_dir), st, created=created, runtime=runtime, on_bytes=progress)
+    finally:
+        progress.close()
+    click.echo(f"  model artifact  {result.artifact_ref}  {result.artifact.digest}")
+    if result.image_ref and result.image:
+        click.echo(f"  runnable image  {result.image_ref}  {result.image.digest}")
+    if destination:
+        _push([r for r in (result.artifact_ref, result.image_ref) if r], st, destination, insecure)
+
+
+def _push(refs: list[str], st: Any, destination: str, insecure: bool) -> None:
+    from . import distribute, oci
+    from .registry import parse_destination
+
+    host, namespace = parse_destination(destination)
+    total = sum(sum(b.size for b in distribute.manifest_blobs(distribute.local_manifest(st, r)[1])) for r in refs)
+    _stage("push", f"{', '.join(refs)} to {host}/{namespace or ''}".rstrip("/"))
+    progress = _Progress("uploading", total)
+    try:
+        report = distribute.push(st, refs, host, namespace, insecure=insecure or None,
+                                 on_event=lambda stage, msg: click.echo(f"    {msg}", err=True), on_bytes=progress)
+    finally:
+        progress.close()
+    for remote, digest in report.pushed:
+        click.echo(f"  pushed          {remote}@{digest}")
+    click.echo(f"  uploaded {report.uploaded} blob(s), {report.uploaded_bytes} bytes; {report.existing} already there, "
+               f"{report.mounted} mounted from another repository")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="olive-builder")
 def cli() -> None:
@@ -88,9 +201,17 @@ def cli() -> None:
 @click.option("--image", default=None, help="Use this builder image instead of the one built from the Dockerfile.")
 @click.option("-q", "--quiet", is_flag=True, help="Show stages only, not the build log (a failure still shows its tail).")
 @with_image_options
+@with_package_options
 def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool, dry_run: bool,
-               image: str | None, quiet: bool, base_image: str | None, wheels: str | None) -> None:
-    """Build RECIPE_FILE into a checked ONNX Runtime GenAI model folder."""
+               image: str | None, quiet: bool, base_image: str | None, wheels: str | None,
+               store: Path | None, push_to: str | None, no_push: bool, no_image: bool, insecure: bool,
+               runtime_base_image: str | None) -> None:
+    """Build RECIPE_FILE into a checked ONNX Runtime GenAI model folder, then package it.
+
+    The model is packaged into the local OCI store as a ModelPack artifact
+    (<name>:<version>-<target>) and a runnable image (<name>:<version>-<target>-serve),
+    and pushed with --push (or OLIVE_BUILDER_REGISTRY, or the recipe's `registry`).
+    """
     from . import images, plan, recipe
     from .engine import DockerEngine, make_engine
     from .execute import default_output, execute
@@ -113,6 +234,11 @@ def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool,
             _stage("image", f"builder image {image} is not built yet; building it (once)")
             images.build_image(eng.client, image_spec, (lambda line: None) if quiet else _log)
         image_id = eng.image_id(image) if eng.has_image(image) else None
+    destination = None if no_push else (push_to or loaded.recipe.registry)
+    if destination:
+        from .registry import parse_destination
+
+        parse_destination(destination)  # a bad destination fails before the build, not after
     result = execute(
         step,
         eng,
@@ -126,6 +252,10 @@ def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool,
     click.echo(f"Built {step.id} in {result.seconds:.1f}s -> {result.output}")
     click.echo(f"  checked: onnxruntime-genai {result.info['check'].get('onnxruntime_genai', '?')} loaded it and generated {len(gen)} tokens")
     click.echo(f"  log: {result.log_path}")
+    _package_and_push(result.output, flavour, store=store, destination=destination, no_image=no_image,
+                      insecure=insecure, quiet=quiet, recipe_path=loaded.path, base_image=base_image,
+                      wheels=wheels, runtime_base_image=runtime_base_image,
+                      client=eng.client if isinstance(eng, DockerEngine) else None)
 
 
 @cli.command("list")
@@ -225,6 +355,89 @@ def serve_cmd(model_dir: Path, host: str, port: int, model_id: str | None, max_c
                       queue_size=queue_size)
     if code:
         raise BuilderError(f"The server stopped: the model in {model_dir} could not be loaded (see above).")
+
+
+@cli.command("package")
+@click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
+@with_image_options
+@with_package_options
+def package_cmd(model_dir: Path, base_image: str | None, wheels: str | None, store: Path | None,
+                push_to: str | None, no_push: bool, no_image: bool, insecure: bool, runtime_base_image: str | None) -> None:
+    """Package a model folder that `build recipe` made (again) into the local store, and push it with --push."""
+    from .check import check_files
+    from .package import read_info
+
+    check_files(model_dir)
+    info = read_info(model_dir)
+    destination = None if no_push else push_to
+    _package_and_push(model_dir, info["target"].get("device", "cpu"), store=store, destination=destination,
+                      no_image=no_image, insecure=insecure, quiet=True, recipe_path=None, base_image=base_image,
+                      wheels=wheels, runtime_base_image=runtime_base_image)
+
+
+@cli.command("push")
+@click.argument("ref")
+@click.option("--to", "destination", envvar="OLIVE_BUILDER_REGISTRY", required=True, metavar="REGISTRY[/NAMESPACE]",
+              help="Where to push: REGISTRY/NAMESPACE/<name>:<tag>. Env: OLIVE_BUILDER_REGISTRY.")
+@click.option("--no-image", is_flag=True, help="Push the model artifact only, not its runnable image.")
+@store_option
+@insecure_option
+def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, insecure: bool) -> None:
+    """Push REF (<name>:<tag> in the local store) and its runnable image to a registry."""
+    from . import oci
+    from .package import SERVE_SUFFIX
+
+    st = oci.open_store(store)
+    refs = [ref]
+    if not no_image and not ref.endswith(SERVE_SUFFIX) and st.resolve(ref + SERVE_SUFFIX) is not None:
+        refs.append(ref + SERVE_SUFFIX)
+    _push(refs, st, destination, insecure)
+
+
+@cli.command("pull")
+@click.argument("ref")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists (only once the pull is verified).")
+@store_option
+@insecure_option
+def pull_cmd(ref: str, directory: Path, force: bool, store: Path | None, insecure: bool) -> None:
+    """Fetch the model REF into DIRECTORY, verifying every blob (a registry ref, or <name>:<tag> in the local store)."""
+    from . import distribute, oci
+
+    st = oci.open_store(store)
+    _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None,
+                                    on_event=lambda stage, msg: click.echo(f"    {msg}", err=True))
+    click.echo(f"Pulled {ref}@{desc.digest} -> {dest}")
+
+
+@cli.command("inspect")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@store_option
+@insecure_option
+def inspect_cmd(ref: str, as_json: bool, store: Path | None, insecure: bool) -> None:
+    """Show what REF is: its digest, annotations and layers (a registry ref, or <name>:<tag> in the local store)."""
+    from . import distribute, oci
+
+    info = distribute.describe(ref, oci.open_store(store), insecure=insecure or None)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(f"{info['reference']}  ({info['kind']})")
+    click.echo(f"  digest        {info['digest']}")
+    if info.get("runnableImage"):
+        click.echo(f"  runnable as   {info['runnableImage']}")
+    click.echo(f"  size          {info['size']} bytes in {len(info['layers'])} layers")
+    ann = info["annotations"]
+    if ann:
+        width = max(len(k) for k in ann)
+        click.echo("annotations:")
+        for key in sorted(ann):
+            click.echo(f"  {key.ljust(width)}  {ann[key]}")
+    click.echo("layers:")
+    for layer in info["layers"]:
+        where = layer.get("path") or ""
+        click.echo(f"  {layer['digest'][:19]}  {layer['size']:>12}  {layer['mediaType']}  {where}".rstrip())
 
 
 @cli.command("schema")

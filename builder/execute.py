@@ -234,6 +234,8 @@ def _info(step: BuildStep, result: dict[str, Any], engine: str, image_id: str | 
         "name": step.name,
         "version": step.version,
         "tags": list(step.tags),
+        "description": step.description,
+        "license": step.license,
         "target": {"device": step.device, "execution_provider": step.execution_provider, "precision": step.precision},
         "source": {
             "hub": step.model.hub,

@@ -196,7 +196,7 @@ class Store:
 
     # refs
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         with (self.root / ".lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -216,7 +216,7 @@ class Store:
         """Point ``ref`` (``name:tag``) at a manifest whose blobs are all in the store."""
         entry = desc.to_json()
         entry["annotations"] = {**desc.annotations, ANN_REF_NAME: ref}
-        with self._locked():
+        with self.locked():
             index = self._read_index()
             index["manifests"] = [m for m in index["manifests"]
                                   if (m.get("annotations") or {}).get(ANN_REF_NAME) != ref] + [entry]

@@ -18,10 +18,13 @@ time always give the same digests. Digests are computed while the tars are writt
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import io
 import json
 import os
 import subprocess
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,6 +313,23 @@ def compose_image(store: oci.Store, runtime: RuntimeImage, model_layers: list[oc
     return store.put_json(manifest, oci.MANIFEST)
 
 
+RUNTIME_GZIP_LEVEL = 1  # ~90 MB/s here; level 6 is 3x slower for ~9% smaller runtime layers
+
+
+def _gzip_layer(store: oci.Store, f: Any) -> tuple[oci.Descriptor, str]:
+    """Store a runtime layer gzip-compressed (deterministically: no name, mtime 0); returns (blob, diff id)."""
+    diff = hashlib.sha256()
+    packer = zlib.compressobj(RUNTIME_GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip header, mtime 0, no name
+    with store.writer() as w:
+        while chunk := f.read(oci.CHUNK):
+            diff.update(chunk)
+            w.write(packer.compress(chunk))
+        w.write(packer.flush())
+        digest = w.commit()
+        size = w.size
+    return oci.Descriptor(oci.IMAGE_LAYER_GZIP, digest, size), "sha256:" + diff.hexdigest()
+
+
 class _ChunkReader:
     """A file-like reader over an iterator of byte chunks (docker-py's image save stream)."""
 
@@ -347,7 +367,7 @@ def import_runtime(client: Any, image_ref: str, store: oci.Store) -> RuntimeImag
                                 tuple(oci.Descriptor.from_json(d) for d in manifest["layers"]))
     try:
         stream = image.save(chunk_size=oci.CHUNK, named=True)
-        files: dict[str, str] = {}  # name in the save tar -> digest of its content in the store
+        layers_by_name: dict[str, tuple[oci.Descriptor, str]] = {}  # name in the save tar -> (gzip blob, diff id)
         small: dict[str, bytes] = {}
         with tarfile.open(fileobj=_ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[arg-type]
             for member in tar:
@@ -357,25 +377,22 @@ def import_runtime(client: Any, image_ref: str, store: oci.Store) -> RuntimeImag
                 assert f is not None
                 if member.size < (1 << 20):  # documents and tiny layers: stored only if used
                     small[member.name] = f.read()
-                    continue
-                with store.writer() as w:
-                    while chunk := f.read(oci.CHUNK):
-                        w.write(chunk)
-                    files[member.name] = w.commit()
+                else:
+                    layers_by_name[member.name] = _gzip_layer(store, f)
     except docker.errors.APIError as e:
         raise ImageError(f"Docker could not export {image_ref}: {e.explanation or e}") from None
     try:
         entry = json.loads(small["manifest.json"])[0]
         config_bytes = small[entry["Config"]]
-        layer_digests = [files[name] if name in files else store.put_bytes(small[name], oci.IMAGE_LAYER).digest
-                         for name in entry["Layers"]]
+        found = [layers_by_name[name] if name in layers_by_name else _gzip_layer(store, io.BytesIO(small[name]))
+                 for name in entry["Layers"]]
     except (KeyError, IndexError, ValueError) as e:
         raise ImageError(f"Docker exported {image_ref} in a form this version does not understand ({e}).") from None
     config_desc = store.put_bytes(config_bytes, oci.IMAGE_CONFIG)
     config = json.loads(config_bytes)
-    if config.get("rootfs", {}).get("diff_ids") != layer_digests:
+    if config.get("rootfs", {}).get("diff_ids") != [diff_id for _, diff_id in found]:
         raise ImageError(f"Docker's export of {image_ref} does not match its own layer list.")
-    layers = tuple(oci.Descriptor(oci.IMAGE_LAYER, d, store.blob_path(d).stat().st_size) for d in layer_digests)
+    layers = tuple(desc for desc, _ in found)
     manifest_desc = store.put_json({"schemaVersion": 2, "mediaType": oci.MANIFEST, "config": config_desc.to_json(),
                                     "layers": [d.to_json() for d in layers]}, oci.MANIFEST)
     store.tag(image_ref, manifest_desc)

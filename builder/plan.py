@@ -51,6 +51,8 @@ class BuildStep:
     tags: tuple[str, ...]
     cache_key: str
     builder_version: str = field(default=__version__)
+    license: str | None = None
+    description: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,7 +118,7 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
     target = loaded.target_name
     cache_inputs = {
         # What decides the output. The version and the description do not.
-        "recipe": {k: v for k, v in normalized(r).items() if k not in ("version", "description")},
+        "recipe": {k: v for k, v in normalized(r).items() if k not in ("version", "description", "registry")},
         "target": target,
         "builder_image": builder_image,
         "builder_version": __version__,
@@ -138,4 +140,6 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         tokenizer_files=TOKENIZER_FILES,
         tags=(f"{r.name}:{r.version}-{target}",),
         cache_key=digest_of(cache_inputs),
+        license=r.model.license,
+        description=r.description,
     )

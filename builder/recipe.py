@@ -28,6 +28,10 @@ DEFAULT_PROVIDER: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDA
 # OCI distribution-spec grammar for a repository path component and for a tag.
 _NAME_RE = r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$"
 _TAG_RE = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,100}$"
+_REGISTRY_RE = (
+    r"^(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+)(?::[0-9]+)?"
+    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
+)
 _HUB_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -116,6 +120,11 @@ class Recipe(_Strict):
     target: Target
     generation: Generation | None = None
     olive: OliveOptions | None = None
+    registry: Annotated[str, Field(pattern=_REGISTRY_RE)] | None = Field(
+        default=None,
+        description="Where `build recipe` pushes by default: REGISTRY[/NAMESPACE], e.g. ghcr.io/acme/models. "
+        "--push and OLIVE_BUILDER_REGISTRY take precedence.",
+    )
 
 
 class LoadedRecipe(BaseModel):
@@ -308,6 +317,7 @@ _PATTERN_HELP = {
     "name": "lower-case letters, digits and single '.', '_' or '-' between them, as an OCI repository name",
     "version": "letters, digits, '.', '_' and '-', as an OCI tag",
     "hub": "a Hugging Face repo id like Qwen/Qwen2.5-0.5B-Instruct",
+    "registry": "a registry host with an optional namespace, like ghcr.io/acme/models or localhost:5000",
 }
 
 

@@ -1,0 +1,301 @@
+"""Push, pull and inspect: moving OCI content between the local store, registries and model folders.
+
+Push order: every blob (config and layers) first, then manifests, the model artifact
+before the runnable image. A registry rejects a manifest whose blobs it lacks, and tags
+are written only by manifest PUTs, so an interrupted push never leaves a tag pointing at
+incomplete content; the next push skips what already arrived (HEAD first) and finishes.
+Blobs this store pushed to another repository of the same registry are mounted from
+there instead of uploaded.
+
+Pull verifies every blob's digest and size as it arrives (nothing unverified is kept),
+then unpacks the model layers into a hidden folder beside the destination, checks it,
+and renames it into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import oci
+from .errors import ContentError, PlanError, RegistryError, StoreError
+from .package import MODEL_ROOT, SERVE_SUFFIX
+from .registry import Reference, Registry, parse_reference
+
+Event = Callable[[str, str], None]  # (stage, message)
+LOCATIONS = "locations.json"
+
+
+@dataclass
+class PushReport:
+    pushed: list[tuple[str, str]] = field(default_factory=list)  # (remote reference, digest)
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    existing: int = 0
+    mounted: int = 0
+    total_bytes: int = 0
+
+
+def manifest_blobs(manifest: dict[str, Any]) -> list[oci.Descriptor]:
+    return [oci.Descriptor.from_json(manifest["config"])] + [oci.Descriptor.from_json(d) for d in manifest["layers"]]
+
+
+def local_manifest(store: oci.Store, ref: str) -> tuple[oci.Descriptor, dict[str, Any]]:
+    desc = store.resolve(ref)
+    if desc is None:
+        known = sorted(store.refs())
+        hint = ("Known here: " + ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")) if known else \
+            "The local store is empty: `build recipe FILE` or `build pull REF DIR` puts models there."
+        raise StoreError(f"{ref} is not in the local store {store.root}.", hint=hint)
+    data = store.read_bytes(desc.digest)
+    if oci.digest_bytes(data) != desc.digest:
+        raise ContentError(f"The local store's copy of {ref} ({desc.digest}) is damaged.",
+                           hint="Rebuild or pull it again.")
+    return desc, json.loads(data)
+
+
+def _locations(store: oci.Store) -> dict[str, dict[str, str]]:
+    try:
+        return json.loads((store.root / LOCATIONS).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _remember(store: oci.Store, host: str, repo: str, digests: list[str]) -> None:
+    with store.locked():
+        data = _locations(store)
+        data.setdefault(host, {}).update({d: repo for d in digests})
+        tmp = store.root / f".{LOCATIONS}.{os.getpid()}"
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, store.root / LOCATIONS)
+
+
+def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecure: bool | None = None,
+         on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None) -> PushReport:
+    """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag``."""
+    report = PushReport()
+    items = []
+    for ref in refs:
+        desc, manifest = local_manifest(store, ref)
+        name, _, tag = ref.rpartition(":")
+        repo = f"{namespace}/{name}" if namespace else name
+        items.append((ref, repo, tag, desc, manifest))
+    registry = Registry(host, insecure=insecure)
+    known = _locations(store).get(host, {})
+    try:
+        done: set[tuple[str, str]] = set()
+        for ref, repo, _tag, _desc, manifest in items:
+            for blob in manifest_blobs(manifest):
+                if (repo, blob.digest) in done:
+                    continue
+                path = store.blob_path(blob.digest)
+                if not path.is_file():
+                    raise StoreError(f"The local store lacks {blob.digest}, a blob of {ref}.",
+                                     hint="Rebuild or pull the model again.")
+                sources = [known[blob.digest]] if blob.digest in known and known[blob.digest] != repo else []
+                status = registry.push_blob(repo, blob, path, mount_from=sources, on_bytes=on_bytes)
+                done.add((repo, blob.digest))
+                report.total_bytes += blob.size
+                if status == "uploaded":
+                    report.uploaded += 1
+                    report.uploaded_bytes += blob.size
+                elif status == "mounted":
+                    report.mounted += 1
+                else:
+                    report.existing += 1
+                label = _label(blob)
+                on_event("push", f"{status:8} {blob.digest[:19]} {_human(blob.size):>9}  {label}")
+            _remember(store, host, repo, [b.digest for b in manifest_blobs(manifest)])
+        for ref, repo, tag, desc, _manifest in items:
+            data = store.read_bytes(desc.digest)
+            digest = registry.put_manifest(repo, tag, data, desc.media_type)
+            remote = f"{host}/{repo}:{tag}"
+            report.pushed.append((remote, digest))
+            on_event("push", f"tagged   {remote}@{digest}")
+    finally:
+        registry.close()
+    return report
+
+
+def _label(blob: oci.Descriptor) -> str:
+    if blob.annotations.get(oci.ANN_TITLE):
+        return blob.annotations[oci.ANN_TITLE]
+    if blob.media_type in (oci.MODEL_CONFIG, oci.IMAGE_CONFIG):
+        return "config"
+    return "runtime layer" if blob.media_type.startswith("application/vnd.oci.image.layer") else blob.media_type
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+# ---- fetching into the store ---------------------------------------------------------------
+
+def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, layers: bool = True,
+          on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
+          ) -> tuple[str, oci.Descriptor, dict[str, Any]]:
+    """Make ``ref``'s manifest (and, with ``layers``, its blobs) present and verified in ``store``."""
+    if ref.registry is None:
+        if ref.digest:
+            for name, d in store.refs().items():
+                if d.digest == ref.digest:
+                    return (name, *local_manifest(store, name))
+            raise StoreError(f"No manifest {ref.digest} in the local store {store.root}.")
+        return (f"{ref.repository}:{ref.tag}", *local_manifest(store, f"{ref.repository}:{ref.tag}"))
+    registry = Registry(ref.registry, insecure=insecure)
+    try:
+        got = registry.get_manifest(ref.repository, ref.reference)
+        if got is None:
+            raise RegistryError(f"{ref} does not exist (the registry has no such tag or digest).",
+                                hint=f"Check the name and tag; `build inspect {ref.name}:TAG` shows one.")
+        data, media, digest = got
+        if media != oci.MANIFEST:
+            raise ContentError(f"{ref} is a {media}, not an OCI image manifest: it is not a model built by olive-builder.")
+        manifest = json.loads(data)
+        blobs = manifest_blobs(manifest) if layers else manifest_blobs(manifest)[:1]
+        for blob in blobs:
+            if store.has(blob.digest):
+                continue
+            label = _label(blob)
+            on_event("pull", f"fetching {blob.digest[:19]} {_human(blob.size):>9}  {label}")
+            registry.fetch_blob(ref.repository, blob, store, on_bytes=on_bytes)
+    finally:
+        registry.close()
+    desc = store.put_bytes(data, oci.MANIFEST, artifact_type=manifest.get("artifactType"))
+    name = str(ref)
+    if layers:  # only complete content gets a name in the store
+        store.tag(name, desc)
+    return name, desc, manifest
+
+
+def model_layers(manifest: dict[str, Any], shown: str) -> list[oci.Descriptor]:
+    out = [oci.Descriptor.from_json(d) for d in manifest.get("layers", [])
+           if d.get("mediaType") in oci.MODEL_LAYER_TYPES or oci.ANN_FILEPATH in (d.get("annotations") or {})]
+    if not out:
+        raise ContentError(f"{shown} has no model layers: it is not a model artifact or runnable image made by olive-builder.")
+    return out
+
+
+class _HashingReader:
+    def __init__(self, f: Any):
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+
+def _unpack(store: oci.Store, layer: oci.Descriptor, dest: Path, shown: str) -> None:
+    prefix = MODEL_ROOT + "/"
+    with store.open_blob(layer.digest) as raw:
+        reader = _HashingReader(raw)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    name = member.name.rstrip("/")
+                    if name == MODEL_ROOT and member.isdir():
+                        continue
+                    parts = PurePosixPath(member.name).parts
+                    if not member.name.startswith(prefix) or ".." in parts or member.name.startswith("/"):
+                        raise ContentError(f"{shown}: layer {layer.digest} holds {member.name!r}, outside {prefix}; refused.")
+                    target = dest.joinpath(*parts[1:])
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    elif member.isfile():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        src = tar.extractfile(member)
+                        assert src is not None
+                        with target.open("wb") as out:
+                            shutil.copyfileobj(src, out, oci.CHUNK)
+                    else:
+                        raise ContentError(f"{shown}: layer {layer.digest} holds {member.name!r}, which is not a "
+                                           "plain file or folder; refused.")
+                while reader.read(oci.CHUNK):
+                    pass
+        except tarfile.TarError as e:
+            raise ContentError(f"{shown}: layer {layer.digest} is not a valid tar ({e}): damaged or tampered with.") from None
+    if "sha256:" + reader.hash.hexdigest() != layer.digest or reader.size != layer.size:
+        raise ContentError(f"{shown}: the stored layer {layer.digest} does not match its digest or size; "
+                           "it was damaged or tampered with.", hint="Pull it again from the registry.")
+
+
+def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force: bool, shown: str) -> Path:
+    """Unpack the model layers of ``manifest`` into ``dest``, all or nothing."""
+    from .check import check_files
+
+    dest = dest.absolute()
+    if dest.exists() and not force:
+        raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
+    if dest.exists() and not dest.is_dir():
+        raise PlanError(f"{dest} exists and is not a folder.")
+    layers = model_layers(manifest, shown)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        model = work / "model"
+        model.mkdir()
+        for layer in layers:
+            _unpack(store, layer, model, shown)
+        check_files(model)
+        if dest.exists():
+            os.replace(dest, work / "previous")
+        os.replace(model, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, insecure: bool | None = None,
+         on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None
+         ) -> tuple[str, oci.Descriptor, Path]:
+    ref = parse_reference(ref_text)
+    dest = dest.absolute()
+    if dest.exists() and not force:  # before any download
+        raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
+    name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes)
+    materialize(store, manifest, dest, force=force, shown=str(ref))
+    return name, desc, dest
+
+
+# ---- inspect ------------------------------------------------------------------------------
+
+def describe(ref_text: str, store: oci.Store, *, insecure: bool | None = None) -> dict[str, Any]:
+    ref = parse_reference(ref_text)
+    name, desc, manifest = fetch(ref, store, insecure=insecure, layers=False)
+    config_desc = oci.Descriptor.from_json(manifest["config"])
+    config: Any = None
+    if config_desc.media_type == oci.MODEL_CONFIG:
+        config = store.read_json(config_desc.digest)
+    out: dict[str, Any] = {
+        "reference": str(ref) if ref.registry else name,
+        "digest": desc.digest,
+        "mediaType": manifest.get("mediaType"),
+        "artifactType": manifest.get("artifactType"),
+        "kind": "model artifact" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else
+                ("runnable image" if config_desc.media_type == oci.IMAGE_CONFIG else "other"),
+        "annotations": manifest.get("annotations") or {},
+        "layers": [{"mediaType": d["mediaType"], "digest": d["digest"], "size": d["size"],
+                    "path": (d.get("annotations") or {}).get(oci.ANN_FILEPATH),
+                    "title": (d.get("annotations") or {}).get(oci.ANN_TITLE)} for d in manifest["layers"]],
+        "size": sum(d["size"] for d in manifest["layers"]) + config_desc.size,
+        "config": config,
+    }
+    if ref.registry is None and not name.endswith(SERVE_SUFFIX) and store.resolve(name + SERVE_SUFFIX):
+        out["runnableImage"] = name + SERVE_SUFFIX
+    return out
