@@ -53,7 +53,8 @@ class LayerGroup:
 
     @property
     def title(self) -> str:
-        return self.files[0] if self.kind == "weight" else f"{self.kind}-files"
+        # What ORAS names the downloaded blob: it is a tar that unpacks to model/...
+        return f"{self.files[0]}.tar" if self.kind == "weight" else f"{self.kind}-files.tar"
 
 
 @dataclass(frozen=True)

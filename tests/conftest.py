@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import time
 import textwrap
 from pathlib import Path
 
@@ -39,6 +41,12 @@ def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Build logs and HF caches of tests go to temporary folders, never the user's."""
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    # The local OCI store and registry credentials of tests are their own, never the user's.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
+    for name in ("OLIVE_BUILDER_STORE", "OLIVE_BUILDER_REGISTRY", "OLIVE_BUILDER_REGISTRY_USERNAME",
+                 "OLIVE_BUILDER_REGISTRY_PASSWORD", "OLIVE_BUILDER_INSECURE_REGISTRIES", "SOURCE_DATE_EPOCH"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
 
@@ -137,3 +145,96 @@ def clean_copy(tmp_path: Path):  # type: ignore[no-untyped-def]
         return dst
 
     return copy
+
+
+class RegistryProcess:
+    """A real OCI registry (the Debian docker-registry package, distribution 2.8) on loopback."""
+
+    def __init__(self, root: Path, htpasswd: Path | None = None):
+        import socket
+
+        self.root = root
+        self.storage = root / "storage"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.host = f"127.0.0.1:{self.port}"
+        auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n" if htpasswd else ""
+        self.config = root / "config.yml"
+        self.config.write_text(
+            "version: 0.1\nlog:\n  level: warn\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n" + auth
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RegistryProcess:
+        import urllib.error
+        import urllib.request
+
+        log = (self.root / "registry.log").open("ab")
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(self.config)], stdout=log, stderr=log)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
+                return self
+            except urllib.error.HTTPError:
+                return self  # 401 from an auth registry: it is up
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"docker-registry did not start; see {self.root / 'registry.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def blob_data(self, digest: str) -> Path:
+        hexpart = digest.split(":", 1)[1]
+        return self.storage / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexpart[:2] / hexpart / "data"
+
+
+def _need_registry() -> None:
+    need(shutil.which("docker-registry") is not None, "docker-registry is not installed (apt-get install docker-registry)")
+
+
+@pytest.fixture
+def registry(tmp_path: Path):  # type: ignore[no-untyped-def]
+    _need_registry()
+    folder = tmp_path / "registry"
+    folder.mkdir()
+    reg = RegistryProcess(folder).start()
+    yield reg
+    reg.stop()
+
+
+REGISTRY_USER, REGISTRY_PASSWORD = "ci-user", "s3cret-Pa55word"
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A registry that wants HTTP Basic auth (htpasswd, bcrypt) as REGISTRY_USER / REGISTRY_PASSWORD."""
+    _need_registry()
+    import bcrypt
+
+    folder = tmp_path / "auth-registry"
+    folder.mkdir()
+    htpasswd = folder / "htpasswd"
+    hashed = bcrypt.hashpw(REGISTRY_PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()
+    htpasswd.write_text(f"{REGISTRY_USER}:{hashed}\n")
+    reg = RegistryProcess(folder, htpasswd).start()
+    yield reg
+    reg.stop()
