@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def build(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as info:
-        main(["recipe", *argv])
+        main(["recipe", *argv, "--no-image"])  # packaging has its own tests (test_distribute_integration)
     out, err = capsys.readouterr()
     return int(info.value.code or 0), out, err
 

@@ -40,7 +40,7 @@ def served_model(tmp_path_factory: pytest.TempPathFactory, local_engine_ready: N
     out = root / "out"
     env = {"XDG_STATE_HOME": str(root / "state")}
     with _env(env), pytest.raises(SystemExit) as info:
-        main(["recipe", str(recipe), "--engine", "local", "-q", "-o", str(out)])
+        main(["recipe", str(recipe), "--engine", "local", "-q", "--no-image", "-o", str(out)])
     assert info.value.code == 0
     return out
 

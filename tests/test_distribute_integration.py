@@ -1,0 +1,338 @@
+"""Packaging and distribution with real parts: models built by real Olive, a real registry
+process (docker-registry, with and without htpasswd auth), and third-party clients reading
+what we push: `docker pull` + `docker run`, skopeo, and oras-py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from builder import oci
+from builder.cli import main
+from builder.registry import Registry
+from conftest import REGISTRY_PASSWORD, REGISTRY_USER, need, no_partials, tiny_recipe
+
+pytestmark = pytest.mark.integration
+MODEL_ID = "tiny-qwen2:0.1.0-cpu-int4"
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def refs_in(out: str, label: str) -> list[str]:
+    return [line.split()[-1] for line in out.splitlines() if line.strip().startswith(label)]
+
+
+def upload_summary(out: str) -> tuple[int, int, int, int]:
+    """(blobs uploaded, bytes uploaded, already there, mounted) from `build push` output."""
+    line = next(line for line in out.splitlines() if line.strip().startswith("uploaded "))
+    words = line.replace(",", " ").replace(";", " ").split()
+    return int(words[1]), int(words[3]), int(words[5]), int(words[8])
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, local_engine_ready: None) -> dict[str, Path]:
+    """Two targets of one tiny model (int4 and fp32), built by `build recipe --engine local`."""
+    root = tmp_path_factory.mktemp("built")
+    out = {}
+    for precision in ("int4", "fp32"):
+        recipe = tiny_recipe(root, tiny_model, precision)
+        with pytest.raises(SystemExit) as info:
+            main(["recipe", str(recipe), "--engine", "local", "-q", "--no-image", "--no-push",
+                  "-o", str(root / "out" / precision)])
+        assert info.value.code == 0
+        out[precision] = root / "out" / precision
+    return out
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, built: dict[str, Path]):  # type: ignore[no-untyped-def]
+    def copy(precision: str = "int4") -> Path:
+        dst = tmp_path / f"model-{precision}"
+        shutil.copytree(built[precision], dst)
+        return dst
+
+    return copy
+
+
+def wait_healthy(port: int, container, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        container.reload()
+        assert container.status == "running", container.logs().decode()[-2000:]
+        assert time.monotonic() < deadline, container.logs().decode()[-2000:]
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------- the whole path
+
+@pytest.mark.docker
+def test_build_recipe_packages_pushes_and_the_image_runs(capsys, tmp_path, tiny_model, local_engine_ready,  # type: ignore[no-untyped-def]
+                                                         runtime_image, docker_client, registry):
+    need(shutil.which("docker") is not None, "the docker CLI is not installed")
+    import openai
+
+    recipe = tiny_recipe(tmp_path, tiny_model)
+    code, out, err = cli(capsys, "recipe", str(recipe), "--engine", "local", "-q", "-o", str(tmp_path / "out"),
+                         "--push", f"{registry.host}/models")
+    assert code == 0, err
+    artifact = next(line.split() for line in out.splitlines() if line.strip().startswith("model artifact"))
+    image = next(line.split() for line in out.splitlines() if line.strip().startswith("runnable image"))
+    assert artifact[2] == MODEL_ID and image[2] == MODEL_ID + "-serve"
+    pushed = refs_in(out, "pushed")
+    assert pushed == [f"{registry.host}/models/{MODEL_ID}@{artifact[3]}",
+                      f"{registry.host}/models/{MODEL_ID}-serve@{image[3]}"]
+
+    # docker pull + docker run of the runnable image; the openai client talks to it
+    remote_image = f"{registry.host}/models/{MODEL_ID}-serve"
+    subprocess.run(["docker", "pull", "-q", remote_image], check=True, capture_output=True, timeout=300)
+    port = _free_port()
+    container = docker_client.containers.run(remote_image, detach=True, ports={"8000/tcp": ("127.0.0.1", port)})
+    try:
+        wait_healthy(port, container)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [MODEL_ID]
+        r = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 5
+        labels = docker_client.images.get(remote_image).labels
+        assert labels["org.olive-builder.target"] == "tiny-qwen2/cpu-int4"
+        assert labels["org.olive-builder.tools.onnxruntime-genai"] == "0.14.1"
+    finally:
+        container.remove(force=True)
+        docker_client.images.remove(remote_image, force=True)
+
+    # build pull: a verified, ready-to-use folder with the very bytes that were built
+    code, out, err = cli(capsys, "pull", f"{registry.host}/models/{MODEL_ID}", str(tmp_path / "pulled"))
+    assert code == 0, err
+    built_files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == built_files
+    for name in built_files:
+        assert (tmp_path / "pulled" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+    from builder.check import check_generates
+
+    assert len(check_generates(tmp_path / "pulled", new_tokens=4).generated_ids) == 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.docker
+def test_skopeo_and_oras_read_what_we_push(capsys, tmp_path, model_copy, runtime_image, registry):  # type: ignore[no-untyped-def]
+    need(shutil.which("skopeo") is not None, "skopeo is not installed (apt-get install skopeo)")
+    import oras.client
+
+    model = model_copy()
+    code, out, err = cli(capsys, "package", str(model), "--push", f"{registry.host}/ns")
+    assert code == 0, err
+    (artifact_ref, artifact_digest), (image_ref, image_digest) = [p.split("@") for p in refs_in(out, "pushed")]
+    tls = ["--tls-verify=false"]
+
+    raw = subprocess.run(["skopeo", "inspect", *tls, "--raw", f"docker://{artifact_ref}"],
+                         check=True, capture_output=True, timeout=60).stdout
+    assert oci.digest_bytes(raw) == artifact_digest
+    assert json.loads(raw)["artifactType"] == oci.MODEL_ARTIFACT
+    seen = json.loads(subprocess.run(["skopeo", "inspect", *tls, f"docker://{image_ref}"], check=True,
+                                     capture_output=True, timeout=60).stdout)
+    assert seen["Digest"] == image_digest and seen["Labels"]["org.olive-builder.precision"] == "int4"
+    for ref, digest in ((artifact_ref, artifact_digest), (image_ref, image_digest)):
+        dest = tmp_path / "skopeo-copy"
+        subprocess.run(["skopeo", "copy", "-q", "--preserve-digests", "--src-tls-verify=false", f"docker://{ref}",
+                        f"oci:{dest}:{digest[7:19]}"], check=True, capture_output=True, timeout=300)
+        index = json.loads((dest / "index.json").read_text())
+        assert digest in [m["digest"] for m in index["manifests"]]
+
+    # oras-py pulls the artifact: every layer arrives under its title and is the tar we wrote
+    outdir = tmp_path / "oras"
+    files = oras.client.OrasClient(hostname=registry.host, insecure=True).pull(target=artifact_ref, outdir=str(outdir))
+    assert sorted(Path(f).name for f in files) == ["model.onnx.data.tar", "model.onnx.tar", "shared-files.tar",
+                                                   "target-files.tar"]
+    unpacked = tmp_path / "oras-unpacked"
+    for f in files:
+        with tarfile.open(f) as tar:
+            tar.extractall(unpacked, filter="data")
+    for p in model.iterdir():
+        assert (unpacked / "model" / p.name).read_bytes() == p.read_bytes()
+
+
+@pytest.mark.docker
+def test_repush_uploads_nothing_second_target_shares_blobs_other_repo_mounts(capsys, model_copy, runtime_image,  # type: ignore[no-untyped-def]
+                                                                             registry):
+    int4, fp32 = model_copy("int4"), model_copy("fp32")
+    code, out, err = cli(capsys, "package", str(int4), "--push", f"{registry.host}/m")
+    assert code == 0, err
+    uploaded, nbytes, existing, mounted = upload_summary(out)
+    assert uploaded == 10 and existing == 0 and nbytes > 30_000_000  # 4 model + 4 runtime layers, 2 configs
+
+    code, out, err = cli(capsys, "push", MODEL_ID, "--to", f"{registry.host}/m")
+    assert code == 0, err
+    assert upload_summary(out) == (0, 0, 10, 0)  # an unchanged build: not one byte again
+
+    code, out, err = cli(capsys, "package", str(fp32), "--push", f"{registry.host}/m")
+    assert code == 0, err
+    shared = [line for line in err.splitlines() if "shared-files.tar" in line]
+    assert shared and shared[0].split()[0] == "exists"  # the tokenizer/config layer of the int4 build
+    runtime = [line.split()[0] for line in err.splitlines() if line.strip().endswith("runtime layer")]
+    assert runtime == ["exists"] * 4
+    uploaded, nbytes, existing, _ = upload_summary(out)
+    assert nbytes < 2_000_000 and existing == 5  # fp32 weights, its own config files and manifests' configs only
+
+    code, out, err = cli(capsys, "push", MODEL_ID, "--to", f"{registry.host}/elsewhere")
+    assert code == 0, err
+    assert upload_summary(out) == (0, 0, 0, 10)  # every blob mounted from the repository it was pushed to
+
+
+# ------------------------------------------------------------------------------- auth
+
+def test_auth_registry_needs_and_takes_credentials_without_showing_them(capsys, tmp_path, model_copy,  # type: ignore[no-untyped-def]
+                                                                        auth_registry, monkeypatch):
+    model = model_copy()
+    dest = f"{auth_registry.host}/private"
+    code, out, err = cli(capsys, "package", str(model), "--no-image", "--push", dest)
+    assert code == 5 and f"{auth_registry.host} requires a login and no credentials" in err
+    assert "Traceback" not in err
+
+    monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_USERNAME", REGISTRY_USER)
+    monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_PASSWORD", "wrong-password-123")
+    code, out, err = cli(capsys, "push", MODEL_ID, "--to", dest)
+    assert code == 5 and f"refused the credentials for user '{REGISTRY_USER}'" in err
+    assert "wrong-password-123" not in out + err
+
+    # what `docker login` leaves behind
+    monkeypatch.delenv("OLIVE_BUILDER_REGISTRY_USERNAME")
+    monkeypatch.delenv("OLIVE_BUILDER_REGISTRY_PASSWORD")
+    config = Path(os.environ["DOCKER_CONFIG"])
+    config.mkdir(parents=True, exist_ok=True)
+    auth = base64.b64encode(f"{REGISTRY_USER}:{REGISTRY_PASSWORD}".encode()).decode()
+    (config / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": auth}}}))
+    code, out, err = cli(capsys, "push", MODEL_ID, "--to", dest)
+    assert code == 0, err
+    assert REGISTRY_PASSWORD not in out + err
+    code, out, err = cli(capsys, "pull", f"{dest}/tiny-qwen2:0.1.0-cpu-int4", str(tmp_path / "pulled"),
+                         "--store", str(tmp_path / "other-store"))
+    assert code == 0, err
+    code, out, err = cli(capsys, "inspect", "--json", f"{dest}/tiny-qwen2:0.1.0-cpu-int4")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["kind"] == "model artifact" and info["annotations"]["org.olive-builder.precision"] == "int4"
+
+
+# ------------------------------------------------------------------------------- damage and interruption
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_tampered_or_truncated_blob_in_the_registry_is_refused_on_pull(capsys, tmp_path, model_copy, registry,  # type: ignore[no-untyped-def]
+                                                                       damage):
+    model = model_copy()
+    code, out, err = cli(capsys, "package", str(model), "--no-image", "--push", f"{registry.host}/t")
+    assert code == 0, err
+    manifest = json.loads(oci.open_store().read_bytes(oci.open_store().resolve(MODEL_ID).digest))
+    weights = next(layer for layer in manifest["layers"] if layer["annotations"][oci.ANN_TITLE] == "model.onnx.data.tar")
+    data_file = registry.blob_data(weights["digest"])
+    blob = bytearray(data_file.read_bytes())
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0x01
+    else:
+        del blob[-2048:]
+    data_file.write_bytes(bytes(blob))
+
+    fresh = tmp_path / "fresh-store"  # a machine that never had the model
+    code, out, err = cli(capsys, "pull", f"{registry.host}/t/{MODEL_ID}", str(tmp_path / "pulled"), "--store", str(fresh))
+    assert code == 5, err
+    assert ("does not match its digest" if damage == "flip" else "is truncated") in err
+    assert "Nothing was kept" in err and "Traceback" not in err
+    assert not (tmp_path / "pulled").exists() and not no_partials(tmp_path)
+    assert not oci.Store(fresh).has(weights["digest"])  # no poisoned cache
+    assert oci.Store(fresh).resolve(f"{registry.host}/t/{MODEL_ID}") is None
+
+
+def test_interrupted_push_leaves_no_tag_and_the_next_push_completes(capsys, tmp_path, model_copy, registry):  # type: ignore[no-untyped-def]
+    model = model_copy()
+    with (model / "extra.bin").open("wb") as f:  # a big weight file, so the kill lands mid-upload
+        for _ in range(300):
+            f.write(os.urandom(1 << 20))
+    code, out, err = cli(capsys, "package", str(model), "--no-image")
+    assert code == 0, err
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "push", MODEL_ID, "--to", f"{registry.host}/big"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    uploads = registry.storage / "docker" / "registry" / "v2" / "repositories" / "big" / "tiny-qwen2" / "_uploads"
+    deadline = time.monotonic() + 60
+    while not any(p.name == "data" and p.stat().st_size > (8 << 20) for p in uploads.rglob("data")):
+        assert proc.poll() is None, "the push ended before the registry could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    registry.kill()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 5, err
+    assert f"Is the registry at http://{registry.host} up and reachable?" in err and "Traceback" not in err
+
+    registry.start()
+    client = Registry(registry.host)
+    assert client.get_manifest("big/tiny-qwen2", "0.1.0-cpu-int4") is None  # no tag points at incomplete content
+    code, out, err = cli(capsys, "push", MODEL_ID, "--to", f"{registry.host}/big")
+    assert code == 0, err
+    code, out, err = cli(capsys, "pull", f"{registry.host}/big/{MODEL_ID}", str(tmp_path / "pulled"),
+                         "--store", str(tmp_path / "fresh"))
+    assert code == 0, err
+    assert (tmp_path / "pulled" / "extra.bin").read_bytes() == (model / "extra.bin").read_bytes()
+
+
+# ------------------------------------------------------------------------------- errors and inspect
+
+def test_pull_and_push_mistakes_get_clear_errors(capsys, tmp_path, model_copy, registry):  # type: ignore[no-untyped-def]
+    code, out, err = cli(capsys, "pull", f"{registry.host}/nothing/here:1.0", str(tmp_path / "x"))
+    assert code == 5 and "does not exist" in err and not (tmp_path / "x").exists()
+    code, out, err = cli(capsys, "pull", "Not A Ref", str(tmp_path / "x"))
+    assert code == 5 and "is not a valid reference" in err
+    code, out, err = cli(capsys, "push", "tiny-qwen2:nope", "--to", f"{registry.host}/x")
+    assert code == 5 and "is not in the local store" in err and "The local store is empty" in err
+    code, out, err = cli(capsys, "push", "tiny-qwen2:nope", "--to", "no-registry-here")
+    assert code == 5 and "does not start with a registry host" in err
+    (tmp_path / "exists").mkdir()
+    model = model_copy()
+    assert cli(capsys, "package", str(model), "--no-image", "--push", f"{registry.host}/e")[0] == 0
+    code, out, err = cli(capsys, "pull", f"{registry.host}/e/{MODEL_ID}", str(tmp_path / "exists"))
+    assert code == 2 and "already exists" in err and "--force" in err
+    code, out, err = cli(capsys, "pull", MODEL_ID, str(tmp_path / "exists"), "--force")  # from the local store
+    assert code == 0, err
+    assert (tmp_path / "exists" / "genai_config.json").is_file()
+    # a registry that is not there: a clear message after a few retries, not a traceback
+    code, out, err = cli(capsys, "pull", f"127.0.0.1:{_free_port()}/x/y:1", str(tmp_path / "y"))
+    assert code == 5 and "up and reachable" in err and "Traceback" not in err
+
+
+def test_inspect_shows_annotations_as_a_table_and_json(capsys, model_copy, registry):  # type: ignore[no-untyped-def]
+    model = model_copy()
+    assert cli(capsys, "package", str(model), "--no-image", "--push", f"{registry.host}/i")[0] == 0
+    code, out, err = cli(capsys, "inspect", MODEL_ID)
+    assert code == 0, err
+    assert "(model artifact)" in out and "org.olive-builder.tools.olive-ai" in out and "model/model.onnx.data" in out
+    local = json.loads(cli(capsys, "inspect", MODEL_ID, "--json")[1])
+    remote = json.loads(cli(capsys, "inspect", f"{registry.host}/i/{MODEL_ID}", "--json")[1])
+    assert local["digest"] == remote["digest"] and local["annotations"] == remote["annotations"]
+    assert remote["config"]["descriptor"]["name"] == "tiny-qwen2"
+    assert remote["annotations"]["org.olive-builder.recipe.digest"].startswith("sha256:")
