@@ -333,18 +333,28 @@ def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_t
 
 
 @cli.command("serve")
-@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("model")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--model-id", default=None, help="The id clients name in `model` [default: the build's tag].")
 @click.option("--max-concurrency", default=4, show_default=True, type=click.IntRange(1), help="Generations at once.")
 @click.option("--queue-size", default=16, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; more get 429.")
-def serve_cmd(model_dir: Path, host: str, port: int, model_id: str | None, max_concurrency: int, queue_size: int) -> None:
-    """Serve MODEL_DIR with an OpenAI-compatible API (as the runtime image does), on this host."""
+@store_option
+@insecure_option
+def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concurrency: int, queue_size: int,
+              store: Path | None, insecure: bool) -> None:
+    """Serve MODEL with an OpenAI-compatible API (as the runtime image does), on this host.
+
+    MODEL is a model folder, or a reference: <name>:<tag> in the local store or
+    REGISTRY/REPO:TAG, pulled (verified) into ~/.cache/olive-builder/models first.
+    """
     from .check import check_files
     from .errors import BuilderError
 
+    model_dir = Path(model)
+    if not model_dir.exists() and (":" in model or "@" in model):
+        model_dir = _pulled(model, store, insecure)
     check_files(model_dir)
     try:
         from . import server
@@ -355,6 +365,25 @@ def serve_cmd(model_dir: Path, host: str, port: int, model_id: str | None, max_c
                       queue_size=queue_size)
     if code:
         raise BuilderError(f"The server stopped: the model in {model_dir} could not be loaded (see above).")
+
+
+def _pulled(ref_text: str, store: Path | None, insecure: bool) -> Path:
+    """The model folder for a reference: unpacked once per manifest digest under the cache."""
+    import os
+
+    from . import distribute, oci
+    from .registry import parse_reference
+
+    st = oci.open_store(store)
+    ref = parse_reference(ref_text)
+    _, desc, manifest = distribute.fetch(ref, st, insecure=insecure or None,
+                                         on_event=lambda stage, msg: click.echo(f"    {msg}", err=True))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olive-builder" / "models"
+    folder = cache / desc.digest.split(":", 1)[1]
+    if not folder.is_dir():
+        distribute.materialize(st, manifest, folder, force=False, shown=ref_text)
+    _stage("serve", f"{ref_text}@{desc.digest} from {folder}")
+    return folder
 
 
 @cli.command("package")

@@ -336,3 +336,34 @@ def test_inspect_shows_annotations_as_a_table_and_json(capsys, model_copy, regis
     assert local["digest"] == remote["digest"] and local["annotations"] == remote["annotations"]
     assert remote["config"]["descriptor"]["name"] == "tiny-qwen2"
     assert remote["annotations"]["org.olive-builder.recipe.digest"].startswith("sha256:")
+
+
+def test_serve_a_reference_pulls_verifies_and_serves(capsys, tmp_path, model_copy, registry):  # type: ignore[no-untyped-def]
+    import signal
+
+    model = model_copy()
+    assert cli(capsys, "package", str(model), "--no-image", "--push", f"{registry.host}/s")[0] == 0
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           "XDG_DATA_HOME": str(tmp_path / "empty-data"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "builder", "serve", f"{registry.host}/s/{MODEL_ID}", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read())
+        assert [m["id"] for m in models["data"]] == [MODEL_ID]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    served = list((tmp_path / "cache" / "olive-builder" / "models").iterdir())
+    assert len(served) == 1 and (served[0] / "genai_config.json").is_file()
