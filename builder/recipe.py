@@ -310,6 +310,9 @@ def _describe(err: Any, loaded: _yaml.LoadedYaml, shown: str) -> str:
         return f"{shown}:{line}: {_dotted(loc)}: {err['input']!r} is not one of {expected}"
     if kind == "string_pattern_mismatch":
         return f"{shown}:{line}: {_dotted(loc)}: {err['input']!r} is not allowed here ({_PATTERN_HELP.get(loc[-1], err['msg'])})"
+    if kind == "string_type" and isinstance(err["input"], (int, float)) and not isinstance(err["input"], bool):
+        return (f"{shown}:{line}: {_dotted(loc)}: YAML read this as the number {err['input']!r}; quote it so it stays "
+                f"as written, e.g. {loc[-1]}: \"{err['input']}\"")
     return f"{shown}:{line}: {_dotted(loc)}: {err['msg']} (got {err['input']!r})"
 
 

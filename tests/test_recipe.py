@@ -36,6 +36,8 @@ CASES: dict[str, list[str]] = {
     "revision-with-path.yaml": [":5: model.revision: `revision` applies to `hub` models only"],
     "remote-code-not-bool.yaml": [":5: model.trust_remote_code:", "'yes'"],
     "bad-hub-id.yaml": [":4: model.hub: 'just-a-name' is not allowed here (a Hugging Face repo id"],
+    "version-is-a-number.yaml": [':2: version: YAML read this as the number 1.0; quote it so it stays as written, e.g. version: "1.0"'],
+    "bad-registry.yaml": [":3: registry: 'https://ghcr.io/acme' is not allowed here (a registry host with an optional namespace"],
     "many-problems.yaml": [
         "has 3 problems",
         ":5: model.revison: unknown key. Perhaps you meant `revision`?",
