@@ -139,7 +139,7 @@ def bench_determinism(model: Path, scratch: Path, rebuild: bool) -> None:
     tiny = make_tiny_model(scratch / "tiny-hf")
     recipe = scratch / "recipes" / "tiny" / "cpu-int4.yaml"
     recipe.parent.mkdir(parents=True)
-    recipe.write_text(f"name: tiny\nversion: "1.0"\nmodel:\n  path: {tiny}\ntarget:\n  device: cpu\n  precision: int4\n")
+    recipe.write_text(f"name: tiny\nversion: \"1.0\"\nmodel:\n  path: {tiny}\ntarget:\n  device: cpu\n  precision: int4\n")
     digests = []
     for i in (1, 2):
         env = {**os.environ, "SOURCE_DATE_EPOCH": "1767225600", "OLIVE_BUILDER_STORE": str(scratch / f"rebuild-{i}"),
