@@ -107,6 +107,16 @@ class _Progress:
             click.echo("", err=True)
 
 
+def _key_of(st: Any, ref: str) -> str | None:
+    from . import cache, distribute
+
+    ref = ref.removesuffix("-serve")
+    try:
+        return (distribute.local_manifest(st, ref)[1].get("annotations") or {}).get(cache.KEY_ANNOTATION)
+    except Exception:  # noqa: BLE001 - no key, no cache tag
+        return None
+
+
 def _runtime_image(client: Any, device: str, *, base_image: str | None, wheels: str | None,
                    runtime_base_image: str | None, quiet: bool) -> str:
     from . import images
@@ -158,8 +168,8 @@ def _package_and_push(model_dir: Path, device: str, *, store: Path | None, desti
         _push([r for r in (result.artifact_ref, result.image_ref) if r], st, destination, insecure)
 
 
-def _push(refs: list[str], st: Any, destination: str, insecure: bool) -> None:
-    from . import distribute, oci
+def _push(refs: list[str], st: Any, destination: str, insecure: bool, key: str | None = None) -> None:
+    from . import cache, distribute, package
     from .registry import parse_destination
 
     host, namespace = parse_destination(destination)
@@ -167,7 +177,12 @@ def _push(refs: list[str], st: Any, destination: str, insecure: bool) -> None:
     _stage("push", f"{', '.join(refs)} to {host}/{namespace or ''}".rstrip("/"))
     progress = _Progress("uploading", total)
     try:
-        report = distribute.push(st, refs, host, namespace, insecure=insecure or None,
+        key = key or _key_of(st, refs[0])
+        extra = {}
+        if key:  # the cache tags: a later build with the same inputs finds these
+            extra = {r: [cache.key_tag(key) + (package.SERVE_SUFFIX if r.endswith(package.SERVE_SUFFIX) else "")]
+                     for r in refs}
+        report = distribute.push(st, refs, host, namespace, insecure=insecure or None, extra_tags=extra,
                                  on_event=lambda stage, msg: click.echo(f"    {msg}", err=True), on_bytes=progress)
     finally:
         progress.close()
@@ -191,7 +206,10 @@ def cli() -> None:
 
 
 @cli.command("recipe")
-@click.argument("recipe_file", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("recipe_file", required=False, type=click.Path(dir_okay=True, path_type=Path))
+@click.option("--only", "only", default=None, metavar="ID",
+              help="Build the recipe with this id (<model>/<target>, as `build list` and `build matrix` print) "
+                   "found under RECIPE_FILE (a folder; default recipes/).")
 @click.option("--engine", type=click.Choice(ENGINES), default="docker", show_default=True,
               help="docker: a builder container. local: Olive in this Python (pip install -e '.[local]').")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
@@ -200,10 +218,16 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the build step and Olive config as JSON; build nothing.")
 @click.option("--image", default=None, help="Use this builder image instead of the one built from the Dockerfile.")
 @click.option("-q", "--quiet", is_flag=True, help="Show stages only, not the build log (a failure still shows its tail).")
+@click.option("--no-cache", is_flag=True, help="Build even if the local store or the registry has this build's cache key.")
+@click.option("--lock", "lock_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The lock file [default: the first olive-builder.lock in the recipe's folder or above].")
+@click.option("--require-locked", is_flag=True, envvar="OLIVE_BUILDER_REQUIRE_LOCKED",
+              help="Refuse a Hub recipe whose revision is neither a commit nor in the lock file (for CI).")
 @with_image_options
 @with_package_options
-def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool, dry_run: bool,
-               image: str | None, quiet: bool, base_image: str | None, wheels: str | None,
+def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: Path | None, force: bool,
+               dry_run: bool, image: str | None, quiet: bool, no_cache: bool, lock_file: Path | None,
+               require_locked: bool, base_image: str | None, wheels: str | None,
                store: Path | None, push_to: str | None, no_push: bool, no_image: bool, insecure: bool,
                runtime_base_image: str | None) -> None:
     """Build RECIPE_FILE into a checked ONNX Runtime GenAI model folder, then package it.
@@ -211,21 +235,33 @@ def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool,
     The model is packaged into the local OCI store as a ModelPack artifact
     (<name>:<version>-<target>) and a runnable image (<name>:<version>-<target>-serve),
     and pushed with --push (or OLIVE_BUILDER_REGISTRY, or the recipe's `registry`).
+    A build whose cache key is already in the local store or the registry is not run again.
     """
-    from . import images, plan, recipe
+    import dataclasses
+
+    from . import cache, images, plan
     from .engine import DockerEngine, make_engine
     from .execute import default_output, execute
 
-    loaded = recipe.load(recipe_file)
+    loaded = _select_recipe(recipe_file, only)
     flavour = loaded.recipe.target.device
     image_spec = None
     if image is None:
         image_spec = images.image_spec(flavour, base_image=base_image, wheels_dir=wheels)
         image = image_spec.tag
     step = plan.plan(loaded, image)
+    lock = lock_file or cache.find_lock(loaded.path.parent)
+    entry = cache.lock_entry(loaded, lock)
+    if require_locked:
+        cache.require_locked(loaded, entry, lock)
     if dry_run:
         click.echo(json.dumps(step.to_json(), indent=2))
         return
+    destination = None if no_push else (push_to or loaded.recipe.registry)
+    if destination:
+        from .registry import parse_destination
+
+        parse_destination(destination)  # a bad destination fails before the build, not after
     eng = make_engine(engine)
     image_id = None
     if isinstance(eng, DockerEngine):
@@ -233,16 +269,36 @@ def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool,
         if image_spec is not None and not eng.has_image(image):
             _stage("image", f"builder image {image} is not built yet; building it (once)")
             images.build_image(eng.client, image_spec, (lambda line: None) if quiet else _log)
-        image_id = eng.image_id(image) if eng.has_image(image) else None
-    destination = None if no_push else (push_to or loaded.recipe.registry)
-    if destination:
-        from .registry import parse_destination
+        image_id, tools = cache.tools_of_image(eng.client, image)
+    else:
+        tools = cache.tools_here()
 
-        parse_destination(destination)  # a bad destination fails before the build, not after
+    # The cache key: everything that decides the output, known before Olive runs.
+    m = loaded.recipe.model
+    commit, files = None, None
+    if m.hub:
+        commit = entry["commit"] if entry else cache.resolve_hub(m.hub, m.revision or "main")
+        files = (entry or {}).get("files") or None
+        model_revision = commit
+    else:
+        model_revision = cache.local_revision(loaded.model_dir) if loaded.model_dir and loaded.model_dir.is_dir() else None
+    key = None
+    if model_revision:
+        key = cache.KeyInputs(cache.recipe_inputs(loaded), model_revision, image_id or "local", tools).key()
+    else:
+        click.secho(f"note: {m.hub}@{m.revision or 'main'} cannot be resolved to a commit here; building without the cache",
+                    fg="yellow", err=True)
+    step = dataclasses.replace(step, cache_key=key, model=dataclasses.replace(step.model, resolved=commit, files=files))
+    out_dir = output or default_output(step)
+    if key and not no_cache and _from_cache(step, key, out_dir, force=force, store=store, destination=destination,
+                                            no_image=no_image, insecure=insecure, quiet=quiet, base_image=base_image,
+                                            wheels=wheels, runtime_base_image=runtime_base_image,
+                                            client=eng.client if isinstance(eng, DockerEngine) else None):
+        return
     result = execute(
         step,
         eng,
-        output or default_output(step),
+        out_dir,
         force=force,
         on_stage=_stage,
         on_log=(lambda line: None) if quiet else _log,
@@ -256,6 +312,113 @@ def recipe_cmd(recipe_file: Path, engine: str, output: Path | None, force: bool,
                       insecure=insecure, quiet=quiet, recipe_path=loaded.path, base_image=base_image,
                       wheels=wheels, runtime_base_image=runtime_base_image,
                       client=eng.client if isinstance(eng, DockerEngine) else None)
+
+
+def _select_recipe(path: Path | None, only: str | None) -> Any:
+    import difflib
+
+    from . import recipe
+    from .errors import PlanError, RecipeError
+
+    if only is None:
+        if path is None:
+            raise click.UsageError("Name a recipe file, or a folder with --only ID.")
+        return recipe.load(path)
+    candidates = recipe.discover([path] if path else [])
+    matches = [p for p in candidates if recipe.recipe_id(p) == only]
+    if not matches:
+        ids = [recipe.recipe_id(p) for p in candidates]
+        close = difflib.get_close_matches(only, ids, n=3, cutoff=0.5)
+        raise PlanError(f"No recipe with id {only!r} under {path or 'recipes'}.",
+                        hint=("Perhaps you meant: " + ", ".join(close) + "." if close else "") +
+                             " `build list` prints every id.")
+    if len(matches) > 1:
+        raise RecipeError(f"The id {only!r} names {len(matches)} files: {', '.join(map(str, matches))}.")
+    return recipe.load(matches[0])
+
+
+def _from_cache(step: Any, key: str, out_dir: Path, *, force: bool, store: Path | None, destination: str | None,
+                no_image: bool, insecure: bool, quiet: bool, base_image: str | None, wheels: str | None,
+                runtime_base_image: str | None, client: Any) -> bool:
+    """Serve a build from the cache if its key is known: True when nothing is left to build."""
+    import time
+
+    from . import cache, distribute, oci, package
+    from .errors import PlanError
+    from .registry import Registry, parse_destination
+
+    started = time.monotonic()
+    st = oci.open_store(store)
+    tag = step.tags[0]
+    hit = cache.find_local(st, key)
+    if hit is not None:
+        ref, desc = hit
+        manifest = st.read_json(desc.digest)
+        _stage("cache", f"{key[:19]}... was built before ({ref}): Olive does not run")
+        st.tag(tag, desc)
+        image_ref = tag + package.SERVE_SUFFIX
+        image = st.resolve(ref + package.SERVE_SUFFIX)
+        if image is not None:
+            st.tag(image_ref, image)
+        elif not no_image and client is not None:  # compose it now from the stored layers
+            runtime_tag = _runtime_image(client, step.device, base_image=base_image, wheels=wheels,
+                                         runtime_base_image=runtime_base_image, quiet=quiet)
+            runtime = package.import_runtime(client, runtime_tag, st)
+            layers = [oci.Descriptor.from_json(d) for d in manifest["layers"]]
+            ann = manifest.get("annotations") or {}
+            created = package.created_time()
+            if ann.get("org.opencontainers.image.created"):
+                import datetime as dt
+
+                created = dt.datetime.strptime(ann["org.opencontainers.image.created"], "%Y-%m-%dT%H:%M:%SZ").replace(
+                    tzinfo=dt.timezone.utc)
+            image = package.compose_image(st, runtime, layers, ann, created)
+            st.tag(image_ref, image)
+        info_file = out_dir / package.INFO_FILE
+        current = False
+        if info_file.is_file():
+            try:
+                current = json.loads(info_file.read_text()).get("cache_key") == key
+            except ValueError:
+                current = False
+        if current and not force:
+            _stage("cache", f"{out_dir} is already this build")
+        else:
+            if out_dir.exists() and not force:
+                raise PlanError(f"The output folder {out_dir} already exists.",
+                                hint="Pass --force to replace it, or choose --output.")
+            distribute.materialize(st, manifest, out_dir, force=force, shown=tag)
+        click.echo(f"Cached {step.id} in {time.monotonic() - started:.1f}s -> {out_dir.absolute()}")
+        click.echo(f"  model artifact  {tag}  {desc.digest}")
+        if image is not None:
+            click.echo(f"  runnable image  {image_ref}  {image.digest}")
+        if destination:
+            _push([r for r in (tag, image_ref if image is not None else None) if r], st, destination, insecure,
+                  key=key)
+        return True
+    if not destination:
+        return False
+    host, namespace = parse_destination(destination)
+    name, _, version_tag = tag.rpartition(":")
+    repo = f"{namespace}/{name}" if namespace else name
+    registry = Registry(host, insecure=insecure or None)
+    try:
+        found = registry.get_manifest(repo, cache.key_tag(key))
+        if found is None:
+            return False
+        _stage("cache", f"{key[:19]}... was built before ({host}/{repo}:{cache.key_tag(key)[:18]}...): Olive does not run")
+        data, media, digest = found
+        registry.put_manifest(repo, version_tag, data, media)
+        click.echo(f"Cached {step.id} in {time.monotonic() - started:.1f}s (in {host}; nothing downloaded)")
+        click.echo(f"  pushed          {host}/{repo}:{version_tag}@{digest}")
+        served = registry.get_manifest(repo, cache.key_tag(key) + package.SERVE_SUFFIX)
+        if served is not None and not no_image:
+            registry.put_manifest(repo, version_tag + package.SERVE_SUFFIX, served[0], served[1])
+            click.echo(f"  pushed          {host}/{repo}:{version_tag}{package.SERVE_SUFFIX}@{served[2]}")
+        click.echo(f"  `build pull {host}/{repo}:{version_tag} DIR` fetches the model.")
+        return True
+    finally:
+        registry.close()
 
 
 @cli.command("list")

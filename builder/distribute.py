@@ -79,8 +79,9 @@ def _remember(store: oci.Store, host: str, repo: str, digests: list[str]) -> Non
 
 
 def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecure: bool | None = None,
+         extra_tags: dict[str, list[str]] | None = None,
          on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None) -> PushReport:
-    """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag``."""
+    """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag`` (and ``extra_tags`` of each)."""
     report = PushReport()
     items = []
     for ref in refs:
@@ -120,6 +121,8 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
             remote = f"{host}/{repo}:{tag}"
             report.pushed.append((remote, digest))
             on_event("push", f"tagged   {remote}@{digest}")
+            for extra in (extra_tags or {}).get(ref, []):
+                registry.put_manifest(repo, extra, data, desc.media_type)
     finally:
         registry.close()
     return report

@@ -236,7 +236,9 @@ class Store:
         for m in self._read_index()["manifests"]:
             ref = (m.get("annotations") or {}).get(ANN_REF_NAME)
             if ref:
-                out[ref] = Descriptor.from_json(m)
+                d = Descriptor.from_json(m)
+                out[ref] = Descriptor(d.media_type, d.digest, d.size,
+                                      {k: v for k, v in d.annotations.items() if k != ANN_REF_NAME}, d.artifact_type)
         return out
 
 

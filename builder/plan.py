@@ -14,7 +14,7 @@ from typing import Any
 from . import __version__
 from .check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
 from .errors import PlanError
-from .recipe import LoadedRecipe, digest_of, normalized
+from .recipe import LoadedRecipe
 
 MODEL_DIR = "${MODEL_DIR}"
 OUTPUT_DIR = "${OUTPUT_DIR}"
@@ -30,6 +30,8 @@ class ModelRef:
     revision: str | None
     path: str | None  # absolute host path of a local model folder
     trust_remote_code: bool
+    resolved: str | None = None  # the commit `revision` resolved to, before the build (see cache.py)
+    files: dict[str, str] | None = None  # name -> sha256:..., from a lock file: the download must match
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class BuildStep:
     expected_outputs: tuple[str, ...]
     tokenizer_files: tuple[str, ...]
     tags: tuple[str, ...]
-    cache_key: str
+    cache_key: str | None  # set by the driver before the build (see cache.py): it needs the resolved inputs
     builder_version: str = field(default=__version__)
     license: str | None = None
     description: str | None = None
@@ -116,13 +118,6 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
     )
     config = olive_config(loaded)
     target = loaded.target_name
-    cache_inputs = {
-        # What decides the output. The version and the description do not.
-        "recipe": {k: v for k, v in normalized(r).items() if k not in ("version", "description", "registry")},
-        "target": target,
-        "builder_image": builder_image,
-        "builder_version": __version__,
-    }
     return BuildStep(
         id=loaded.id,
         recipe=str(loaded.path),
@@ -139,7 +134,7 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         expected_outputs=REQUIRED_FILES,
         tokenizer_files=TOKENIZER_FILES,
         tags=(f"{r.name}:{r.version}-{target}",),
-        cache_key=digest_of(cache_inputs),
+        cache_key=None,
         license=r.model.license,
         description=r.description,
     )

@@ -75,7 +75,8 @@ def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str 
                 f"The model folder {model['path']} has no config.json; it is not a Hugging Face model folder.",
             )
         return str(folder), None
-    repo, revision = model["hub"], model.get("revision") or "main"
+    # The driver resolves a branch to a commit before the build (the cache key names it).
+    repo, revision = model["hub"], model.get("resolved") or model.get("revision") or "main"
     event("fetch", f"fetching {repo}@{revision} from the Hugging Face Hub")
     try:
         from huggingface_hub import snapshot_download
@@ -115,7 +116,27 @@ def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str 
         ) from None
     except Exception as e:  # network errors and the like
         raise WorkerFailure("model_not_found", f"Fetching {repo}@{revision} failed: {e}") from None
+    verify_locked_files(repo, Path(path), model.get("files") or {})
     return path, Path(path).name  # the snapshot folder is named by its commit
+
+
+def verify_locked_files(repo: str, folder: Path, expected: dict[str, str]) -> None:
+    """Files a lock file recorded (name -> sha256:...) must be there with the same content."""
+    import hashlib
+
+    for name, digest in sorted(expected.items()):
+        path = folder / name
+        if not path.is_file():
+            raise WorkerFailure("model_not_found", f"{repo}: {name}, recorded in the lock file, is not in the download.",
+                                "Run `build lock` again if the model changed on purpose.")
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(4 << 20):
+                h.update(chunk)
+        if "sha256:" + h.hexdigest() != digest:
+            raise WorkerFailure("model_not_found", f"{repo}: {name} does not match the lock file ({digest}).",
+                                "The Hub content changed under the same commit, or the cache is damaged; "
+                                "clear the model from the Hugging Face cache, or run `build lock` again.")
 
 
 def substitute(node: Any, values: dict[str, str]) -> Any:

@@ -78,18 +78,6 @@ def test_escape_hatch_passes_replace_the_generated_ones(tmp_path: Path) -> None:
     }
 
 
-def test_cache_key_follows_what_decides_the_output(tmp_path: Path) -> None:
-    base = step_for(tmp_path / "a")
-    assert step_for(tmp_path / "b").cache_key == base.cache_key
-    assert step_for(tmp_path / "c", precision="fp32").cache_key != base.cache_key
-    assert step_for(tmp_path / "d", extra="generation:\n  top_k: 3\n").cache_key != base.cache_key
-    other_image = plan.plan(load_text(tmp_path / "e", BASE.format(device="cpu", precision="int4")), "other:1")
-    assert other_image.cache_key != base.cache_key
-    # The version names the artifact; it does not change what is built.
-    bumped = BASE.format(device="cpu", precision="int4").replace("1.0.0", "2.0.0")
-    assert plan.plan(load_text(tmp_path / "f", bumped), IMAGE).cache_key == base.cache_key
-
-
 def test_plan_does_no_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loaded = load_text(tmp_path, BASE.format(device="cpu", precision="int4"))
 
