@@ -154,9 +154,17 @@ def resolve_hub(hub: str, revision: str) -> str | None:
 
 
 def hub_files(hub: str, commit: str) -> dict[str, str]:
-    """sha256 of each file of ``hub@commit`` in the local Hugging Face cache (empty if not cached)."""
+    """sha256 of each file of ``hub@commit`` that a build downloads, from the local Hugging Face
+    cache (empty if the snapshot is not cached)."""
+    import fnmatch
+
+    from .worker import HUB_IGNORE
+
     snapshot = _cache_folder(hub) / "snapshots" / commit
-    return folder_files(snapshot) if snapshot.is_dir() else {}
+    if not snapshot.is_dir():
+        return {}
+    return {name: digest for name, digest in folder_files(snapshot).items()
+            if not any(fnmatch.fnmatch(name, pattern) for pattern in HUB_IGNORE)}
 
 
 # ---- lock files -----------------------------------------------------------------------------

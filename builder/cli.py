@@ -460,6 +460,81 @@ def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
         click.echo("No recipes found.", err=True)
 
 
+@cli.command("matrix")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--changed-since", default=None, metavar="GIT_REF",
+              help="Only recipes/targets whose build inputs changed since GIT_REF (the recipe, its lock entry, "
+                   "its local model files, the builder Dockerfile, the runtime Dockerfile, olive-builder's version).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Only targets of this device.")
+@click.option("--runner-cpu", envvar="OLIVE_BUILDER_RUNNER_CPU", default="ubuntu-latest", show_default=True,
+              help="Runner label(s) for cpu targets, comma-separated. Env: OLIVE_BUILDER_RUNNER_CPU.")
+@click.option("--runner-cuda", envvar="OLIVE_BUILDER_RUNNER_CUDA", default="self-hosted,gpu", show_default=True,
+              help="Runner label(s) for cuda targets, comma-separated. Env: OLIVE_BUILDER_RUNNER_CUDA.")
+@click.option("--github-output", is_flag=True,
+              help="Also append matrix=... and count=... to the file $GITHUB_OUTPUT names (for a workflow step).")
+def matrix_cmd(paths: tuple[Path, ...], changed_since: str | None, device: str | None, runner_cpu: str,
+               runner_cuda: str, github_output: bool) -> None:
+    """Print the GitHub Actions matrix ({"include": [...]}) of the recipes under PATHS (default: recipes/)."""
+    import os
+
+    from . import matrix
+
+    runners = {"cpu": [r.strip() for r in runner_cpu.split(",") if r.strip()],
+               "cuda": [r.strip() for r in runner_cuda.split(",") if r.strip()]}
+    include = matrix.entries(list(paths), device=device, runners=runners, changed_since=changed_since)
+    text = json.dumps({"include": include}, separators=(",", ":"), sort_keys=True)
+    click.echo(text)
+    if github_output:
+        target = os.environ.get("GITHUB_OUTPUT")
+        if not target:
+            raise click.UsageError("--github-output needs GITHUB_OUTPUT (set by GitHub Actions).")
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(f"matrix={text}\ncount={len(include)}\n")
+
+
+@cli.command("lock")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--lock", "lock_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("olive-builder.lock"), show_default=True, help="The lock file to write.")
+def lock_cmd(paths: tuple[Path, ...], lock_file: Path) -> None:
+    """Resolve every Hub recipe's revision to a commit (and file hashes) and write the lock file.
+
+    `build recipe` finds the lock in the recipe's folder or above, builds the recorded
+    commit, and checks the recorded file hashes; --require-locked refuses recipes without an entry.
+    """
+    import os
+
+    from . import cache, recipe
+    from .errors import PlanError
+
+    existing = cache.read_lock(lock_file)["recipes"] if lock_file.exists() else {}
+    entries = dict(existing)
+    problems: list[str] = []
+    rows: list[tuple[str, str, str]] = []
+    for path in recipe.discover(list(paths)):
+        loaded = recipe.load(path)
+        m = loaded.recipe.model
+        if not m.hub:
+            continue
+        revision = m.revision or "main"
+        commit = cache.resolve_hub(m.hub, revision)
+        if commit is None:
+            problems.append(f"{loaded.id}: {m.hub}@{revision} could not be resolved (no Hub access and not in the cache)")
+            continue
+        entries[loaded.id] = {"hub": m.hub, "revision": revision, "commit": commit, "files": cache.hub_files(m.hub, commit)}
+        rows.append((loaded.id, f"{m.hub}@{revision}", commit))
+    if problems:
+        raise PlanError("Some revisions could not be resolved; the lock file was not changed:\n  " + "\n  ".join(problems),
+                        hint="Run where the Hugging Face Hub is reachable (HF_TOKEN for private models), "
+                             "or with the models in the Hugging Face cache and HF_HUB_OFFLINE=1.")
+    tmp = lock_file.with_name(f".{lock_file.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"version": 1, "recipes": entries}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, lock_file)
+    for row in rows:
+        click.echo("  ".join(row))
+    click.echo(f"Locked {len(rows)} recipe(s) in {lock_file}", err=True)
+
+
 @cli.command("images")
 @click.option("--target", "targets", type=click.Choice(["cpu", "cuda", "runtime-cpu", "runtime-cuda", "all"]),
               multiple=True, default=["cpu"], show_default=True,

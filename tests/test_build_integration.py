@@ -248,7 +248,8 @@ def test_hub_model_from_the_user_cache_records_its_commit(engine, request, capsy
     out = tmp_path / "out"
     code, _, err = build(capsys, str(_hub_recipe(tmp_path, repo)), "--engine", engine, "-o", str(out))
     assert code == 0, err
-    assert f"==> fetch: fetching {repo}@main from the Hugging Face Hub" in err
+    # The driver resolved main to its commit before the build (the cache key names it)
+    assert f"==> fetch: fetching {repo}@{commit} from the Hugging Face Hub" in err
     source = json.loads((out / INFO_FILE).read_text())["source"]
     assert source == {"hub": repo, "revision": "main", "resolved_revision": commit, "local": False,
                       "trust_remote_code": False}
@@ -266,3 +267,31 @@ def test_unknown_hub_model_fails_clearly(engine, request, capsys, tmp_path):  # 
     # Unreachable Hub (here) or a Hub that says "not found" (elsewhere): either way, named and explained.
     assert repo in message and "Traceback" not in message
     assert not out.exists() and not no_partials(tmp_path)
+
+
+def test_build_lock_pins_hub_recipes_and_the_build_checks_the_locked_files(capsys, tmp_path, tiny_model,  # type: ignore[no-untyped-def]
+                                                                           local_engine_ready, monkeypatch):
+    repo, commit = "olive-builder-tests/tiny-qwen2", "89abcdef0123456789abcdef0123456789abcdef"
+    _seed_hf_cache(tiny_model, repo, commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe_file = _hub_recipe(tmp_path, repo)
+    monkeypatch.chdir(tmp_path)
+    # CI refuses a recipe that names a branch and has no lock entry...
+    code, _, err = build(capsys, str(recipe_file), "--engine", "local", "--require-locked", "--dry-run")
+    assert code == 2 and "is not pinned: revision 'main'" in err and "build lock" in err
+    # ...`build lock` records the commit and the file hashes...
+    with pytest.raises(SystemExit) as info:
+        main(["lock", str(recipe_file.parent.parent)])
+    assert info.value.code == 0
+    lock = json.loads((tmp_path / "olive-builder.lock").read_text())
+    entry = lock["recipes"][f"{recipe_file.parent.name}/{recipe_file.stem}"]
+    assert entry["commit"] == commit and entry["revision"] == "main"
+    assert entry["files"]["config.json"].startswith("sha256:") and len(entry["files"]) >= 4
+    code, _, err = build(capsys, str(recipe_file), "--engine", "local", "--require-locked", "--dry-run")
+    assert code == 0, err
+    # ...and a build whose download does not match the recorded hashes fails before Olive runs.
+    entry["files"]["config.json"] = "sha256:" + "0" * 64
+    (tmp_path / "olive-builder.lock").write_text(json.dumps(lock))
+    code, _, err = build(capsys, str(recipe_file), "--engine", "local", "--require-locked", "-o", str(tmp_path / "out"))
+    assert code == 4 and "config.json does not match the lock file" in err
+    assert not (tmp_path / "out").exists() and not no_partials(tmp_path)
