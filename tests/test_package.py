@@ -105,7 +105,7 @@ def test_weights_get_their_own_layers_and_two_targets_share_the_tokenizer_layer(
 
 
 def test_manifest_is_a_modelpack_artifact_with_a_valid_config_and_annotations(tmp_path):  # type: ignore[no-untyped-def]
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema
     store = oci.Store(tmp_path / "s")
     result = package.package(fake_model(tmp_path / "m"), store, created=T0)
     manifest = store.read_json(result.artifact.digest)
