@@ -18,18 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import RegistryProcess  # noqa: E402  (a real docker-registry process, as in the tests)
 from tinymodel import make_tiny_model  # noqa: E402
 
 
@@ -55,31 +54,13 @@ def olive_runs(root: Path) -> int:
     return len(list(logs.glob("*.log"))) if logs.exists() else 0
 
 
-def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        host = f"127.0.0.1:{s.getsockname()[1]}"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yml").write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-                                     f"    rootdirectory: {root}/data\nhttp:\n  addr: {host}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://{host}/v2/", timeout=1)
-            return proc, host
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("docker-registry did not start")
-
-
 def bench_cache(scratch: Path, runs: int) -> None:
     model = make_tiny_model(scratch / "tiny-hf")
     recipe = scratch / "recipes" / "tiny" / "cpu-int4.yaml"
     recipe.parent.mkdir(parents=True)
     recipe.write_text(f"name: tiny\nversion: \"1.0\"\nmodel:\n  path: {model}\ntarget:\n  device: cpu\n  precision: int4\n")
-    proc, host = start_registry(scratch / "registry")
+    registry = RegistryProcess(_fresh(scratch / "registry")).start()
+    host = registry.host
     try:
         one = scratch / "machine-1"
         args = [str(recipe), "--engine", "local", "-q", "--no-image", "--push", f"{host}/bench", "-o", str(one / "out")]
@@ -101,8 +82,7 @@ def bench_cache(scratch: Path, runs: int) -> None:
         print(f"same inputs, fresh machine (empty store/state/caches, shared registry): median "
               f"{statistics.median(fresh):.2f}s of {runs}; Olive runs: 0; last said: {out.stdout.splitlines()[0]}")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        registry.stop()
 
 
 def bench_matrix(scratch: Path, runs: int) -> None:
@@ -132,6 +112,11 @@ def bench_matrix(scratch: Path, runs: int) -> None:
     print(f"build matrix over 100 recipes: median {statistics.median(plain):.2f}s; --changed-since "
           f"(1 changed, {n} listed): median {statistics.median(since):.2f}s; `build --version` alone: "
           f"{statistics.median(startup):.2f}s")
+
+
+def _fresh(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def main() -> None:

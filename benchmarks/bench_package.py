@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 from builder import distribute, oci, package  # noqa: E402
+from conftest import RegistryProcess  # noqa: E402  (a real docker-registry process, as in the tests)
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -82,28 +83,6 @@ def bench_packaging(model: Path, runs: int, scratch: Path) -> None:
     shutil.rmtree(scratch / "store-run", ignore_errors=True)
 
 
-def start_registry(root: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        host = f"127.0.0.1:{s.getsockname()[1]}"
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "registry.yml"
-    config.write_text(f"version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\n"
-                      f"http:\n  addr: {host}\n")
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://{host}/v2/", timeout=1)
-            return proc, host
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("docker-registry did not start")
-
-
 def bench_push(first: Path, second: Path, scratch: Path) -> None:
     if not shutil.which("docker-registry"):
         print("push: skipped (docker-registry is not installed)")
@@ -111,7 +90,8 @@ def bench_push(first: Path, second: Path, scratch: Path) -> None:
     store = oci.Store(scratch / "store-push")
     a = package.package(first, store, created=T0)
     b = package.package(second, store, created=T0)
-    proc, host = start_registry(scratch / "registry")
+    registry = RegistryProcess(_fresh(scratch / "registry")).start()
+    host = registry.host
     try:
         for label, ref in (("first push", a.artifact_ref), ("re-push, unchanged", a.artifact_ref),
                            ("second target", b.artifact_ref)):
@@ -123,8 +103,7 @@ def bench_push(first: Path, second: Path, scratch: Path) -> None:
             print(f"{label:20} {took:6.2f}s  uploaded {r.uploaded_bytes:>11} bytes in {r.uploaded} blob(s) "
                   f"{uploaded}; {r.existing} already there")
     finally:
-        proc.terminate()
-        proc.wait(10)
+        registry.stop()
 
 
 def bench_determinism(model: Path, scratch: Path, rebuild: bool) -> None:
@@ -151,6 +130,11 @@ def bench_determinism(model: Path, scratch: Path, rebuild: bool) -> None:
         digests.append(line.split()[-1] if line else f"(build failed: {out.stderr[-300:]})")
     print(f"rebuilt twice (Olive ran twice): {digests[0]}\n                                 {digests[1]}"
           f"  identical={digests[0] == digests[1] and digests[0].startswith('sha256:')}")
+
+
+def _fresh(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def main() -> None:
