@@ -89,21 +89,26 @@ def with_package_options(f: Any) -> Any:
 
 
 class _Progress:
-    """Byte progress for long transfers on stderr: one line, rewritten at most every 2% (only on a terminal)."""
+    """Byte progress for long transfers on stderr: on a terminal one line rewritten every 2%;
+    elsewhere (CI logs) a line every 25%, and only for transfers over 100 MB."""
 
     def __init__(self, what: str, total: int):
-        self.what, self.total, self.done, self.shown = what, max(total, 1), 0, -1
+        self.what, self.total, self.done, self.bucket = what, max(total, 1), 0, -1
         self.tty = sys.stderr.isatty()
+        self.step = 2 if self.tty else 25
+        self.quiet = not self.tty and total <= 100_000_000
 
     def __call__(self, n: int) -> None:
         self.done += n
-        pct = int(100 * self.done / self.total)
-        if self.tty and pct // 2 != self.shown // 2:
-            self.shown = pct
-            click.echo(f"\r    {self.what}: {min(pct, 100):3d}% of {self.total / 1e6:.1f} MB", nl=False, err=True)
+        pct = max(0, min(int(100 * self.done / self.total), 100))
+        if self.quiet or pct // self.step == self.bucket:
+            return
+        self.bucket = pct // self.step
+        line = f"    {self.what}: {pct:3d}% of {self.total / 1e6:.1f} MB"
+        click.echo("\r" + line if self.tty else line, nl=not self.tty, err=True)
 
     def close(self) -> None:
-        if self.tty and self.shown >= 0:
+        if self.tty and self.bucket >= 0:
             click.echo("", err=True)
 
 
@@ -259,9 +264,14 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
         return
     destination = None if no_push else (push_to or loaded.recipe.registry)
     if destination:
-        from .registry import parse_destination
+        from .registry import Registry, parse_destination
 
-        parse_destination(destination)  # a bad destination fails before the build, not after
+        host, namespace = parse_destination(destination)  # a bad destination fails before the build, not after
+        registry = Registry(host, insecure=insecure or None)
+        try:  # so do missing credentials or rights
+            registry.check_push(f"{namespace}/{loaded.recipe.name}" if namespace else loaded.recipe.name)
+        finally:
+            registry.close()
     eng = make_engine(engine)
     image_id = None
     if isinstance(eng, DockerEngine):

@@ -360,6 +360,17 @@ class Registry:
             delay = min(float(retry_after), 30.0)
         time.sleep(delay)
 
+    def check_push(self, repo: str) -> None:
+        """Fail now, not after a long build, if we may not push to ``repo``: open an upload and cancel it."""
+        r = self.request("POST", f"{repo}/blobs/uploads/", scope=f"repository:{repo}:pull,push", ok=(202,))
+        location = r.headers.get("Location")
+        if location:
+            try:
+                self.session.delete(urljoin(self.base, location), headers={"Authorization": self._auth.get(
+                    f"repository:{repo}:pull,push", "")}, timeout=self.timeout)
+            except requests.RequestException:
+                pass  # an abandoned upload session expires by itself
+
     # ---- blobs ----
     def has_blob(self, repo: str, digest: str) -> bool:
         r = self.request("HEAD", f"{repo}/blobs/{digest}", scope=f"repository:{repo}:pull", allow=(404,))

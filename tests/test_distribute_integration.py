@@ -367,3 +367,16 @@ def test_serve_a_reference_pulls_verifies_and_serves(capsys, tmp_path, model_cop
     assert proc.returncode == 0, output
     served = list((tmp_path / "cache" / "olive-builder" / "models").iterdir())
     assert len(served) == 1 and (served[0] / "genai_config.json").is_file()
+
+
+def test_missing_push_rights_fail_before_the_build(capsys, tmp_path, tiny_model, local_engine_ready,  # type: ignore[no-untyped-def]
+                                                   auth_registry):
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_model)
+    code, out, err = cli(capsys, "recipe", str(recipe), "--engine", "local", "-q", "-o", str(tmp_path / "out"),
+                         "--push", f"{auth_registry.host}/team")
+    assert code == 5 and "requires a login" in err
+    assert not (tmp_path / "out").exists()
+    logs = Path(os.environ["XDG_STATE_HOME"]) / "olive-builder" / "logs"
+    assert not logs.exists() or not list(logs.iterdir()), "a build ran although it could not have been pushed"
