@@ -25,7 +25,10 @@ from builder.errors import AuthError, CheckError, ContentError, RegistryError
 from builder.registry import credentials_for, parse_destination, parse_reference
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMA = REPO.parent / "shared" / "specs" / "modelpack" / "config-schema.json"
+# The ModelPack config schema: ../shared/specs has the current one; tests/data keeps a copy
+# (github.com/modelpack/model-spec, schema/config-schema.json) for checkouts without it.
+SHARED_SCHEMA = REPO.parent / "shared" / "specs" / "modelpack" / "config-schema.json"
+SCHEMA = SHARED_SCHEMA if SHARED_SCHEMA.is_file() else Path(__file__).parent / "data" / "modelpack-config-schema.json"
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 
 
