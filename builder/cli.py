@@ -205,8 +205,11 @@ def cli() -> None:
     \b
     build list                      every recipe id in recipes/
     build recipe FILE --dry-run     the plan and its Olive config, as JSON
-    build recipe FILE               build it in a builder container
-    build images                    build the builder images
+    build recipe FILE [--push REG]  build it in a builder container, package it (and push)
+    build pull REF DIR              a model from a registry, verified, ready to load
+    build inspect REF               what an artifact or image is and was built from
+    build matrix                    the GitHub Actions matrix of the recipes
+    build images                    build the builder and runtime images
     """
 
 
