@@ -59,7 +59,7 @@ def bench_cache(scratch: Path, runs: int) -> None:
     recipe = scratch / "recipes" / "tiny" / "cpu-int4.yaml"
     recipe.parent.mkdir(parents=True)
     recipe.write_text(f"name: tiny\nversion: \"1.0\"\nmodel:\n  path: {model}\ntarget:\n  device: cpu\n  precision: int4\n")
-    registry = RegistryProcess(_fresh(scratch / "registry")).start()
+    registry = RegistryProcess(scratch / "registry").start()
     host = registry.host
     try:
         one = scratch / "machine-1"
@@ -112,11 +112,6 @@ def bench_matrix(scratch: Path, runs: int) -> None:
     print(f"build matrix over 100 recipes: median {statistics.median(plain):.2f}s; --changed-since "
           f"(1 changed, {n} listed): median {statistics.median(since):.2f}s; `build --version` alone: "
           f"{statistics.median(startup):.2f}s")
-
-
-def _fresh(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def main() -> None:

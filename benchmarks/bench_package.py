@@ -90,7 +90,7 @@ def bench_push(first: Path, second: Path, scratch: Path) -> None:
     store = oci.Store(scratch / "store-push")
     a = package.package(first, store, created=T0)
     b = package.package(second, store, created=T0)
-    registry = RegistryProcess(_fresh(scratch / "registry")).start()
+    registry = RegistryProcess(scratch / "registry").start()
     host = registry.host
     try:
         for label, ref in (("first push", a.artifact_ref), ("re-push, unchanged", a.artifact_ref),
@@ -130,11 +130,6 @@ def bench_determinism(model: Path, scratch: Path, rebuild: bool) -> None:
         digests.append(line.split()[-1] if line else f"(build failed: {out.stderr[-300:]})")
     print(f"rebuilt twice (Olive ran twice): {digests[0]}\n                                 {digests[1]}"
           f"  identical={digests[0] == digests[1] and digests[0].startswith('sha256:')}")
-
-
-def _fresh(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def main() -> None:

@@ -154,6 +154,7 @@ class RegistryProcess:
         import socket
 
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.storage = root / "storage"
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
