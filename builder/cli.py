@@ -354,13 +354,10 @@ def _from_cache(step: Any, key: str, out_dir: Path, *, force: bool, store: Path 
                 no_image: bool, insecure: bool, quiet: bool, base_image: str | None, wheels: str | None,
                 runtime_base_image: str | None, client: Any) -> bool:
     """Serve a build from the cache if its key is known: True when nothing is left to build."""
-    import time
-
     from . import cache, distribute, oci, package
     from .errors import PlanError
     from .registry import Registry, parse_destination
 
-    started = time.monotonic()
     st = oci.open_store(store)
     tag = step.tags[0]
     hit = cache.find_local(st, key)
@@ -401,7 +398,7 @@ def _from_cache(step: Any, key: str, out_dir: Path, *, force: bool, store: Path 
                 raise PlanError(f"The output folder {out_dir} already exists.",
                                 hint="Pass --force to replace it, or choose --output.")
             distribute.materialize(st, manifest, out_dir, force=force, shown=tag)
-        click.echo(f"Cached {step.id} in {time.monotonic() - started:.1f}s -> {out_dir.absolute()}")
+        click.echo(f"Cached {step.id} (Olive did not run) -> {out_dir.absolute()}")
         click.echo(f"  model artifact  {tag}  {desc.digest}")
         if image is not None:
             click.echo(f"  runnable image  {image_ref}  {image.digest}")
@@ -422,7 +419,7 @@ def _from_cache(step: Any, key: str, out_dir: Path, *, force: bool, store: Path 
         _stage("cache", f"{key[:19]}... was built before ({host}/{repo}:{cache.key_tag(key)[:18]}...): Olive does not run")
         data, media, digest = found
         registry.put_manifest(repo, version_tag, data, media)
-        click.echo(f"Cached {step.id} in {time.monotonic() - started:.1f}s (in {host}; nothing downloaded)")
+        click.echo(f"Cached {step.id} (Olive did not run; found in {host}, nothing downloaded)")
         click.echo(f"  pushed          {host}/{repo}:{version_tag}@{digest}")
         served = registry.get_manifest(repo, cache.key_tag(key) + package.SERVE_SUFFIX)
         if served is not None and not no_image:
