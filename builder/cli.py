@@ -688,14 +688,29 @@ def pull_cmd(ref: str, directory: Path, force: bool, store: Path | None, insecur
 
 
 @cli.command("inspect")
-@click.argument("ref")
+@click.argument("ref", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @store_option
 @insecure_option
-def inspect_cmd(ref: str, as_json: bool, store: Path | None, insecure: bool) -> None:
-    """Show what REF is: its digest, annotations and layers (a registry ref, or <name>:<tag> in the local store)."""
+def inspect_cmd(ref: str | None, as_json: bool, store: Path | None, insecure: bool) -> None:
+    """Show what REF is: its digest, annotations and layers (a registry ref, or <name>:<tag> in the
+    local store). Without REF, list what the local store holds."""
     from . import distribute, oci
 
+    if ref is None:
+        st = oci.open_store(store)
+        rows = [{"reference": name, "digest": d.digest,
+                 "kind": "model artifact" if d.artifact_type == oci.MODEL_ARTIFACT else "image"}
+                for name, d in sorted(st.refs().items())]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            click.echo(f"The local store {st.root} is empty.", err=True)
+        width = max((len(r["reference"]) for r in rows), default=0)
+        for r in rows:
+            click.echo(f"{r['reference'].ljust(width)}  {r['kind']:<14}  {r['digest']}")
+        return
     info = distribute.describe(ref, oci.open_store(store), insecure=insecure or None)
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))

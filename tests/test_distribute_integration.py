@@ -335,6 +335,8 @@ def test_inspect_shows_annotations_as_a_table_and_json(capsys, model_copy, regis
     remote = json.loads(cli(capsys, "inspect", f"{registry.host}/i/{MODEL_ID}", "--json")[1])
     assert local["digest"] == remote["digest"] and local["annotations"] == remote["annotations"]
     assert remote["config"]["descriptor"]["name"] == "tiny-qwen2"
+    listing = cli(capsys, "inspect")[1]  # no REF: what the local store holds
+    assert MODEL_ID in listing and "model artifact" in listing and local["digest"] in listing
     assert remote["annotations"]["org.olive-builder.recipe.digest"].startswith("sha256:")
 
 
