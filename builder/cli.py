@@ -93,9 +93,14 @@ class _Progress:
     elsewhere (CI logs) a line every 25%, and only for transfers over 100 MB."""
 
     def __init__(self, what: str, total: int):
-        self.what, self.total, self.done, self.bucket = what, max(total, 1), 0, -1
+        self.what = what
         self.tty = sys.stderr.isatty()
         self.step = 2 if self.tty else 25
+        self.start(total)
+
+    def start(self, total: int) -> None:
+        """(Re)start with ``total`` bytes to go (for transfers whose size is known only later)."""
+        self.total, self.done, self.bucket = max(total, 1), 0, -1
         self.quiet = not self.tty and total <= 100_000_000
 
     def __call__(self, n: int) -> None:
@@ -682,8 +687,13 @@ def pull_cmd(ref: str, directory: Path, force: bool, store: Path | None, insecur
     from . import distribute, oci
 
     st = oci.open_store(store)
-    _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None,
-                                    on_event=lambda stage, msg: click.echo(f"    {msg}", err=True))
+    progress = _Progress("downloading", 0)
+    try:
+        _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None,
+                                        on_event=lambda stage, msg: click.echo(f"    {msg}", err=True),
+                                        on_bytes=progress, on_start=progress.start)
+    finally:
+        progress.close()
     click.echo(f"Pulled {ref}@{desc.digest} -> {dest}")
 
 

@@ -110,8 +110,10 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
                     report.uploaded_bytes += blob.size
                 elif status == "mounted":
                     report.mounted += 1
+                    on_bytes(blob.size)  # done without a transfer: progress counts it as done
                 else:
                     report.existing += 1
+                    on_bytes(blob.size)
                 label = _label(blob)
                 on_event("push", f"{status:8} {blob.digest[:19]} {_human(blob.size):>9}  {label}")
             _remember(store, host, repo, [b.digest for b in manifest_blobs(manifest)])
@@ -148,6 +150,7 @@ def _human(n: float) -> str:
 
 def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, layers: bool = True,
           on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
+          on_start: Callable[[int], None] = lambda total: None,
           ) -> tuple[str, oci.Descriptor, dict[str, Any]]:
     """Make ``ref``'s manifest (and, with ``layers``, its blobs) present and verified in ``store``."""
     if ref.registry is None:
@@ -168,6 +171,7 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
             raise ContentError(f"{ref} is a {media}, not an OCI image manifest: it is not a model built by olive-builder.")
         manifest = json.loads(data)
         blobs = manifest_blobs(manifest) if layers else manifest_blobs(manifest)[:1]
+        on_start(sum(b.size for b in blobs if not store.has(b.digest)))  # bytes to download
         for blob in blobs:
             if store.has(blob.digest):
                 continue
@@ -265,13 +269,14 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
 
 
 def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, insecure: bool | None = None,
-         on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None
-         ) -> tuple[str, oci.Descriptor, Path]:
+         on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
+         on_start: Callable[[int], None] = lambda total: None) -> tuple[str, oci.Descriptor, Path]:
     ref = parse_reference(ref_text)
     dest = dest.absolute()
     if dest.exists() and not force:  # before any download
         raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
-    name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes)
+    name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
+                                 on_start=on_start)
     materialize(store, manifest, dest, force=force, shown=str(ref))
     return name, desc, dest
 

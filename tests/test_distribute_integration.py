@@ -295,9 +295,11 @@ def test_interrupted_push_leaves_no_tag_and_the_next_push_completes(capsys, tmp_
     assert client.get_manifest("big/tiny-qwen2", "0.1.0-cpu-int4") is None  # no tag points at incomplete content
     code, out, err = cli(capsys, "push", MODEL_ID, "--to", f"{registry.host}/big")
     assert code == 0, err
+    assert "uploading: 100% of" in err  # long transfers show progress in logs too
     code, out, err = cli(capsys, "pull", f"{registry.host}/big/{MODEL_ID}", str(tmp_path / "pulled"),
                          "--store", str(tmp_path / "fresh"))
     assert code == 0, err
+    assert "downloading:  50% of" in err and "downloading: 100% of" in err
     assert (tmp_path / "pulled" / "extra.bin").read_bytes() == (model / "extra.bin").read_bytes()
 
 
