@@ -32,11 +32,10 @@ from typing import Any
 
 from . import __version__, oci
 from .errors import PlanError
+from .package import KEY_ANNOTATION, NS, TOOLS
 from .recipe import LoadedRecipe, digest_of, normalized
 
-TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
-TOOL_LABEL = "org.olive-builder.tools."
-KEY_ANNOTATION = "org.olive-builder.cache-key"
+TOOL_LABEL = NS + "tools."  # builder image labels (Dockerfile.cpu, Dockerfile.cuda)
 KEY_TAG_PREFIX = "cache-"
 LOCK_FILE = "olive-builder.lock"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -52,6 +51,31 @@ class KeyInputs:
 
     def key(self) -> str:
         return digest_of(asdict(self))
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """What a build is pinned to before it runs. ``key`` is None when the model revision
+    cannot be resolved here (then the build runs without the cache)."""
+
+    key: str | None
+    commit: str | None  # the commit a Hub revision resolved to
+    files: dict[str, str] | None  # from the lock file: what the download must hold
+
+
+def pin(loaded: LoadedRecipe, entry: dict[str, Any] | None, *, builder_image: str, tools: dict[str, str]) -> Pinned:
+    """Resolve the model revision (lock entry, commit, Hub, HF cache; or a local folder's digest) and the key."""
+    m = loaded.recipe.model
+    commit, files = None, None
+    if m.hub:
+        commit = entry["commit"] if entry else resolve_hub(m.hub, m.revision or "main")
+        files = (entry or {}).get("files") or None
+        revision = commit
+    else:
+        folder = loaded.model_dir
+        revision = local_revision(folder) if folder is not None and folder.is_dir() else None
+    key = KeyInputs(recipe_inputs(loaded), revision, builder_image, tools).key() if revision else None
+    return Pinned(key, commit, files)
 
 
 def recipe_inputs(loaded: LoadedRecipe) -> dict[str, Any]:

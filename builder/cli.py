@@ -117,16 +117,6 @@ class _Progress:
             click.echo("", err=True)
 
 
-def _key_of(st: Any, ref: str) -> str | None:
-    from . import cache, distribute
-
-    ref = ref.removesuffix("-serve")
-    try:
-        return (distribute.local_manifest(st, ref)[1].get("annotations") or {}).get(cache.KEY_ANNOTATION)
-    except Exception:  # noqa: BLE001 - no key, no cache tag
-        return None
-
-
 def _runtime_image(client: Any, device: str, *, base_image: str | None, wheels: str | None,
                    runtime_base_image: str | None, quiet: bool) -> str:
     from . import images
@@ -144,7 +134,7 @@ def _runtime_image(client: Any, device: str, *, base_image: str | None, wheels: 
 def _package_and_push(model_dir: Path, device: str, *, store: Path | None, destination: str | None, no_image: bool,
                       insecure: bool, quiet: bool, recipe_path: Path | None, base_image: str | None,
                       wheels: str | None, runtime_base_image: str | None, client: Any = None) -> None:
-    from . import distribute, oci, package
+    from . import oci, package
     from .engine import DockerEngine
     from .errors import EngineError
 
@@ -178,8 +168,8 @@ def _package_and_push(model_dir: Path, device: str, *, store: Path | None, desti
         _push([r for r in (result.artifact_ref, result.image_ref) if r], st, destination, insecure)
 
 
-def _push(refs: list[str], st: Any, destination: str, insecure: bool, key: str | None = None) -> None:
-    from . import cache, distribute, package
+def _push(refs: list[str], st: Any, destination: str, insecure: bool) -> None:
+    from . import distribute
     from .registry import parse_destination
 
     host, namespace = parse_destination(destination)
@@ -187,12 +177,7 @@ def _push(refs: list[str], st: Any, destination: str, insecure: bool, key: str |
     _stage("push", f"{', '.join(refs)} to {host}/{namespace or ''}".rstrip("/"))
     progress = _Progress("uploading", total)
     try:
-        key = key or _key_of(st, refs[0])
-        extra = {}
-        if key:  # the cache tags: a later build with the same inputs finds these
-            extra = {r: [cache.key_tag(key) + (package.SERVE_SUFFIX if r.endswith(package.SERVE_SUFFIX) else "")]
-                     for r in refs}
-        report = distribute.push(st, refs, host, namespace, insecure=insecure or None, extra_tags=extra,
+        report = distribute.push(st, refs, host, namespace, insecure=insecure or None,
                                  on_event=lambda stage, msg: click.echo(f"    {msg}", err=True), on_bytes=progress)
     finally:
         progress.close()
@@ -272,12 +257,12 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
         return
     destination = None if no_push else (push_to or loaded.recipe.registry)
     if destination:
-        from .registry import Registry, parse_destination
+        from .registry import Registry, parse_destination, repository
 
         host, namespace = parse_destination(destination)  # a bad destination fails before the build, not after
         registry = Registry(host, insecure=insecure or None)
         try:  # so do missing credentials or rights
-            registry.check_push(f"{namespace}/{loaded.recipe.name}" if namespace else loaded.recipe.name)
+            registry.check_push(repository(namespace, loaded.recipe.name))
         finally:
             registry.close()
     eng = make_engine(engine)
@@ -292,21 +277,14 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
         tools = cache.tools_here()
 
     # The cache key: everything that decides the output, known before Olive runs.
-    m = loaded.recipe.model
-    commit, files = None, None
-    if m.hub:
-        commit = entry["commit"] if entry else cache.resolve_hub(m.hub, m.revision or "main")
-        files = (entry or {}).get("files") or None
-        model_revision = commit
-    else:
-        model_revision = cache.local_revision(loaded.model_dir) if loaded.model_dir and loaded.model_dir.is_dir() else None
-    key = None
-    if model_revision:
-        key = cache.KeyInputs(cache.recipe_inputs(loaded), model_revision, image_id or "local", tools).key()
-    else:
+    pinned = cache.pin(loaded, entry, builder_image=image_id or "local", tools=tools)
+    key = pinned.key
+    if key is None:
+        m = loaded.recipe.model
         click.secho(f"note: {m.hub}@{m.revision or 'main'} cannot be resolved to a commit here; building without the cache",
                     fg="yellow", err=True)
-    step = dataclasses.replace(step, cache_key=key, model=dataclasses.replace(step.model, resolved=commit, files=files))
+    step = dataclasses.replace(step, cache_key=key,
+                               model=dataclasses.replace(step.model, resolved=pinned.commit, files=pinned.files))
     out_dir = output or default_output(step)
     if key and not no_cache and _from_cache(step, key, out_dir, force=force, store=store, destination=destination,
                                             no_image=no_image, insecure=insecure, quiet=quiet, base_image=base_image,
@@ -359,81 +337,42 @@ def _from_cache(step: Any, key: str, out_dir: Path, *, force: bool, store: Path 
                 no_image: bool, insecure: bool, quiet: bool, base_image: str | None, wheels: str | None,
                 runtime_base_image: str | None, client: Any) -> bool:
     """Serve a build from the cache if its key is known: True when nothing is left to build."""
-    from . import cache, distribute, oci, package
-    from .errors import PlanError
-    from .registry import Registry, parse_destination
+    from . import distribute, oci, package
+    from .registry import parse_destination
 
     st = oci.open_store(store)
     tag = step.tags[0]
-    hit = cache.find_local(st, key)
-    if hit is not None:
-        ref, desc = hit
-        manifest = st.read_json(desc.digest)
-        _stage("cache", f"{key[:19]}... was built before ({ref}): Olive does not run")
-        st.tag(tag, desc)
-        image_ref = tag + package.SERVE_SUFFIX
-        image = st.resolve(ref + package.SERVE_SUFFIX)
-        if image is not None:
-            st.tag(image_ref, image)
-        elif not no_image and client is not None:  # compose it now from the stored layers
-            runtime_tag = _runtime_image(client, step.device, base_image=base_image, wheels=wheels,
-                                         runtime_base_image=runtime_base_image, quiet=quiet)
-            runtime = package.import_runtime(client, runtime_tag, st)
-            layers = [oci.Descriptor.from_json(d) for d in manifest["layers"]]
-            ann = manifest.get("annotations") or {}
-            created = package.created_time()
-            if ann.get("org.opencontainers.image.created"):
-                import datetime as dt
 
-                created = dt.datetime.strptime(ann["org.opencontainers.image.created"], "%Y-%m-%dT%H:%M:%SZ").replace(
-                    tzinfo=dt.timezone.utc)
-            image = package.compose_image(st, runtime, layers, ann, created)
-            st.tag(image_ref, image)
-        info_file = out_dir / package.INFO_FILE
-        current = False
-        if info_file.is_file():
-            try:
-                current = json.loads(info_file.read_text()).get("cache_key") == key
-            except ValueError:
-                current = False
-        if current and not force:
+    def runtime() -> Any:
+        if no_image or client is None:
+            return None
+        return package.import_runtime(client, _runtime_image(client, step.device, base_image=base_image, wheels=wheels,
+                                                             runtime_base_image=runtime_base_image, quiet=quiet), st)
+
+    hit = distribute.reuse_local(st, key, tag, out_dir, force=force, runtime=runtime)
+    if hit is not None:
+        _stage("cache", f"{key[:19]}... was built before ({hit.found_as}): Olive does not run")
+        if hit.output_current:
             _stage("cache", f"{out_dir} is already this build")
-        else:
-            if out_dir.exists() and not force:
-                raise PlanError(f"The output folder {out_dir} already exists.",
-                                hint="Pass --force to replace it, or choose --output.")
-            distribute.materialize(st, manifest, out_dir, force=force, shown=tag)
         click.echo(f"Cached {step.id} (Olive did not run) -> {out_dir.absolute()}")
-        click.echo(f"  model artifact  {tag}  {desc.digest}")
-        if image is not None:
-            click.echo(f"  runnable image  {image_ref}  {image.digest}")
+        click.echo(f"  model artifact  {tag}  {hit.artifact.digest}")
+        if hit.image is not None:
+            click.echo(f"  runnable image  {tag}{package.SERVE_SUFFIX}  {hit.image.digest}")
         if destination:
-            _push([r for r in (tag, image_ref if image is not None else None) if r], st, destination, insecure,
-                  key=key)
+            _push([tag] + ([tag + package.SERVE_SUFFIX] if hit.image is not None else []), st, destination, insecure)
         return True
     if not destination:
         return False
     host, namespace = parse_destination(destination)
-    name, _, version_tag = tag.rpartition(":")
-    repo = f"{namespace}/{name}" if namespace else name
-    registry = Registry(host, insecure=insecure or None)
-    try:
-        found = registry.get_manifest(repo, cache.key_tag(key))
-        if found is None:
-            return False
-        _stage("cache", f"{key[:19]}... was built before ({host}/{repo}:{cache.key_tag(key)[:18]}...): Olive does not run")
-        data, media, digest = found
-        registry.put_manifest(repo, version_tag, data, media)
-        click.echo(f"Cached {step.id} (Olive did not run; found in {host}, nothing downloaded)")
-        click.echo(f"  pushed          {host}/{repo}:{version_tag}@{digest}")
-        served = registry.get_manifest(repo, cache.key_tag(key) + package.SERVE_SUFFIX)
-        if served is not None and not no_image:
-            registry.put_manifest(repo, version_tag + package.SERVE_SUFFIX, served[0], served[1])
-            click.echo(f"  pushed          {host}/{repo}:{version_tag}{package.SERVE_SUFFIX}@{served[2]}")
-        click.echo(f"  `build pull {host}/{repo}:{version_tag} DIR` fetches the model.")
-        return True
-    finally:
-        registry.close()
+    tagged = distribute.reuse_remote(host, namespace, key, tag, with_image=not no_image, insecure=insecure or None)
+    if tagged is None:
+        return False
+    _stage("cache", f"{key[:19]}... was built before (found in {host}): Olive does not run")
+    click.echo(f"Cached {step.id} (Olive did not run; found in {host}, nothing downloaded)")
+    for remote, digest in tagged:
+        click.echo(f"  pushed          {remote}@{digest}")
+    click.echo(f"  `build pull {tagged[0][0]} DIR` fetches the model.")
+    return True
 
 
 @cli.command("list")
@@ -442,24 +381,18 @@ def _from_cache(step: Any, key: str, out_dir: Path, *, force: bool, store: Path 
 def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
     """List every recipe id (<model>/<target>) under PATHS (default: recipes/)."""
     from . import recipe
-    from .errors import RecipeError
 
     rows: list[dict[str, Any]] = []
-    problems: list[str] = []
-    for path in recipe.discover(list(paths)):
-        try:
-            loaded = recipe.load(path)
-        except RecipeError as e:
-            problems.append(str(e))
-            continue
+    found, problems = recipe.load_many(list(paths))
+    for loaded in found:
         r = loaded.recipe
         rows.append({
             "id": loaded.id,
-            "recipe": str(path),
+            "recipe": str(loaded.path),
             "device": r.target.device,
             "precision": r.target.precision,
             "model": r.model.hub or r.model.path,
-            "tag": f"{r.name}:{r.version}-{loaded.target_name}",
+            "tag": loaded.tag,
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -470,7 +403,7 @@ def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
         for row in rows:
             click.echo("  ".join(str(row[c]).ljust(widths[c]) for c in cols).rstrip())
     if problems:
-        raise RecipeError(f"{len(problems)} recipe file(s) are invalid:\n\n" + "\n\n".join(problems))
+        raise recipe.invalid(problems)
     if not rows and not as_json:
         click.echo("No recipes found.", err=True)
 

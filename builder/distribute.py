@@ -5,7 +5,8 @@ before the runnable image. A registry rejects a manifest whose blobs it lacks, a
 are written only by manifest PUTs, so an interrupted push never leaves a tag pointing at
 incomplete content; the next push skips what already arrived (HEAD first) and finishes.
 Blobs this store pushed to another repository of the same registry are mounted from
-there instead of uploaded.
+there instead of uploaded. A manifest that records a build cache key is also tagged
+``cache-<hex>`` (``-serve`` for the image), so later builds of the same inputs find it.
 
 Pull verifies every blob's digest and size as it arrives (nothing unverified is kept),
 then unpacks the model layers into a hidden folder beside the destination, checks it,
@@ -25,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import oci
+from . import cache, oci, package
 from .errors import ContentError, PlanError, RegistryError, StoreError
-from .package import MODEL_ROOT, SERVE_SUFFIX
-from .registry import Reference, Registry, parse_reference
+from .package import KEY_ANNOTATION, MODEL_ROOT, SERVE_SUFFIX
+from .registry import Reference, Registry, parse_reference, repository
 
 Event = Callable[[str, str], None]  # (stage, message)
 LOCATIONS = "locations.json"
@@ -79,15 +80,14 @@ def _remember(store: oci.Store, host: str, repo: str, digests: list[str]) -> Non
 
 
 def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecure: bool | None = None,
-         extra_tags: dict[str, list[str]] | None = None,
          on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None) -> PushReport:
-    """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag`` (and ``extra_tags`` of each)."""
+    """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag``."""
     report = PushReport()
     items = []
     for ref in refs:
         desc, manifest = local_manifest(store, ref)
         name, _, tag = ref.rpartition(":")
-        repo = f"{namespace}/{name}" if namespace else name
+        repo = repository(namespace, name)
         items.append((ref, repo, tag, desc, manifest))
     registry = Registry(host, insecure=insecure)
     known = _locations(store).get(host, {})
@@ -117,14 +117,16 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
                 label = _label(blob)
                 on_event("push", f"{status:8} {blob.digest[:19]} {_human(blob.size):>9}  {label}")
             _remember(store, host, repo, [b.digest for b in manifest_blobs(manifest)])
-        for ref, repo, tag, desc, _manifest in items:
+        for ref, repo, tag, desc, manifest in items:
             data = store.read_bytes(desc.digest)
             digest = registry.put_manifest(repo, tag, data, desc.media_type)
             remote = f"{host}/{repo}:{tag}"
             report.pushed.append((remote, digest))
             on_event("push", f"tagged   {remote}@{digest}")
-            for extra in (extra_tags or {}).get(ref, []):
-                registry.put_manifest(repo, extra, data, desc.media_type)
+            key = (manifest.get("annotations") or {}).get(KEY_ANNOTATION)
+            if key:
+                suffix = "" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else SERVE_SUFFIX
+                registry.put_manifest(repo, cache.key_tag(key) + suffix, data, desc.media_type)
     finally:
         registry.close()
     return report
@@ -279,6 +281,67 @@ def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, in
                                  on_start=on_start)
     materialize(store, manifest, dest, force=force, shown=str(ref))
     return name, desc, dest
+
+
+# ---- cache hits ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reused:
+    found_as: str  # the store reference that had the key
+    artifact: oci.Descriptor
+    image: oci.Descriptor | None
+    output_current: bool  # the output folder already held this build
+
+
+def _holds_build(folder: Path, key: str) -> bool:
+    try:
+        return json.loads((folder / package.INFO_FILE).read_text()).get("cache_key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def reuse_local(store: oci.Store, key: str, tag: str, out_dir: Path, *, force: bool,
+                runtime: Callable[[], package.RuntimeImage | None]) -> Reused | None:
+    """A build with ``key`` in ``store``: tag it ``tag`` (and its image ``tag-serve``, composed now
+    with ``runtime()`` if it was packaged without one) and make ``out_dir`` hold it."""
+    hit = cache.find_local(store, key)
+    if hit is None:
+        return None
+    found_as, artifact = hit
+    manifest = store.read_json(artifact.digest)
+    store.tag(tag, artifact)
+    image = store.resolve(found_as + SERVE_SUFFIX)
+    if image is None and (rt := runtime()) is not None:
+        image = package.compose_from_artifact(store, rt, manifest)
+    if image is not None:
+        store.tag(tag + SERVE_SUFFIX, image)
+    current = _holds_build(out_dir, key) and not force
+    if not current:
+        materialize(store, manifest, out_dir, force=force, shown=tag)
+    return Reused(found_as, artifact, image, current)
+
+
+def reuse_remote(host: str, namespace: str, key: str, tag: str, *, with_image: bool,
+                 insecure: bool | None = None) -> list[tuple[str, str]] | None:
+    """A build with ``key`` in the registry: tag its manifests with ``tag`` there (nothing is
+    downloaded). Returns the (reference, digest) pairs tagged, or None if the registry lacks it."""
+    name, _, version = tag.rpartition(":")
+    repo = repository(namespace, name)
+    registry = Registry(host, insecure=insecure)
+    try:
+        tagged = []
+        for suffix in ("", SERVE_SUFFIX) if with_image else ("",):
+            found = registry.get_manifest(repo, cache.key_tag(key) + suffix)
+            if found is None:
+                if not suffix:
+                    return None
+                continue
+            data, media, digest = found
+            registry.put_manifest(repo, version + suffix, data, media)
+            tagged.append((f"{host}/{repo}:{version}{suffix}", digest))
+        return tagged
+    finally:
+        registry.close()
 
 
 # ---- inspect ------------------------------------------------------------------------------

@@ -85,15 +85,9 @@ def _lock_changed(loaded: recipe.LoadedRecipe, ref: str, root: Path, changed: se
 
 def entries(paths: list[Path], *, device: str | None, runners: dict[str, list[str]],
             changed_since: str | None = None) -> list[dict[str, Any]]:
-    problems: list[str] = []
-    loaded_all: list[recipe.LoadedRecipe] = []
-    for path in recipe.discover(paths):
-        try:
-            loaded_all.append(recipe.load(path))
-        except RecipeError as e:
-            problems.append(str(e))
+    loaded_all, problems = recipe.load_many(paths)
     if problems:
-        raise RecipeError(f"{len(problems)} recipe file(s) are invalid:\n\n" + "\n\n".join(problems))
+        raise recipe.invalid(problems)
     seen: dict[str, Path] = {}
     for loaded in loaded_all:
         if loaded.id in seen:
@@ -137,7 +131,7 @@ def entries(paths: list[Path], *, device: str | None, runners: dict[str, list[st
             "target": loaded.target_name,
             "device": r.target.device,
             "precision": r.target.precision,
-            "tag": f"{r.name}:{r.version}-{loaded.target_name}",
+            "tag": loaded.tag,
             "runner": runners[r.target.device],
         })
     return out

@@ -224,12 +224,7 @@ class Store:
             self._write_index(index)
 
     def resolve(self, ref: str) -> Descriptor | None:
-        for m in self._read_index()["manifests"]:
-            if (m.get("annotations") or {}).get(ANN_REF_NAME) == ref:
-                d = Descriptor.from_json(m)
-                return Descriptor(d.media_type, d.digest, d.size,
-                                  {k: v for k, v in d.annotations.items() if k != ANN_REF_NAME}, d.artifact_type)
-        return None
+        return self.refs().get(ref)
 
     def refs(self) -> dict[str, Descriptor]:
         out = {}

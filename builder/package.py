@@ -32,15 +32,16 @@ from typing import Any
 
 from . import oci
 from .errors import CheckError, ImageError, StoreError
+from .execute import INFO_FILE
 
-INFO_FILE = "olive-builder.json"
 MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
 SERVE_SUFFIX = "-serve"
 NS = "org.olive-builder."
 WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin", ".safetensors", ".pb", ".ort")
 BIG_FILE = 64 << 20  # any file this large gets a layer of its own
 TARGET_FILES = ("genai_config.json", INFO_FILE)  # differ between targets of one model
-RUNTIME_GENAI_LABEL = "org.olive-builder.runtime.onnxruntime-genai"
+RUNTIME_GENAI_LABEL = NS + "runtime.onnxruntime-genai"
+KEY_ANNOTATION = NS + "cache-key"  # the build cache key (cache.py) of what was packaged
 TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
 _PRECISION_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int4": "int4", "int8": "int8"}
 
@@ -138,8 +139,11 @@ def created_time(recipe_path: Path | None = None, model_dir: Path | None = None)
     return dt.datetime.fromtimestamp(int(newest), dt.timezone.utc)
 
 
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+
+
 def rfc3339(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(dt.timezone.utc).strftime(RFC3339)
 
 
 def annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:
@@ -302,7 +306,7 @@ def compose_image(store: oci.Store, runtime: RuntimeImage, model_layers: list[oc
     image_ann["org.opencontainers.image.base.name"] = runtime.ref
     image_ann["org.opencontainers.image.base.digest"] = runtime.manifest.digest
     if genai:
-        image_ann[NS + "runtime.onnxruntime-genai"] = genai
+        image_ann[RUNTIME_GENAI_LABEL] = genai
     manifest = {
         "schemaVersion": 2,
         "mediaType": oci.MANIFEST,
@@ -329,6 +333,16 @@ def _gzip_layer(store: oci.Store, f: Any) -> tuple[oci.Descriptor, str]:
         digest = w.commit()
         size = w.size
     return oci.Descriptor(oci.IMAGE_LAYER_GZIP, digest, size), "sha256:" + diff.hexdigest()
+
+
+def compose_from_artifact(store: oci.Store, runtime: RuntimeImage, manifest: dict[str, Any]) -> oci.Descriptor:
+    """The runnable image of a stored model artifact (for builds packaged without one)."""
+    ann = manifest.get("annotations") or {}
+    created = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+    if ann.get("org.opencontainers.image.created"):
+        created = dt.datetime.strptime(ann["org.opencontainers.image.created"], RFC3339).replace(tzinfo=dt.timezone.utc)
+    layers = [oci.Descriptor.from_json(d) for d in manifest["layers"]]
+    return compose_image(store, runtime, layers, ann, created)
 
 
 class _ChunkReader:

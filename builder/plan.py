@@ -117,7 +117,6 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         trust_remote_code=r.model.trust_remote_code,
     )
     config = olive_config(loaded)
-    target = loaded.target_name
     return BuildStep(
         id=loaded.id,
         recipe=str(loaded.path),
@@ -133,7 +132,7 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         olive_config=config,
         expected_outputs=REQUIRED_FILES,
         tokenizer_files=TOKENIZER_FILES,
-        tags=(f"{r.name}:{r.version}-{target}",),
+        tags=(loaded.tag,),
         cache_key=None,
         license=r.model.license,
         description=r.description,

@@ -142,6 +142,11 @@ class LoadedRecipe(BaseModel):
         return self.id.split("/", 1)[1]
 
     @property
+    def tag(self) -> str:
+        """What the build is published as: ``<name>:<version>-<target>``."""
+        return f"{self.recipe.name}:{self.recipe.version}-{self.target_name}"
+
+    @property
     def model_dir(self) -> Path | None:
         """The local model folder, resolved against the recipe file; None for Hub models."""
         if self.recipe.model.path is None:
@@ -345,6 +350,22 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- discovery
+
+
+def load_many(paths: list[Path]) -> tuple[list[LoadedRecipe], list[str]]:
+    """Every recipe under ``paths`` (see ``discover``): the valid ones, and each invalid file's problems."""
+    loaded: list[LoadedRecipe] = []
+    problems: list[str] = []
+    for path in discover(paths):
+        try:
+            loaded.append(load(path))
+        except RecipeError as e:
+            problems.append(str(e))
+    return loaded, problems
+
+
+def invalid(problems: list[str]) -> RecipeError:
+    return RecipeError(f"{len(problems)} recipe file(s) are invalid:\n\n" + "\n\n".join(problems))
 
 
 def discover(paths: list[Path]) -> list[Path]:

@@ -111,6 +111,11 @@ def parse_destination(text: str) -> tuple[str, str]:
     return first, rest
 
 
+def repository(namespace: str, name: str) -> str:
+    """The repository a recipe named ``name`` is pushed to under ``namespace``."""
+    return f"{namespace}/{name}" if namespace else name
+
+
 # ---- credentials ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

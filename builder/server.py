@@ -432,7 +432,7 @@ class _Job:
             except RuntimeError:  # the loop closed while we generated (shutdown)
                 pass
 
-        future = loop.run_in_executor(server.pool, work)
+        loop.run_in_executor(server.pool, work)  # it reports through the queue
         stops = self.sampling.stop
         held = ""
         consumed = 0

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,42 @@ def runtime_image(docker_client) -> str:  # type: ignore[no-untyped-def]
     return ensure_image(docker_client, "runtime-cpu")
 
 
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run `build ARGV...` in this process: (exit code, stdout, stderr)."""
+    from builder.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(port: int, alive: Callable[[], bool], log: Callable[[], str], timeout: float = 60) -> None:
+    """Wait until GET /health on loopback ``port`` answers 200, failing with ``log()`` if the
+    server stops (``alive()`` is false) or the time runs out."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert alive(), f"the server stopped before it was healthy:\n{log()}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # not listening yet, or 503 while loading
+            pass
+        assert time.monotonic() < deadline, f"the server never became healthy:\n{log()}"
+        time.sleep(0.1)
+
+
 def no_partials(folder: Path) -> list[Path]:
     """Leftover work folders of a build (there must be none)."""
     return [p for p in folder.rglob(".*.partial-*")] if folder.exists() else []
@@ -151,14 +188,10 @@ class RegistryProcess:
     """A real OCI registry (the Debian docker-registry package, distribution 2.8) on loopback."""
 
     def __init__(self, root: Path, htpasswd: Path | None = None):
-        import socket
-
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.storage = root / "storage"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {htpasswd}\n" if htpasswd else ""
         self.config = root / "config.yml"

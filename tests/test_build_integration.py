@@ -9,18 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
 from builder.execute import INFO_FILE
-from conftest import no_partials, tiny_recipe
+from conftest import no_partials, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.integration
 
 
 def build(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(["recipe", *argv, "--no-image"])  # packaging has its own tests (test_distribute_integration)
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
+    # packaging has its own tests (test_distribute_integration)
+    return run_cli(capsys, "recipe", *argv, "--no-image")
 
 
 def generate(folder: Path, new_tokens: int = 6) -> list[int]:
@@ -280,9 +277,8 @@ def test_build_lock_pins_hub_recipes_and_the_build_checks_the_locked_files(capsy
     code, _, err = build(capsys, str(recipe_file), "--engine", "local", "--require-locked", "--dry-run")
     assert code == 2 and "is not pinned: revision 'main'" in err and "build lock" in err
     # ...`build lock` records the commit and the file hashes...
-    with pytest.raises(SystemExit) as info:
-        main(["lock", str(recipe_file.parent.parent)])
-    assert info.value.code == 0
+    code, _, err = run_cli(capsys, "lock", str(recipe_file.parent.parent))
+    assert code == 0, err
     lock = json.loads((tmp_path / "olive-builder.lock").read_text())
     entry = lock["recipes"][f"{recipe_file.parent.name}/{recipe_file.stem}"]
     assert entry["commit"] == commit and entry["revision"] == "main"

@@ -8,19 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import main
 from builder.registry import Registry
-from conftest import tiny_recipe
+from conftest import run_cli, tiny_recipe
 
 pytestmark = pytest.mark.integration
 TAG = "tiny-qwen2:0.1.0-cpu-int4"
 
 
 def build(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(["recipe", *argv])
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
+    return run_cli(capsys, "recipe", *argv)
 
 
 def olive_runs() -> int:

@@ -8,17 +8,13 @@ from pathlib import Path
 import pytest
 
 from builder import __version__
-from builder.cli import main
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN = REPO / "recipes" / "qwen2.5-0.5b-instruct" / "cpu-int4.yaml"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
+run = run_cli
 
 
 def stub_model_recipe(tmp_path: Path) -> Path:

@@ -20,17 +20,13 @@ import pytest
 from builder import oci
 from builder.cli import main
 from builder.registry import Registry
-from conftest import REGISTRY_PASSWORD, REGISTRY_USER, need, no_partials, tiny_recipe
+from conftest import REGISTRY_PASSWORD, REGISTRY_USER, free_port, need, no_partials, run_cli, tiny_recipe, wait_healthy
 
 pytestmark = pytest.mark.integration
 MODEL_ID = "tiny-qwen2:0.1.0-cpu-int4"
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
+cli = run_cli
 
 
 def refs_in(out: str, label: str) -> list[str]:
@@ -69,20 +65,6 @@ def model_copy(tmp_path: Path, built: dict[str, Path]):  # type: ignore[no-untyp
     return copy
 
 
-def wait_healthy(port: int, container, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                return
-        except OSError:
-            pass
-        container.reload()
-        assert container.status == "running", container.logs().decode()[-2000:]
-        assert time.monotonic() < deadline, container.logs().decode()[-2000:]
-        time.sleep(0.2)
-
-
 # ------------------------------------------------------------------------------- the whole path
 
 @pytest.mark.docker
@@ -105,10 +87,11 @@ def test_build_recipe_packages_pushes_and_the_image_runs(capsys, tmp_path, tiny_
     # docker pull + docker run of the runnable image; the openai client talks to it
     remote_image = f"{registry.host}/models/{MODEL_ID}-serve"
     subprocess.run(["docker", "pull", "-q", remote_image], check=True, capture_output=True, timeout=300)
-    port = _free_port()
+    port = free_port()
     container = docker_client.containers.run(remote_image, detach=True, ports={"8000/tcp": ("127.0.0.1", port)})
     try:
-        wait_healthy(port, container)
+        wait_healthy(port, lambda: container.reload() or container.status == "running",
+                     lambda: container.logs().decode()[-2000:])
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == [MODEL_ID]
         r = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "Hi"}],
@@ -131,14 +114,6 @@ def test_build_recipe_packages_pushes_and_the_image_runs(capsys, tmp_path, tiny_
     from builder.check import check_generates
 
     assert len(check_generates(tmp_path / "pulled", new_tokens=4).generated_ids) == 4
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.docker
@@ -323,7 +298,7 @@ def test_pull_and_push_mistakes_get_clear_errors(capsys, tmp_path, model_copy, r
     assert code == 0, err
     assert (tmp_path / "exists" / "genai_config.json").is_file()
     # a registry that is not there: a clear message after a few retries, not a traceback
-    code, out, err = cli(capsys, "pull", f"127.0.0.1:{_free_port()}/x/y:1", str(tmp_path / "y"))
+    code, out, err = cli(capsys, "pull", f"127.0.0.1:{free_port()}/x/y:1", str(tmp_path / "y"))
     assert code == 5 and "up and reachable" in err and "Traceback" not in err
 
 
@@ -347,35 +322,27 @@ def test_serve_a_reference_pulls_verifies_and_serves(capsys, tmp_path, model_cop
 
     model = model_copy()
     assert cli(capsys, "package", str(model), "--no-image", "--push", f"{registry.host}/s")[0] == 0
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
            "XDG_DATA_HOME": str(tmp_path / "empty-data"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "builder", "serve", f"{registry.host}/s/{MODEL_ID}", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "builder", "serve", f"{registry.host}/s/{MODEL_ID}",
+                                 "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_healthy(port, lambda: proc.poll() is None, log.read_text)
         models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read())
         assert [m["id"] for m in models["data"]] == [MODEL_ID]
     finally:
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, log.read_text()
     served = list((tmp_path / "cache" / "olive-builder" / "models").iterdir())
     assert len(served) == 1 and (served[0] / "genai_config.json").is_file()
 
 
 def test_missing_push_rights_fail_before_the_build(capsys, tmp_path, tiny_model, local_engine_ready,  # type: ignore[no-untyped-def]
                                                    auth_registry):
-    from conftest import tiny_recipe
 
     recipe = tiny_recipe(tmp_path, tiny_model)
     code, out, err = cli(capsys, "recipe", str(recipe), "--engine", "local", "-q", "-o", str(tmp_path / "out"),

@@ -12,19 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builder.cli import main
-from conftest import need
+from conftest import need, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / ".github" / "workflows" / "models.yml"
 RECIPE = "name: {name}\nversion: \"1.0\"\nmodel:\n  hub: org/{name}\ntarget:\n  device: {device}\n  precision: {precision}\n"
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return int(info.value.code or 0), out, err
+run = run_cli
 
 
 def matrix(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import need, write_recipe
+from conftest import free_port, need, wait_healthy, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +59,6 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Running:
     def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path):
         self.proc, self.port, self.log = proc, port, log
@@ -102,17 +96,7 @@ def serve(model: Path, tmp_path: Path, *args: str, cmd: list[str] | None = None)
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
     running = Running(proc, port, log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"server exited early:\n{log.read_text()}"
-            try:
-                status, _, _ = running.request("GET", "/health")
-                if status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"server never became healthy:\n{log.read_text()}"
-            time.sleep(0.1)
+        wait_healthy(port, lambda: proc.poll() is None, log.read_text)
         yield running
     finally:
         if proc.poll() is None:
@@ -441,18 +425,8 @@ def test_docker_run_serves_the_model(served_model: Path, runtime_image: str, doc
         volumes={str(served_model): {"bind": "/model", "mode": "ro"}},
     )
     try:
-        running = Running(subprocess.Popen(["true"]), port, Path("/dev/null"))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if running.request("GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            container.reload()
-            assert container.status == "running", container.logs().decode()[-2000:]
-            assert time.monotonic() < deadline, container.logs().decode()[-2000:]
-            time.sleep(0.2)
+        wait_healthy(port, lambda: container.reload() or container.status == "running",
+                     lambda: container.logs().decode()[-2000:])
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=10, temperature=0,
                                            extra_body={"ignore_eos": True})
