@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,19 +37,39 @@ def need(ok: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+PRIVATE_UNSET = ("OLIVE_BUILDER_STORE", "OLIVE_BUILDER_REGISTRY", "OLIVE_BUILDER_REGISTRY_USERNAME",
+                 "OLIVE_BUILDER_REGISTRY_PASSWORD", "OLIVE_BUILDER_INSECURE_REGISTRIES", "SOURCE_DATE_EPOCH",
+                 "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def _isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Build logs, HF caches, the local OCI store, pulled models and registry credentials of
+    tests go under ``root``, never the user's."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(root / "state"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(root / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    monkeypatch.setenv("HF_HOME", str(root / "hf-home"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(root / "docker-config"))
+    for name in PRIVATE_UNSET:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_session_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The same for session fixtures (they are set up before any test's own fixtures)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(mp, tmp_path_factory.mktemp("session-state"))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Build logs and HF caches of tests go to temporary folders, never the user's."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    # The local OCI store and registry credentials of tests are their own, never the user's.
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))
-    for name in ("OLIVE_BUILDER_STORE", "OLIVE_BUILDER_REGISTRY", "OLIVE_BUILDER_REGISTRY_USERNAME",
-                 "OLIVE_BUILDER_REGISTRY_PASSWORD", "OLIVE_BUILDER_INSECURE_REGISTRIES", "SOURCE_DATE_EPOCH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    _isolate(monkeypatch, tmp_path)
+
+
+def assert_private(path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``path`` lies in this test session's temporary folders."""
+    assert path.resolve().is_relative_to(tmp_path_factory.getbasetemp().resolve()), f"{path} is outside the tests' folders"
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pytest
 from builder import oci
 from builder.cli import main
 from builder.registry import Registry
-from conftest import REGISTRY_PASSWORD, REGISTRY_USER, free_port, need, no_partials, run_cli, tiny_recipe, wait_healthy
+from conftest import REGISTRY_PASSWORD, REGISTRY_USER, assert_private, free_port, need, no_partials, run_cli, tiny_recipe, wait_healthy
 
 pytestmark = pytest.mark.integration
 MODEL_ID = "tiny-qwen2:0.1.0-cpu-int4"
@@ -52,6 +52,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, local_engi
                   "-o", str(root / "out" / precision)])
         assert info.value.code == 0
         out[precision] = root / "out" / precision
+    assert_private(oci.default_store_path(), tmp_path_factory)  # session fixtures must not use the user's store
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, need, wait_healthy, write_recipe
+from conftest import assert_private, free_port, need, wait_healthy, write_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -38,25 +38,13 @@ def served_model(tmp_path_factory: pytest.TempPathFactory, local_engine_ready: N
                           f"name: tiny-qwen2\nversion: 0.1.0\nmodel:\n  path: {model}\n"
                           f"target:\n  device: cpu\n  precision: int4\ngeneration:\n  max_length: {CONTEXT}\n")
     out = root / "out"
-    env = {"XDG_STATE_HOME": str(root / "state")}
-    with _env(env), pytest.raises(SystemExit) as info:
+    with pytest.raises(SystemExit) as info:
         main(["recipe", str(recipe), "--engine", "local", "-q", "--no-image", "-o", str(out)])
     assert info.value.code == 0
+    from builder import oci
+
+    assert_private(oci.default_store_path(), tmp_path_factory)  # session fixtures must not use the user's store
     return out
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Running:
