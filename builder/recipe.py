@@ -195,13 +195,20 @@ def load(path: str | Path) -> LoadedRecipe:
             hint=f"Name one file inside it, e.g. {shown.rstrip('/')}/cpu-int4.yaml; `build list {shown}` lists them.",
         )
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"Cannot read recipe {shown}: {e}") from None
+        text = _yaml.read_text(path)
+    except _yaml.YamlInputError as e:
+        raise RecipeError(f"{shown}:{e.line}: cannot be read as a recipe: {e.message}",
+                          hint="A recipe is a small UTF-8 YAML file; name a regular file.") from None
     try:
         loaded = _yaml.load(text)
+    except _yaml.YamlInputError as e:
+        raise RecipeError(f"{shown}:{e.line}: {e.message}",
+                          hint="A recipe is a small, flat YAML document; write it out without deep nesting or "
+                               "alias tricks.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
+        if mark is None and isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+            mark = yaml.Mark("", e.position, text.count("\n", 0, e.position), 0, None, None)
         where = f"{shown}:{mark.line + 1}" if mark is not None else shown
         problem = getattr(e, "problem", None) or str(e)
         raise RecipeError(
@@ -227,6 +234,10 @@ def load(path: str | Path) -> LoadedRecipe:
     if recipe is not None:
         for key_path, message in semantic_problems(recipe):
             problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
+        for key_path, message in tag_problems(recipe, path.stem) + model_path_problems(recipe, path):
+            problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
+    else:
+        problems.extend(f"{shown}:1: {m}" for _, m in target_problems(path.stem))
     if problems or recipe is None:
         problems.sort(key=_line_number)
         n = len(problems)
@@ -236,6 +247,56 @@ def load(path: str | Path) -> LoadedRecipe:
             hint="Fix them and run again; `build schema` prints the full recipe format.",
         )
     return LoadedRecipe(recipe=recipe, path=path, id=recipe_id(path.resolve()), digest=digest_of(normalized(recipe)))
+
+
+# The OCI distribution spec's tag rule; every tag a build writes must match it whole.
+OCI_TAG_RULE = "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}"
+_OCI_TAG = re.compile(f"^{OCI_TAG_RULE}$")
+_TARGET_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+# The longest suffix a build appends to `<version>-<target>`: the runnable image's `-serve`
+# (cache tags are `cache-<64 hex>[-serve]`, 76 characters, whatever the recipe says).
+_LONGEST_SUFFIX = "-serve"
+
+
+def target_problems(target: str) -> list[tuple[tuple[Any, ...], str]]:
+    """The recipe file's name (without .yaml) is the target id and part of every tag."""
+    if not _TARGET_RE.match(target):
+        return [((), f"the file name gives the target id {target!r}, which cannot be part of an OCI tag: "
+                     f"use letters, digits, '.', '_' and '-' only (OCI tag rule {OCI_TAG_RULE}); rename the file")]
+    return []
+
+
+def tag_problems(recipe: Recipe, target: str) -> list[tuple[tuple[Any, ...], str]]:
+    """Every tag the build will write, ``<version>-<target>`` and ``...-serve``, against the OCI rule."""
+    out = target_problems(target)
+    if out:
+        return out
+    tag = f"{recipe.version}-{target}{_LONGEST_SUFFIX}"
+    if not _OCI_TAG.match(tag):
+        out.append((("version",), f"the tags this recipe makes, e.g. {tag!r} (<version>-<target>{_LONGEST_SUFFIX}), "
+                                  f"are {len(tag)} characters; an OCI tag has at most 128 (rule {OCI_TAG_RULE}): "
+                                  "shorten the version or the file name"))
+    return out
+
+
+# Kernel pseudo-filesystems: their "files" are endless, change while read, or block.
+_PSEUDO_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def model_path_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
+    """A local model folder must be an ordinary folder, not under /proc, /sys or /dev (links followed)."""
+    if recipe.model.path is None:
+        return []
+    p = Path(recipe.model.path).expanduser()
+    try:
+        where = (p if p.is_absolute() else recipe_path.parent / p).resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        return [(("model", "path"), f"{recipe.model.path!r} cannot be resolved: {e}")]
+    for root in _PSEUDO_ROOTS:
+        if where == root or root in where.parents:
+            return [(("model", "path"), f"{recipe.model.path!r} lies under {root}, a kernel pseudo-filesystem, "
+                                        "not a model folder; point it at a folder saved with save_pretrained")]
+    return []
 
 
 def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
@@ -322,8 +383,10 @@ def _describe(err: Any, loaded: _yaml.LoadedYaml, shown: str) -> str:
 
 
 _PATTERN_HELP = {
-    "name": "lower-case letters, digits and single '.', '_' or '-' between them, as an OCI repository name",
-    "version": "letters, digits, '.', '_' and '-', as an OCI tag",
+    "name": "lower-case letters, digits and single '.', '_' or '-' between them, as an OCI repository name: "
+            "[a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*",
+    "version": "letters, digits, '.', '_' and '-', not starting with '.' or '-', as an OCI tag: "
+               "[a-zA-Z0-9_][a-zA-Z0-9._-]*",
     "hub": "a Hugging Face repo id like Qwen/Qwen2.5-0.5B-Instruct",
     "registry": "a registry host with an optional namespace, like ghcr.io/acme/models or localhost:5000",
 }
@@ -372,8 +435,8 @@ def discover(paths: list[Path]) -> list[Path]:
     """Every recipe file under the given files/folders (``recipes/`` when none), sorted."""
     found: set[Path] = set()
     for p in paths or [Path("recipes")]:
-        if p.is_file():
-            found.add(p)
+        if p.is_file() or (p.exists() and not p.is_dir()):
+            found.add(p)  # a FIFO or device too: load() says what it is instead of "does not exist"
         elif p.is_dir():
             found.update(q for q in p.rglob("*.yaml") if q.is_file())
             found.update(q for q in p.rglob("*.yml") if q.is_file())
