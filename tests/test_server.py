@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,22 @@ pytestmark = pytest.mark.integration
 
 MODEL_ID = "tiny-qwen2:0.1.0-cpu-int4"
 CONTEXT = 4096
+REPO = Path(__file__).resolve().parent.parent
+# The server runs as in the runtime image: onnxruntime-genai 0.18 (og.Engine) in its own
+# environment, made by .ci/run; the tests' own Python has the build side's 0.14.1.
+SERVE_PYTHON = os.environ.get("OLIVE_BUILDER_SERVE_PYTHON") or str(REPO / ".ci-state" / "serve-venv" / "bin" / "python")
+
+
+def serve_python() -> str:
+    probe = "import onnxruntime_genai as og, starlette, uvicorn, prometheus_client; assert hasattr(og, 'Engine')"
+    ok = Path(SERVE_PYTHON).is_file() and subprocess.run([SERVE_PYTHON, "-c", probe], capture_output=True).returncode == 0
+    need(ok, f"no server environment with onnxruntime-genai 0.18 at {SERVE_PYTHON} (.ci/run makes it; "
+             "or set OLIVE_BUILDER_SERVE_PYTHON)")
+    return SERVE_PYTHON
+
+
+def server_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="session")
@@ -79,9 +94,9 @@ def serve(model: Path, tmp_path: Path, *args: str, cmd: list[str] | None = None)
     """A real server process on loopback, stopped by its PID at the end."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
-    argv = cmd or [sys.executable, "-m", "builder.server", "--model", str(model), "--port", str(port), *args]
+    argv = cmd or [serve_python(), "-m", "builder.server", "--model", str(model), "--port", str(port), *args]
     with log.open("wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=server_env())
     running = Running(proc, port, log)
     try:
         wait_healthy(port, lambda: proc.poll() is None, log.read_text)
@@ -383,8 +398,8 @@ def test_sigterm_drains_in_flight_requests(served_model: Path, tmp_path: Path) -
 
 
 def test_a_folder_that_is_not_a_model_exits_nonzero(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "builder.server", "--model", str(tmp_path), "--port", "0"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([serve_python(), "-m", "builder.server", "--model", str(tmp_path), "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env=server_env())
     assert proc.returncode == 2 and "not an ONNX Runtime GenAI model folder" in proc.stdout
 
 
@@ -394,8 +409,8 @@ def test_a_model_that_cannot_load_stops_the_server(served_model: Path, tmp_path:
     broken = tmp_path / "broken"
     shutil.copytree(served_model, broken)
     (broken / "model.onnx").write_bytes(b"not onnx")
-    proc = subprocess.run([sys.executable, "-m", "builder.server", "--model", str(broken), "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([serve_python(), "-m", "builder.server", "--model", str(broken), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=60, env=server_env())
     assert proc.returncode == 1 and "cannot load the model" in proc.stdout + proc.stderr
 
 
