@@ -1,0 +1,618 @@
+"""Attestations of a packaged build: what is inside it, how it was made, how it was evaluated.
+
+Three documents per build, in formats other tools read:
+
+- a CycloneDX 1.6 SBOM (``cyclonedx-python-lib``) per manifest. The model artifact's lists
+  the built model as a ``machine-learning-model`` component whose sub-components are its
+  files with SHA-256 digests, the source model (Hub id, resolved commit, license) as its
+  ancestor, and the tools that made it (versions and purls). The runnable image's adds the
+  runtime's Python packages and the base image's Debian packages, read from the image's own
+  layers (``*.dist-info/METADATA`` and ``var/lib/dpkg/status`` inside the layer tars).
+- a SLSA v1 provenance statement (in-toto Statement v1) whose subjects are both manifests.
+- the evaluation results as an in-toto statement with the test-result predicate.
+
+Everything here is a pure function of the build's facts and its creation time (no wall
+clock, no random serial numbers), so packaging the same build again gives the same bytes
+and re-pushing uploads nothing new.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import json
+import os
+import re
+import socket
+import tarfile
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.parser import HeaderParser
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from . import __version__, oci
+
+# media types and predicate types (the names other tools match on)
+SBOM_MEDIA = "application/vnd.cyclonedx+json"
+INTOTO_MEDIA = "application/vnd.in-toto+json"
+STATEMENT_V1 = "https://in-toto.io/Statement/v1"
+SLSA_PROVENANCE_V1 = "https://slsa.dev/provenance/v1"
+TEST_RESULT_V01 = "https://in-toto.io/attestation/test-result/v0.1"
+CYCLONEDX_PREDICATE = "https://cyclonedx.org/bom"
+BUILD_TYPE = "https://github.com/olive-builder/olive-builder/blob/main/README.md#supply-chain"
+ANN_PREDICATE_TYPE = "in-toto.io/predicate-type"
+# The namespace UUIDs of deterministic SBOM serial numbers (uuid5 of the subject digest).
+_SERIAL_NS = uuid.UUID("9a3f4a51-5bd4-4a70-9f1e-7c3f1f0b6d21")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A manifest an attestation is about."""
+
+    name: str  # <name>:<tag> as stored (or pushed)
+    digest: str  # sha256:<hex>
+    media_type: str = oci.MANIFEST
+
+    def to_statement(self) -> dict[str, Any]:
+        return {"name": self.name, "digest": {"sha256": self.digest.split(":", 1)[1]}}
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    path: str  # relative to the model folder, POSIX
+    sha256: str  # hex
+    size: int
+
+
+@dataclass(frozen=True)
+class BuildFacts:
+    """What the attestations say beyond the manifests themselves."""
+
+    info: Mapping[str, Any]  # the build record, olive-builder.json
+    files: tuple[FileDigest, ...]
+    created: dt.datetime
+    recipe_path: str | None = None  # as the user named it (relative paths stay relative)
+    recipe_text: str | None = None
+    lock_entry: Mapping[str, Any] | None = None  # this recipe's olive-builder.lock entry, if locked
+
+
+def file_digests(model_dir: Path, files: Iterable[str]) -> tuple[FileDigest, ...]:
+    out = []
+    for name in sorted(files):
+        path = model_dir / name
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while chunk := f.read(oci.CHUNK):
+                h.update(chunk)
+        out.append(FileDigest(name, h.hexdigest(), size))
+    return tuple(out)
+
+
+def rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def statement(subjects: Iterable[Subject], predicate_type: str, predicate: Mapping[str, Any]) -> dict[str, Any]:
+    """An in-toto Statement v1."""
+    return {"_type": STATEMENT_V1, "subject": [s.to_statement() for s in subjects],
+            "predicateType": predicate_type, "predicate": dict(predicate)}
+
+
+# ---- builder identity --------------------------------------------------------------------------
+
+def builder_identity(env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
+    """(builder id, invocation id): the GitHub Actions workflow and its run when built there, else this host."""
+    env = os.environ if env is None else env
+    if env.get("GITHUB_ACTIONS") == "true" and env.get("GITHUB_REPOSITORY") and env.get("GITHUB_RUN_ID"):
+        server = env.get("GITHUB_SERVER_URL", "https://github.com").rstrip("/")
+        repo = env["GITHUB_REPOSITORY"]
+        workflow = env.get("GITHUB_WORKFLOW_REF")  # owner/repo/.github/workflows/x.yml@refs/heads/main
+        builder = f"{server}/{workflow}" if workflow else f"{server}/{repo}/actions"
+        run = f"{server}/{repo}/actions/runs/{env['GITHUB_RUN_ID']}/attempts/{env.get('GITHUB_RUN_ATTEMPT', '1')}"
+        return builder, run
+    return f"urn:olive-builder:host:{socket.gethostname() or 'localhost'}", None
+
+
+# ---- SLSA provenance ---------------------------------------------------------------------------
+
+def _digest_map(digest: str) -> dict[str, str]:
+    algo, _, hexpart = digest.partition(":")
+    return {algo: hexpart} if hexpart else {"sha256": digest}
+
+
+def provenance(facts: BuildFacts, subjects: Iterable[Subject], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A SLSA v1 provenance statement: the recipe and target in, the model and builder image used, the builder."""
+    info = facts.info
+    source = info.get("source") or {}
+    builder = info.get("builder") or {}
+    tools = info.get("tools") or {}
+    target = info.get("target") or {}
+    recipe: dict[str, Any] = {"digest": info.get("recipe_digest")}
+    if facts.recipe_path:
+        recipe["path"] = facts.recipe_path
+    if facts.recipe_text is not None:
+        recipe["content"] = facts.recipe_text
+    external = {"recipe": recipe, "target": {"id": info.get("id"), **target}}
+    deps: list[dict[str, Any]] = []
+    hub = source.get("hub")
+    commit = source.get("resolved_revision")
+    if hub:
+        dep: dict[str, Any] = {"uri": f"https://huggingface.co/{hub}", "name": hub}
+        if commit:
+            dep["digest"] = {"gitCommit": commit}
+            dep["uri"] += f"/tree/{commit}"
+        deps.append(dep)
+    elif source.get("local"):
+        dep = {"name": "local model folder"}
+        if commit and ":" in commit:
+            dep["digest"] = _digest_map(commit)
+        elif commit:
+            dep["annotations"] = {"revision": commit}
+        if "digest" in dep or "annotations" in dep:
+            deps.append(dep)
+    lock = facts.lock_entry or {}
+    for name, digest in sorted((lock.get("files") or {}).items()):
+        deps.append({"name": f"source:{name}", "uri": f"https://huggingface.co/{hub}/resolve/{commit}/{name}"
+                     if hub and commit else None, "digest": _digest_map(str(digest))})
+    if builder.get("image_id"):
+        image_dep: dict[str, Any] = {"name": builder.get("image") or "builder image", "digest": _digest_map(builder["image_id"])}
+        if builder.get("image"):
+            image_dep["uri"] = f"pkg:docker/{builder['image'].split(':', 1)[0]}@{builder['image_id']}"
+        deps.append(image_dep)
+    internal: dict[str, Any] = {"engine": builder.get("engine"), "tools": dict(tools)}
+    if info.get("cache_key"):
+        internal["cacheKey"] = info["cache_key"]
+    if facts.lock_entry is not None:
+        internal["lockEntry"] = dict(facts.lock_entry)
+    builder_id, invocation = builder_identity(env)
+    metadata: dict[str, Any] = {"finishedOn": rfc3339(facts.created)}
+    if invocation:
+        metadata["invocationId"] = invocation
+    predicate = {
+        "buildDefinition": {
+            "buildType": BUILD_TYPE,
+            "externalParameters": external,
+            "internalParameters": internal,
+            "resolvedDependencies": [{k: v for k, v in d.items() if v is not None} for d in deps],
+        },
+        "runDetails": {
+            "builder": {"id": builder_id, "version": {"olive-builder": str(builder.get("version") or __version__)}},
+            "metadata": metadata,
+        },
+    }
+    return statement(subjects, SLSA_PROVENANCE_V1, predicate)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+def evaluation_results(info: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The evaluation section of the build record, however the evaluation stage names it."""
+    for key in ("evaluation", "eval"):
+        value = info.get(key)
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+def evaluation_passed(section: Mapping[str, Any] | None) -> bool | None:
+    """True/False from the evaluation section; None when it was not evaluated."""
+    if not section:
+        return None
+    for key in ("passed", "ok"):
+        if isinstance(section.get(key), bool):
+            return bool(section[key])
+    gates = section.get("gates")
+    if isinstance(gates, dict) and isinstance(gates.get("passed"), bool):
+        return bool(gates["passed"])
+    if section.get("evaluated") is False or section.get("status") == "not evaluated":
+        return None
+    status = str(section.get("result") or section.get("status") or "").upper()
+    if status in ("PASSED", "PASS", "OK"):
+        return True
+    if status in ("FAILED", "FAIL"):
+        return False
+    return None
+
+
+def evaluation(facts: BuildFacts, subjects: Iterable[Subject]) -> dict[str, Any]:
+    """The build's evaluation (and its check) as an in-toto test-result statement."""
+    info = facts.info
+    section = evaluation_results(info)
+    passed = evaluation_passed(section)
+    check = info.get("check") or {}
+    passed_tests = []
+    failed_tests = []
+    if check:
+        (passed_tests if check.get("ok", True) else failed_tests).append("check: loads and generates")
+    for gate, value in sorted(((section or {}).get("gates") or {}).items()):
+        if isinstance(value, dict) and isinstance(value.get("passed"), bool):
+            (passed_tests if value["passed"] else failed_tests).append(f"gate: {gate}")
+    if section is None or passed is None:
+        result = "WARNED" if not failed_tests else "FAILED"
+        warned = ["evaluation: not evaluated"]
+    else:
+        result = "PASSED" if passed and not failed_tests else "FAILED"
+        warned = []
+    predicate = {
+        "result": result,
+        "configuration": [{"name": "olive-builder evaluation", "annotations": {
+            "target": info.get("id"), "evaluated": section is not None and passed is not None}}],
+        "url": "https://github.com/olive-builder/olive-builder#evaluation",
+        "passedTests": passed_tests,
+        "warnedTests": warned,
+        "failedTests": failed_tests,
+    }
+    # test-result v0.1 has no field for figures: they travel as the configuration's annotations.
+    if section is not None:
+        predicate["configuration"][0]["annotations"]["results"] = section
+    if check:
+        predicate["configuration"][0]["annotations"]["check"] = dict(check)
+    return statement(subjects, TEST_RESULT_V01, predicate)
+
+
+# ---- SBOM --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Package:
+    """An installed package found in an image's layers."""
+
+    ecosystem: str  # pypi | deb
+    name: str
+    version: str
+    license: str | None = None
+    arch: str | None = None
+
+
+def _purl_oci(name: str, digest: str, repository_url: str | None = None) -> str:
+    from packageurl import PackageURL
+
+    qualifiers = {"repository_url": repository_url} if repository_url else None
+    return str(PackageURL(type="oci", name=name.rsplit("/", 1)[-1].split(":", 1)[0], version=digest,
+                          qualifiers=qualifiers))
+
+
+def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (),
+         base: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A CycloneDX 1.6 SBOM (JSON document) of ``subject``: the model, its source, its tools and
+    (for the runnable image) ``packages`` from the image's layers on ``base``."""
+    from cyclonedx.builder.this import this_component
+    from cyclonedx.factory.license import LicenseFactory
+    from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, Property, XsUri
+    from cyclonedx.model.bom import Bom, BomMetaData
+    from cyclonedx.model.component import Component, ComponentType, Pedigree
+    from cyclonedx.model.tool import ToolRepository
+    from cyclonedx.output.json import JsonV1Dot6
+    from packageurl import PackageURL
+
+    info = facts.info
+    source = info.get("source") or {}
+    builder = info.get("builder") or {}
+    target = info.get("target") or {}
+    licenses = LicenseFactory()
+
+    def sha256(hexdigest: str) -> HashType:
+        return HashType(alg=HashAlgorithm.SHA_256, content=hexdigest)
+
+    files = [Component(type=ComponentType.FILE, name=f.path, bom_ref=f"file:{f.path}", hashes=[sha256(f.sha256)],
+                       properties=[Property(name="olive-builder:size", value=str(f.size))]) for f in facts.files]
+    ancestors = []
+    hub = source.get("hub")
+    commit = source.get("resolved_revision")
+    if hub:
+        org, _, model = str(hub).rpartition("/")
+        src = Component(type=ComponentType.MACHINE_LEARNING_MODEL, name=model, group=org or None,
+                        version=commit or source.get("revision"), bom_ref=f"source:{hub}",
+                        purl=PackageURL(type="huggingface", namespace=org or None, name=model, version=commit)
+                        if commit else None,
+                        licenses=[licenses.make_from_string(str(info["license"]))] if info.get("license") else [],
+                        external_references=[ExternalReference(type=ExternalReferenceType.DISTRIBUTION,
+                                                               url=XsUri(f"https://huggingface.co/{hub}"))])
+        ancestors.append(src)
+    elif source.get("local"):
+        ancestors.append(Component(type=ComponentType.MACHINE_LEARNING_MODEL, name="local model folder",
+                                   bom_ref="source:local", version=commit))
+    model = Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL, name=str(info.get("name")), version=str(info.get("version")),
+        bom_ref="model", description=info.get("description") or None,
+        licenses=[licenses.make_from_string(str(info["license"]))] if info.get("license") else [],
+        components=files, pedigree=Pedigree(ancestors=ancestors) if ancestors else None,
+        properties=[Property(name=f"olive-builder:{k}", value=str(v)) for k, v in (
+            ("target", info.get("id")), ("device", target.get("device")),
+            ("execution-provider", target.get("execution_provider")), ("precision", target.get("precision")),
+            ("recipe-digest", info.get("recipe_digest")), ("cache-key", info.get("cache_key"))) if v],
+    )
+    tools = [Component(type=ComponentType.APPLICATION, name=name, version=str(version),
+                       purl=PackageURL(type="pypi", name=name, version=str(version)), bom_ref=f"tool:{name}")
+             for name, version in sorted((info.get("tools") or {}).items())]
+    tools.append(Component(type=ComponentType.APPLICATION, name="olive-builder",
+                           version=str(builder.get("version") or __version__), bom_ref="tool:olive-builder"))
+    if builder.get("image_id"):
+        tools.append(Component(type=ComponentType.CONTAINER, name=str(builder.get("image") or "builder image"),
+                               version=str(builder["image_id"]), bom_ref="tool:builder-image",
+                               hashes=[sha256(str(builder["image_id"]).split(":", 1)[-1])]))
+    tools.append(this_component())
+    subject_component = Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL if not packages and base is None else ComponentType.CONTAINER,
+        name=subject.name, version=subject.digest, bom_ref="subject",
+        purl=PackageURL.from_string(_purl_oci(subject.name, subject.digest)),
+    )
+    components = [model]
+    runtime_refs = []
+    for p in sorted(set(packages), key=lambda p: (p.ecosystem, p.name.lower(), p.version)):
+        if p.ecosystem == "pypi":
+            purl = PackageURL(type="pypi", name=p.name.lower().replace("_", "-"), version=p.version)
+        else:
+            purl = PackageURL(type="deb", namespace="debian", name=p.name, version=p.version,
+                              qualifiers={"arch": p.arch} if p.arch else None)
+        ref = f"{p.ecosystem}:{p.name}@{p.version}"
+        runtime_refs.append(ref)
+        lic = []
+        if p.license:
+            try:
+                lic = [licenses.make_from_string(p.license)]
+            except Exception:  # noqa: BLE001 - free-text licenses the factory cannot read are left out
+                lic = []
+        components.append(Component(type=ComponentType.LIBRARY if p.ecosystem == "pypi" else ComponentType.APPLICATION,
+                                    name=p.name, version=p.version, purl=purl, bom_ref=ref, licenses=lic))
+    if base:
+        components.append(Component(type=ComponentType.CONTAINER, name=base.get("name", "runtime image"),
+                                    version=base.get("digest"), bom_ref="base-image"))
+    bom = Bom(
+        serial_number=uuid.uuid5(_SERIAL_NS, subject.digest),
+        metadata=BomMetaData(timestamp=facts.created.astimezone(dt.timezone.utc), component=subject_component,
+                             tools=ToolRepository(components=tools)),
+        components=components,
+    )
+    bom.register_dependency(subject_component, [model] + [c for c in components if c.bom_ref.value in runtime_refs]
+                            + [c for c in components if c.bom_ref.value == "base-image"])
+    doc = json.loads(JsonV1Dot6(bom).output_as_string())
+    _add_model_card(doc, info, facts)
+    return doc
+
+
+def _add_model_card(doc: dict[str, Any], info: Mapping[str, Any], facts: BuildFacts) -> None:
+    """cyclonedx-python-lib has no model card type yet; the 1.6 schema does: add it to the model."""
+    card: dict[str, Any] = {"modelParameters": {"task": "text-generation"}}
+    arch = info.get("architecture")
+    for f in facts.files:
+        if f.path == "genai_config.json":
+            card["modelParameters"]["architectureFamily"] = "transformer"
+    if arch:
+        card["modelParameters"]["modelArchitecture"] = str(arch)
+    section = evaluation_results(info)
+    metrics = []
+    for name, value in sorted(((section or {}).get("metrics") or {}).items()):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            metrics.append({"type": str(name), "value": str(value)})
+    if metrics:
+        card["quantitativeAnalysis"] = {"performanceMetrics": metrics}
+    for c in doc.get("components", []):
+        if c.get("bom-ref") == "model":
+            c["modelCard"] = card
+
+
+# ---- what an image's layers hold ---------------------------------------------------------------
+
+_DPKG_STATUS = "var/lib/dpkg/status"
+_DIST_INFO = re.compile(r"^(?:.*/)?(?:site|dist)-packages/([^/]+)\.dist-info/METADATA$")
+
+
+def _open_layer(f: BinaryIO, media_type: str) -> BinaryIO:
+    if media_type.endswith("gzip"):
+        return gzip.GzipFile(fileobj=f, mode="rb")  # type: ignore[return-value]
+    return f
+
+
+def layer_packages(store: oci.Store, layers: Iterable[oci.Descriptor]) -> list[Package]:
+    """The Python distributions and Debian packages installed in an image, read from its layers
+    in order (a later layer's file replaces an earlier one's; whiteouts delete)."""
+    dist: dict[str, Package] = {}  # METADATA path -> package
+    status: bytes | None = None
+    for layer in layers:
+        if layer.media_type not in (oci.IMAGE_LAYER, oci.IMAGE_LAYER_GZIP, oci.DOCKER_LAYER_GZIP):
+            continue
+        with store.open_blob(layer.digest) as raw, tarfile.open(fileobj=_open_layer(raw, layer.media_type),
+                                                                 mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                name = member.name.lstrip("./")
+                base = PurePosixPath(name).name
+                if base.startswith(".wh."):
+                    gone = str(PurePosixPath(name).parent / base[4:])
+                    if gone == _DPKG_STATUS:
+                        status = None
+                    for key in [k for k in dist if k == gone or k.startswith(gone + "/")]:
+                        del dist[key]
+                    continue
+                if not member.isfile():
+                    continue
+                if name == _DPKG_STATUS:
+                    f = tar.extractfile(member)
+                    status = f.read() if f else None
+                elif _DIST_INFO.match(name) and member.size < (4 << 20):
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        pkg = _python_package(f.read())
+                        if pkg:
+                            dist[name] = pkg
+    out = list(dist.values())
+    if status:
+        out.extend(dpkg_packages(status.decode("utf-8", "replace")))
+    return out
+
+
+def _python_package(metadata: bytes) -> Package | None:
+    headers = HeaderParser().parsestr(metadata.decode("utf-8", "replace"), headersonly=True)
+    name, version = headers.get("Name"), headers.get("Version")
+    if not name or not version:
+        return None
+    # Only an SPDX expression is trusted; free-text License fields and classifiers are not SPDX ids.
+    lic = headers.get("License-Expression") or None
+    return Package("pypi", str(name), str(version), lic)
+
+
+def dpkg_packages(status: str) -> list[Package]:
+    """Installed packages in a dpkg status file."""
+    out = []
+    for stanza in status.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line[:1] in (" ", "\t") or ":" not in line:
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        if fields.get("Package") and fields.get("Version") and "installed" in fields.get("Status", "").split():
+            out.append(Package("deb", fields["Package"], fields["Version"], None, fields.get("Architecture")))
+    return out
+
+
+# ---- all of a build's attestations -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Attestations:
+    """The documents of one packaged build (canonical JSON bytes), ready to attach."""
+
+    artifact_sbom: bytes
+    image_sbom: bytes | None
+    provenance: bytes
+    evaluation: bytes
+
+
+def build_attestations(facts: BuildFacts, artifact: Subject, image: Subject | None, *,
+                       image_packages: Iterable[Package] = (), base: Mapping[str, str] | None = None,
+                       env: Mapping[str, str] | None = None) -> Attestations:
+    subjects = [artifact] + ([image] if image else [])
+    return Attestations(
+        artifact_sbom=oci.canonical_json(sbom(facts, artifact)),
+        image_sbom=oci.canonical_json(sbom(facts, image, packages=image_packages, base=base)) if image else None,
+        provenance=oci.canonical_json(provenance(facts, subjects, env)),
+        evaluation=oci.canonical_json(evaluation(facts, subjects)),
+    )
+
+
+__all__ = [
+    "Attestations", "BuildFacts", "FileDigest", "Package", "Subject", "build_attestations", "builder_identity",
+    "dpkg_packages", "evaluation", "file_digests", "layer_packages", "provenance", "sbom", "statement",
+]
+
+
+# ---- attaching a packaged build's attestations (and signatures) in the local store -----------
+
+ANN_KEY_ID = "org.olive-builder.signature.key-id"  # sha256 of the signer's public key PEM
+ANN_KIND = "org.olive-builder.referrer"  # sbom | provenance | evaluation | model-signature
+
+
+@dataclass(frozen=True)
+class Attached:
+    """What ``attach_build`` left in the store: (kind, subject digest, referrer descriptor)."""
+
+    referrers: tuple[tuple[str, str, oci.Descriptor], ...]
+    signed: bool
+
+
+def _runtime_packages(store: oci.Store, runtime: Any) -> list[Package]:
+    """The runtime image's packages, read once per runtime image and remembered beside the store."""
+    cache = store.root / "sbom-cache" / (runtime.manifest.digest.split(":", 1)[1] + ".json")
+    try:
+        return [Package(**p) for p in json.loads(cache.read_text())]
+    except (OSError, ValueError, TypeError):
+        pass
+    found = layer_packages(store, runtime.layers)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps([p.__dict__ for p in found], sort_keys=True))
+    os.replace(tmp, cache)
+    return found
+
+
+def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifact: oci.Descriptor,
+                 image_ref: str | None = None, image: oci.Descriptor | None = None, runtime: Any = None,
+                 created: dt.datetime, info: Mapping[str, Any], recipe_path: str | None = None,
+                 recipe_text: str | None = None, lock_entry: Mapping[str, Any] | None = None,
+                 key: Any = None, files: Iterable[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> Attached:
+    """Attach the SBOMs, provenance and evaluation of a packaged build as referrers of its manifests,
+    and with ``key`` (a ``sign.SigningKey``) sign the model folder (OpenSSF model signing) and
+    both manifests and the attestations (cosign's format). Idempotent: what is already attached
+    (by this key) is kept, so packaging the same build again adds nothing."""
+    from . import package as package_mod
+    from . import referrers, sign
+
+    name = artifact_ref.rpartition(":")[0]
+    names = list(files) if files is not None else package_mod.model_files(model_dir)
+    facts = BuildFacts(info, file_digests(model_dir, names), created, recipe_path, recipe_text, lock_entry)
+    a_subject = Subject(artifact_ref, artifact.digest)
+    i_subject = Subject(image_ref, image.digest) if image is not None and image_ref else None
+    packages = _runtime_packages(store, runtime) if runtime is not None and i_subject else []
+    base = {"name": runtime.ref, "digest": runtime.manifest.digest} if runtime is not None and i_subject else None
+    docs = build_attestations(facts, a_subject, i_subject, image_packages=packages, base=base, env=env)
+    when = {"org.opencontainers.image.created": rfc3339(created)}
+    out: list[tuple[str, str, oci.Descriptor]] = []
+    subjects = [(artifact, docs.artifact_sbom)] + ([(image, docs.image_sbom)] if image is not None and docs.image_sbom else [])
+    statements = {"provenance": (docs.provenance, SLSA_PROVENANCE_V1), "evaluation": (docs.evaluation, TEST_RESULT_V01)}
+    for subject, sbom_doc in subjects:
+        d = referrers.attach(store, name, subject, SBOM_MEDIA, [(sbom_doc, SBOM_MEDIA, {})],
+                             annotations={**when, ANN_KIND: "sbom"})
+        out.append(("sbom", subject.digest, d))
+        for kind, (doc, ptype) in statements.items():
+            d = referrers.attach(store, name, subject, INTOTO_MEDIA, [(doc, INTOTO_MEDIA, {ANN_PREDICATE_TYPE: ptype})],
+                                 annotations={**when, ANN_KIND: kind, ANN_PREDICATE_TYPE: ptype})
+            out.append((kind, subject.digest, d))
+    if key is None:
+        return Attached(tuple(out), False)
+    # The model folder, in the OpenSSF model signing format (the same files in both manifests).
+    bundle: bytes | None = None
+    for subject, _ in subjects:
+        existing = [d for d in referrers.list_local(store, name, subject.digest)
+                    if d.artifact_type == sign.SIGSTORE_BUNDLE_MEDIA and d.annotations.get(ANN_KEY_ID) == key.key_id]
+        if existing:
+            out.append(("model-signature", subject.digest, existing[0]))
+            continue
+        bundle = bundle or _model_bundle(key, model_dir)
+        d = referrers.attach(store, name, subject, sign.SIGSTORE_BUNDLE_MEDIA,
+                             [(bundle, sign.SIGSTORE_BUNDLE_MEDIA, {ANN_KEY_ID: key.key_id})],
+                             annotations={**when, ANN_KIND: "model-signature", ANN_KEY_ID: key.key_id})
+        out.append(("model-signature", subject.digest, d))
+    # Both manifests (cosign simple signing) and the attestations (cosign DSSE), under cosign's tags.
+    for subject, sbom_doc in subjects:
+        ref_name = artifact_ref if subject is artifact else str(image_ref)
+        if not _signed_by(store, name, subject.digest, referrers.SIG_SUFFIX, key):
+            payload, sig = sign.sign_manifest(key, ref_name.rpartition(":")[0], subject.digest)
+            d = referrers.replace_local_tagged(store, name, subject, referrers.SIG_SUFFIX, sign.COSIGN_SIG_ARTIFACT,
+                                               [(payload, sign.SIMPLE_SIGNING_MEDIA,
+                                                 {sign.ANN_SIGNATURE: sig, ANN_KEY_ID: key.key_id})],
+                                               annotations=when)
+            out.append(("signature", subject.digest, d))
+        if not _signed_by(store, name, subject.digest, referrers.ATT_SUFFIX, key):
+            sbom_statement = oci.canonical_json(statement(
+                [a_subject if subject is artifact else i_subject], CYCLONEDX_PREDICATE, json.loads(sbom_doc)))  # type: ignore[list-item]
+            layers = []
+            for doc, ptype in [(sbom_statement, CYCLONEDX_PREDICATE), *statements.values()]:
+                layers.append((sign.dsse_envelope(key, doc), sign.DSSE_MEDIA,
+                               {sign.ANN_SIGNATURE: "", sign.ANN_PREDICATE_TYPE: ptype, ANN_KEY_ID: key.key_id}))
+            d = referrers.replace_local_tagged(store, name, subject, referrers.ATT_SUFFIX, sign.COSIGN_ATT_ARTIFACT,
+                                               layers, annotations=when)
+            out.append(("attestations", subject.digest, d))
+    return Attached(tuple(out), True)
+
+
+def _signed_by(store: oci.Store, name: str, subject_digest: str, suffix: str, key: Any) -> bool:
+    from . import referrers
+
+    desc = referrers.local_tagged(store, name, subject_digest, suffix)
+    if desc is None:
+        return False
+    layers = store.read_json(desc.digest).get("layers") or []
+    return any((d.get("annotations") or {}).get(ANN_KEY_ID) == key.key_id for d in layers)
+
+
+def _model_bundle(key: Any, model_dir: Path) -> bytes:
+    import tempfile
+
+    from . import sign
+
+    with tempfile.TemporaryDirectory(prefix="olive-builder-sig-") as tmp:
+        return sign.sign_model(key, model_dir, Path(tmp) / "model.sig")
