@@ -279,8 +279,12 @@ def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (
          base: Mapping[str, str] | None = None) -> dict[str, Any]:
     """A CycloneDX 1.6 SBOM (JSON document) of ``subject``: the model, its source, its tools and
     (for the runnable image) ``packages`` from the image's layers on ``base``."""
-    from cyclonedx.builder.this import this_component
-    from cyclonedx.factory.license import LicenseFactory
+    try:  # the current locations; older cyclonedx-python-lib releases have only the old ones
+        from cyclonedx.contrib.license.factories import LicenseFactory
+        from cyclonedx.contrib.this.builders import this_component
+    except ImportError:  # pragma: no cover
+        from cyclonedx.builder.this import this_component  # type: ignore[no-redef]
+        from cyclonedx.factory.license import LicenseFactory  # type: ignore[no-redef]
     from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, Property, XsUri
     from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType, Pedigree
