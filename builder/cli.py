@@ -1,45 +1,23 @@
-"""The `build` command. The only layer that prints or exits; the core raises BuilderError."""
+"""The `build` command: parses arguments, calls the library (``builder.pipeline`` and the
+stage modules), prints and exits. The only layer that prints or exits; the core raises
+BuilderError, and ``main`` turns it into a message and an exit code."""
 
 from __future__ import annotations
 
 import json
-import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, console
+from .console import ConsoleReporter
 from .errors import BuilderError
 
 ENGINES = ("docker", "local")
-
-
-def _stage(stage: str, message: str) -> None:
-    click.secho(f"==> {stage}: ", bold=True, nl=False, err=True)
-    click.echo(message, err=True)
-
-
-_PROGRESS_BAR = re.compile(r"\d+%\|")
-
-
-def _log(line: str) -> None:
-    # Progress bars arrive as one line per redraw: show only finished ones (the log file has all).
-    if _PROGRESS_BAR.search(line) and "100%|" not in line:
-        return
-    click.secho(f"    {line}", dim=True, err=True)
-
-
-def _fail(error: BuilderError) -> None:
-    if error.log_tail:
-        click.secho(f"--- last {len(error.log_tail)} lines of the log ---", fg="yellow", err=True)
-        for line in error.log_tail:
-            click.echo(f"    {line}", err=True)
-        click.secho("---", fg="yellow", err=True)
-    click.secho("error: ", fg="red", bold=True, nl=False, err=True)
-    click.echo(str(error), err=True)
-
+F = TypeVar("F", bound=Callable[..., Any])
 
 image_options = [
     click.option(
@@ -56,14 +34,6 @@ image_options = [
         help="A folder of wheels that pip may use inside image builds (e.g. a CPU torch). Env: OLIVE_BUILDER_WHEELS.",
     ),
 ]
-
-
-def with_image_options(f: Any) -> Any:
-    for option in reversed(image_options):
-        f = option(f)
-    return f
-
-
 store_option = click.option(
     "--store", type=click.Path(file_okay=False, path_type=Path), envvar="OLIVE_BUILDER_STORE", default=None,
     help="The local OCI store [default: ~/.local/share/olive-builder/store]. Env: OLIVE_BUILDER_STORE.")
@@ -82,109 +52,26 @@ package_options = [
 ]
 
 
-def with_package_options(f: Any) -> Any:
-    for option in reversed(package_options):
-        f = option(f)
-    return f
+def _with(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    def apply(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
 
 
-class _Progress:
-    """Byte progress for long transfers on stderr: on a terminal one line rewritten every 2%;
-    elsewhere (CI logs) a line every 25%, and only for transfers over 100 MB."""
-
-    def __init__(self, what: str, total: int):
-        self.what = what
-        self.tty = sys.stderr.isatty()
-        self.step = 2 if self.tty else 25
-        self.start(total)
-
-    def start(self, total: int) -> None:
-        """(Re)start with ``total`` bytes to go (for transfers whose size is known only later)."""
-        self.total, self.done, self.bucket = max(total, 1), 0, -1
-        self.quiet = not self.tty and total <= 100_000_000
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        pct = max(0, min(int(100 * self.done / self.total), 100))
-        if self.quiet or pct // self.step == self.bucket:
-            return
-        self.bucket = pct // self.step
-        line = f"    {self.what}: {pct:3d}% of {self.total / 1e6:.1f} MB"
-        click.echo("\r" + line if self.tty else line, nl=not self.tty, err=True)
-
-    def close(self) -> None:
-        if self.tty and self.bucket >= 0:
-            click.echo("", err=True)
+with_image_options = _with(image_options)
+with_package_options = _with(package_options)
 
 
-def _runtime_image(client: Any, device: str, *, base_image: str | None, wheels: str | None,
-                   runtime_base_image: str | None, quiet: bool) -> str:
-    from . import images
+def _package_options(kw: dict[str, Any]) -> Any:
+    """PackageOptions from the shared image and package options (removed from ``kw``)."""
+    from .pipeline import ImageSettings, PackageOptions
 
-    spec = images.image_spec(f"runtime-{device}", base_image=base_image, wheels_dir=wheels,
-                             runtime_base_image=runtime_base_image)
-    try:
-        client.images.get(spec.tag)
-    except Exception:  # docker.errors.ImageNotFound: build it once, as for builder images
-        _stage("image", f"runtime image {spec.tag} is not built yet; building it (once)")
-        images.build_image(client, spec, (lambda line: None) if quiet else _log)
-    return spec.tag
-
-
-def _package_and_push(model_dir: Path, device: str, *, store: Path | None, destination: str | None, no_image: bool,
-                      insecure: bool, quiet: bool, recipe_path: Path | None, base_image: str | None,
-                      wheels: str | None, runtime_base_image: str | None, client: Any = None) -> None:
-    from . import oci, package
-    from .engine import DockerEngine
-    from .errors import EngineError
-
-    st = oci.open_store(store)
-    runtime = None
-    if not no_image:
-        if client is None:
-            try:
-                eng = DockerEngine()
-                eng.preflight()
-                client = eng.client
-            except EngineError as e:
-                click.secho(f"warning: no runnable image (it needs Docker for the runtime image): {e.message}",
-                            fg="yellow", err=True)
-        if client is not None:
-            tag = _runtime_image(client, device, base_image=base_image, wheels=wheels,
-                                 runtime_base_image=runtime_base_image, quiet=quiet)
-            runtime = package.import_runtime(client, tag, st)
-    _stage("package", f"into the local store {st.root}")
-    total = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
-    progress = _Progress("packaging", total)
-    created = package.created_time(recipe_path, model_dir)
-    try:
-        result = package.package(Path(model_dir), st, created=created, runtime=runtime, on_bytes=progress)
-    finally:
-        progress.close()
-    click.echo(f"  model artifact  {result.artifact_ref}  {result.artifact.digest}")
-    if result.image_ref and result.image:
-        click.echo(f"  runnable image  {result.image_ref}  {result.image.digest}")
-    if destination:
-        _push([r for r in (result.artifact_ref, result.image_ref) if r], st, destination, insecure)
-
-
-def _push(refs: list[str], st: Any, destination: str, insecure: bool) -> None:
-    from . import distribute
-    from .registry import parse_destination
-
-    host, namespace = parse_destination(destination)
-    total = sum(sum(b.size for b in distribute.manifest_blobs(distribute.local_manifest(st, r)[1])) for r in refs)
-    _stage("push", f"{', '.join(refs)} to {host}/{namespace or ''}".rstrip("/"))
-    progress = _Progress("uploading", total)
-    try:
-        report = distribute.push(st, refs, host, namespace, insecure=insecure or None,
-                                 on_event=lambda stage, msg: click.echo(f"    {msg}", err=True), on_bytes=progress)
-    finally:
-        progress.close()
-    for remote, digest in report.pushed:
-        click.echo(f"  pushed          {remote}@{digest}")
-    click.echo(f"  uploaded {report.uploaded} blob(s), {report.uploaded_bytes} bytes; {report.existing} already there, "
-               f"{report.mounted} mounted from another repository")
+    settings = ImageSettings(kw.pop("base_image"), kw.pop("wheels"), kw.pop("runtime_base_image"))
+    push_to, no_push = kw.pop("push_to"), kw.pop("no_push")
+    return PackageOptions(store=kw.pop("store"), push_to=None if no_push else push_to,
+                          runnable_image=not kw.pop("no_image"), insecure=kw.pop("insecure"), images=settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -225,9 +112,7 @@ def cli() -> None:
 @with_package_options
 def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: Path | None, force: bool,
                dry_run: bool, image: str | None, quiet: bool, no_cache: bool, lock_file: Path | None,
-               require_locked: bool, base_image: str | None, wheels: str | None,
-               store: Path | None, push_to: str | None, no_push: bool, no_image: bool, insecure: bool,
-               runtime_base_image: str | None) -> None:
+               require_locked: bool, **kw: Any) -> None:
     """Build RECIPE_FILE into a checked ONNX Runtime GenAI model folder, then package it.
 
     The model is packaged into the local OCI store as a ModelPack artifact
@@ -235,144 +120,17 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
     and pushed with --push (or OLIVE_BUILDER_REGISTRY, or the recipe's `registry`).
     A build whose cache key is already in the local store or the registry is not run again.
     """
-    import dataclasses
+    from . import pipeline
 
-    from . import cache, images, plan
-    from .engine import DockerEngine, make_engine
-    from .execute import default_output, execute
-
-    loaded = _select_recipe(recipe_file, only)
-    flavour = loaded.recipe.target.device
-    image_spec = None
-    if image is None:
-        image_spec = images.image_spec(flavour, base_image=base_image, wheels_dir=wheels)
-        image = image_spec.tag
-    step = plan.plan(loaded, image)
-    lock = lock_file or cache.find_lock(loaded.path.parent)
-    entry = cache.lock_entry(loaded, lock)
-    if require_locked:
-        cache.require_locked(loaded, entry, lock)
+    no_push = kw["no_push"]
+    options = pipeline.BuildOptions(engine=engine, output=output, force=force, builder_image=image,
+                                    use_cache=not no_cache, lock_file=lock_file, require_locked=require_locked,
+                                    package=_package_options(kw), recipe_registry=not no_push)
+    loaded = pipeline.select(recipe_file, only)
     if dry_run:
-        click.echo(json.dumps(step.to_json(), indent=2))
+        click.echo(json.dumps(pipeline.dry_run(loaded, options).to_json(), indent=2))
         return
-    destination = None if no_push else (push_to or loaded.recipe.registry)
-    if destination:
-        from .registry import Registry, parse_destination, repository
-
-        host, namespace = parse_destination(destination)  # a bad destination fails before the build, not after
-        registry = Registry(host, insecure=insecure or None)
-        try:  # so do missing credentials or rights
-            registry.check_push(repository(namespace, loaded.recipe.name))
-        finally:
-            registry.close()
-    eng = make_engine(engine)
-    image_id = None
-    if isinstance(eng, DockerEngine):
-        eng.preflight()
-        if image_spec is not None and not eng.has_image(image):
-            _stage("image", f"builder image {image} is not built yet; building it (once)")
-            images.build_image(eng.client, image_spec, (lambda line: None) if quiet else _log)
-        image_id, tools = cache.tools_of_image(eng.client, image)
-    else:
-        tools = cache.tools_here()
-
-    # The cache key: everything that decides the output, known before Olive runs.
-    pinned = cache.pin(loaded, entry, builder_image=image_id or "local", tools=tools)
-    key = pinned.key
-    if key is None:
-        m = loaded.recipe.model
-        click.secho(f"note: {m.hub}@{m.revision or 'main'} cannot be resolved to a commit here; building without the cache",
-                    fg="yellow", err=True)
-    step = dataclasses.replace(step, cache_key=key,
-                               model=dataclasses.replace(step.model, resolved=pinned.commit, files=pinned.files))
-    out_dir = output or default_output(step)
-    if key and not no_cache and _from_cache(step, key, out_dir, force=force, store=store, destination=destination,
-                                            no_image=no_image, insecure=insecure, quiet=quiet, base_image=base_image,
-                                            wheels=wheels, runtime_base_image=runtime_base_image,
-                                            client=eng.client if isinstance(eng, DockerEngine) else None):
-        return
-    result = execute(
-        step,
-        eng,
-        out_dir,
-        force=force,
-        on_stage=_stage,
-        on_log=(lambda line: None) if quiet else _log,
-        image_id=image_id,
-    )
-    gen = result.info.get("check", {}).get("generated_ids", [])
-    click.echo(f"Built {step.id} in {result.seconds:.1f}s -> {result.output}")
-    click.echo(f"  checked: onnxruntime-genai {result.info['check'].get('onnxruntime_genai', '?')} loaded it and generated {len(gen)} tokens")
-    click.echo(f"  log: {result.log_path}")
-    _package_and_push(result.output, flavour, store=store, destination=destination, no_image=no_image,
-                      insecure=insecure, quiet=quiet, recipe_path=loaded.path, base_image=base_image,
-                      wheels=wheels, runtime_base_image=runtime_base_image,
-                      client=eng.client if isinstance(eng, DockerEngine) else None)
-
-
-def _select_recipe(path: Path | None, only: str | None) -> Any:
-    import difflib
-
-    from . import recipe
-    from .errors import PlanError, RecipeError
-
-    if only is None:
-        if path is None:
-            raise click.UsageError("Name a recipe file, or a folder with --only ID.")
-        return recipe.load(path)
-    candidates = recipe.discover([path] if path else [])
-    matches = [p for p in candidates if recipe.recipe_id(p) == only]
-    if not matches:
-        ids = [recipe.recipe_id(p) for p in candidates]
-        close = difflib.get_close_matches(only, ids, n=3, cutoff=0.5)
-        raise PlanError(f"No recipe with id {only!r} under {path or 'recipes'}.",
-                        hint=("Perhaps you meant: " + ", ".join(close) + "." if close else "") +
-                             " `build list` prints every id.")
-    if len(matches) > 1:
-        raise RecipeError(f"The id {only!r} names {len(matches)} files: {', '.join(map(str, matches))}.")
-    return recipe.load(matches[0])
-
-
-def _from_cache(step: Any, key: str, out_dir: Path, *, force: bool, store: Path | None, destination: str | None,
-                no_image: bool, insecure: bool, quiet: bool, base_image: str | None, wheels: str | None,
-                runtime_base_image: str | None, client: Any) -> bool:
-    """Serve a build from the cache if its key is known: True when nothing is left to build."""
-    from . import distribute, oci, package
-    from .registry import parse_destination
-
-    st = oci.open_store(store)
-    tag = step.tags[0]
-
-    def runtime() -> Any:
-        if no_image or client is None:
-            return None
-        return package.import_runtime(client, _runtime_image(client, step.device, base_image=base_image, wheels=wheels,
-                                                             runtime_base_image=runtime_base_image, quiet=quiet), st)
-
-    hit = distribute.reuse_local(st, key, tag, out_dir, force=force, runtime=runtime)
-    if hit is not None:
-        _stage("cache", f"{key[:19]}... was built before ({hit.found_as}): Olive does not run")
-        if hit.output_current:
-            _stage("cache", f"{out_dir} is already this build")
-        click.echo(f"Cached {step.id} (Olive did not run) -> {out_dir.absolute()}")
-        click.echo(f"  model artifact  {tag}  {hit.artifact.digest}")
-        if hit.image is not None:
-            click.echo(f"  runnable image  {tag}{package.SERVE_SUFFIX}  {hit.image.digest}")
-        if destination:
-            _push([tag] + ([tag + package.SERVE_SUFFIX] if hit.image is not None else []), st, destination, insecure)
-        return True
-    if not destination:
-        return False
-    host, namespace = parse_destination(destination)
-    tagged = distribute.reuse_remote(host, namespace, key, tag, with_image=not no_image, insecure=insecure or None)
-    if tagged is None:
-        return False
-    _stage("cache", f"{key[:19]}... was built before (found in {host}): Olive does not run")
-    click.echo(f"Cached {step.id} (Olive did not run; found in {host}, nothing downloaded)")
-    for remote, digest in tagged:
-        click.echo(f"  pushed          {remote}@{digest}")
-    click.echo(f"  `build pull {tagged[0][0]} DIR` fetches the model.")
-    return True
+    console.show_outcome(pipeline.build(loaded, options, ConsoleReporter(quiet)))
 
 
 @cli.command("list")
@@ -450,37 +208,12 @@ def lock_cmd(paths: tuple[Path, ...], lock_file: Path) -> None:
     `build recipe` finds the lock in the recipe's folder or above, builds the recorded
     commit, and checks the recorded file hashes; --require-locked refuses recipes without an entry.
     """
-    import os
+    from . import lock
 
-    from . import cache, recipe
-    from .errors import PlanError
-
-    existing = cache.read_lock(lock_file)["recipes"] if lock_file.exists() else {}
-    entries = dict(existing)
-    problems: list[str] = []
-    rows: list[tuple[str, str, str]] = []
-    for path in recipe.discover(list(paths)):
-        loaded = recipe.load(path)
-        m = loaded.recipe.model
-        if not m.hub:
-            continue
-        revision = m.revision or "main"
-        commit = cache.resolve_hub(m.hub, revision)
-        if commit is None:
-            problems.append(f"{loaded.id}: {m.hub}@{revision} could not be resolved (no Hub access and not in the cache)")
-            continue
-        entries[loaded.id] = {"hub": m.hub, "revision": revision, "commit": commit, "files": cache.hub_files(m.hub, commit)}
-        rows.append((loaded.id, f"{m.hub}@{revision}", commit))
-    if problems:
-        raise PlanError("Some revisions could not be resolved; the lock file was not changed:\n  " + "\n  ".join(problems),
-                        hint="Run where the Hugging Face Hub is reachable (HF_TOKEN for private models), "
-                             "or with the models in the Hugging Face cache and HF_HUB_OFFLINE=1.")
-    tmp = lock_file.with_name(f".{lock_file.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"version": 1, "recipes": entries}, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, lock_file)
-    for row in rows:
-        click.echo("  ".join(row))
-    click.echo(f"Locked {len(rows)} recipe(s) in {lock_file}", err=True)
+    resolved = lock.write(list(paths), lock_file)
+    for rid, entry in resolved:
+        click.echo(f"{rid}  {entry.hub}@{entry.revision}  {entry.commit}")
+    click.echo(f"Locked {len(resolved)} recipe(s) in {lock_file}", err=True)
 
 
 @cli.command("images")
@@ -510,11 +243,11 @@ def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_t
     eng.preflight()
     for spec in specs:
         if eng.has_image(spec.tag):
-            _stage("image", f"{spec.tag} is up to date")
+            console.stage("image", f"{spec.tag} is up to date")
             continue
-        _stage("image", f"building {spec.tag} from {spec.dockerfile.name}")
-        image_id = images.build_image(eng.client, spec, (lambda line: None) if quiet else _log)
-        _stage("image", f"built {spec.tag} ({image_id})")
+        console.stage("image", f"building {spec.tag} from {spec.dockerfile.name}")
+        image_id = images.build_image(eng.client, spec, ConsoleReporter(quiet).log)
+        console.stage("image", f"built {spec.tag} ({image_id})")
         click.echo(spec.tag)
 
 
@@ -535,12 +268,12 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
     MODEL is a model folder, or a reference: <name>:<tag> in the local store or
     REGISTRY/REPO:TAG, pulled (verified) into ~/.cache/olive-builder/models first.
     """
+    from . import pipeline
     from .check import check_files
-    from .errors import BuilderError
 
     model_dir = Path(model)
     if not model_dir.exists() and (":" in model or "@" in model):
-        model_dir = _pulled(model, store, insecure)
+        model_dir = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure)
     check_files(model_dir)
     try:
         from . import server
@@ -553,41 +286,17 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
         raise BuilderError(f"The server stopped: the model in {model_dir} could not be loaded (see above).")
 
 
-def _pulled(ref_text: str, store: Path | None, insecure: bool) -> Path:
-    """The model folder for a reference: unpacked once per manifest digest under the cache."""
-    import os
-
-    from . import distribute, oci
-    from .registry import parse_reference
-
-    st = oci.open_store(store)
-    ref = parse_reference(ref_text)
-    _, desc, manifest = distribute.fetch(ref, st, insecure=insecure or None,
-                                         on_event=lambda stage, msg: click.echo(f"    {msg}", err=True))
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "olive-builder" / "models"
-    folder = cache / desc.digest.split(":", 1)[1]
-    if not folder.is_dir():
-        distribute.materialize(st, manifest, folder, force=False, shown=ref_text)
-    _stage("serve", f"{ref_text}@{desc.digest} from {folder}")
-    return folder
-
-
 @cli.command("package")
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
 @with_image_options
 @with_package_options
-def package_cmd(model_dir: Path, base_image: str | None, wheels: str | None, store: Path | None,
-                push_to: str | None, no_push: bool, no_image: bool, insecure: bool, runtime_base_image: str | None) -> None:
+def package_cmd(model_dir: Path, **kw: Any) -> None:
     """Package a model folder that `build recipe` made (again) into the local store, and push it with --push."""
+    from . import pipeline
     from .check import check_files
-    from .package import read_info
 
     check_files(model_dir)
-    info = read_info(model_dir)
-    destination = None if no_push else push_to
-    _package_and_push(model_dir, info["target"].get("device", "cpu"), store=store, destination=destination,
-                      no_image=no_image, insecure=insecure, quiet=True, recipe_path=None, base_image=base_image,
-                      wheels=wheels, runtime_base_image=runtime_base_image)
+    console.show_packaging(pipeline.package_folder(model_dir, _package_options(kw), ConsoleReporter(quiet=True)))
 
 
 @cli.command("push")
@@ -599,14 +308,10 @@ def package_cmd(model_dir: Path, base_image: str | None, wheels: str | None, sto
 @insecure_option
 def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, insecure: bool) -> None:
     """Push REF (<name>:<tag> in the local store) and its runnable image to a registry."""
-    from . import oci
-    from .package import SERVE_SUFFIX
+    from . import pipeline
 
-    st = oci.open_store(store)
-    refs = [ref]
-    if not no_image and not ref.endswith(SERVE_SUFFIX) and st.resolve(ref + SERVE_SUFFIX) is not None:
-        refs.append(ref + SERVE_SUFFIX)
-    _push(refs, st, destination, insecure)
+    console.show_pushed(pipeline.push_with_image(ref, destination, ConsoleReporter(), store=store, insecure=insecure,
+                                                 with_image=not no_image))
 
 
 @cli.command("pull")
@@ -617,17 +322,10 @@ def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, ins
 @insecure_option
 def pull_cmd(ref: str, directory: Path, force: bool, store: Path | None, insecure: bool) -> None:
     """Fetch the model REF into DIRECTORY, verifying every blob (a registry ref, or <name>:<tag> in the local store)."""
-    from . import distribute, oci
+    from . import pipeline
 
-    st = oci.open_store(store)
-    progress = _Progress("downloading", 0)
-    try:
-        _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None,
-                                        on_event=lambda stage, msg: click.echo(f"    {msg}", err=True),
-                                        on_bytes=progress, on_start=progress.start)
-    finally:
-        progress.close()
-    click.echo(f"Pulled {ref}@{desc.digest} -> {dest}")
+    pulled, dest = pipeline.pull(ref, directory, ConsoleReporter(), store=store, force=force, insecure=insecure)
+    click.echo(f"Pulled {pulled.ref}@{pulled.digest} -> {dest}")
 
 
 @cli.command("inspect")
@@ -658,21 +356,7 @@ def inspect_cmd(ref: str | None, as_json: bool, store: Path | None, insecure: bo
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
-    click.echo(f"{info['reference']}  ({info['kind']})")
-    click.echo(f"  digest        {info['digest']}")
-    if info.get("runnableImage"):
-        click.echo(f"  runnable as   {info['runnableImage']}")
-    click.echo(f"  size          {info['size']} bytes in {len(info['layers'])} layers")
-    ann = info["annotations"]
-    if ann:
-        width = max(len(k) for k in ann)
-        click.echo("annotations:")
-        for key in sorted(ann):
-            click.echo(f"  {key.ljust(width)}  {ann[key]}")
-    click.echo("layers:")
-    for layer in info["layers"]:
-        where = layer.get("path") or ""
-        click.echo(f"  {layer['digest'][:19]}  {layer['size']:>12}  {layer['mediaType']}  {where}".rstrip())
+    console.show_description(info)
 
 
 @cli.command("schema")
@@ -699,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="build", standalone_mode=False)
     except BuilderError as e:
-        _fail(e)
+        console.fail(e)
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         # Every stage cleans up in its own `finally` before we get here.

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import cache, oci, package
-from .errors import ContentError, PlanError, RegistryError, StoreError
+from . import oci, package
+from .contract import key_tag
+from .errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
 from .package import KEY_ANNOTATION, MODEL_ROOT, SERVE_SUFFIX
 from .registry import Reference, Registry, parse_reference, repository
 
@@ -60,7 +61,7 @@ def local_manifest(store: oci.Store, ref: str) -> tuple[oci.Descriptor, dict[str
     if oci.digest_bytes(data) != desc.digest:
         raise ContentError(f"The local store's copy of {ref} ({desc.digest}) is damaged.",
                            hint="Rebuild or pull it again.")
-    return desc, json.loads(data)
+    return desc, oci.parse_manifest(data, ref)
 
 
 def _locations(store: oci.Store) -> dict[str, dict[str, str]]:
@@ -126,7 +127,7 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
             key = (manifest.get("annotations") or {}).get(KEY_ANNOTATION)
             if key:
                 suffix = "" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else SERVE_SUFFIX
-                registry.put_manifest(repo, cache.key_tag(key) + suffix, data, desc.media_type)
+                registry.put_manifest(repo, key_tag(key) + suffix, data, desc.media_type)
     finally:
         registry.close()
     return report
@@ -171,7 +172,7 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
         data, media, digest = got
         if media != oci.MANIFEST:
             raise ContentError(f"{ref} is a {media}, not an OCI image manifest: it is not a model built by olive-builder.")
-        manifest = json.loads(data)
+        manifest = oci.parse_manifest(data, str(ref))  # shape and size, before anything is downloaded
         blobs = manifest_blobs(manifest) if layers else manifest_blobs(manifest)[:1]
         on_start(sum(b.size for b in blobs if not store.has(b.digest)))  # bytes to download
         for blob in blobs:
@@ -210,35 +211,94 @@ class _HashingReader:
         return data
 
 
-def _unpack(store: oci.Store, layer: oci.Descriptor, dest: Path, shown: str) -> None:
-    prefix = MODEL_ROOT + "/"
+_NAME_PART_MAX = 255  # bytes, as in most filesystems
+_NAME_MAX = 1024
+
+
+class _Budget:
+    """What a pull may unpack in all: the model layers' declared sizes together."""
+
+    def __init__(self, total: int):
+        self.left = total
+        self.names: dict[str, bool] = {}  # unpacked path -> is a folder
+
+
+def _check_name(member: tarfile.TarInfo, layer: oci.Descriptor, shown: str) -> tuple[str, ...]:
+    """The path parts under ``model/`` of an entry, or ContentError: only plain, relative, short names."""
+    name = member.name
+    parts = PurePosixPath(name).parts
+
+    def refuse(why: str) -> ContentError:
+        return ContentError(f"{shown}: layer {layer.digest} holds an entry {name[:200]!r}: {why}; refused.",
+                            hint="This content was not made by olive-builder or was tampered with; do not use it.")
+
+    if "\0" in name or any(ord(c) < 0x20 for c in name):
+        raise refuse("its name has control characters")
+    if len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX or \
+            any(len(p.encode("utf-8", "surrogateescape")) > _NAME_PART_MAX for p in parts):
+        raise refuse("its name is too long")
+    if name.startswith("/") or len(parts) < 2 or parts[0] != MODEL_ROOT or ".." in parts or "." in name.split("/"):
+        raise refuse(f"it lies outside {MODEL_ROOT}/")
+    return parts[1:]
+
+
+def _unpack(store: oci.Store, layer: oci.Descriptor, dest: Path, shown: str, budget: _Budget) -> None:
+    """Unpack one model layer into ``dest``. Whatever the tar says, no more is written than the
+    layer's declared size and what is left of the pull's budget; sparse entries, links,
+    devices, names outside model/, a name given twice, a file where a folder is (or the
+    other way round) are refused. Every failure is a ContentError."""
     with store.open_blob(layer.digest) as raw:
         reader = _HashingReader(raw)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+                written = 0
                 for member in tar:
-                    name = member.name.rstrip("/")
-                    if name == MODEL_ROOT and member.isdir():
+                    if member.name.rstrip("/") == MODEL_ROOT and member.isdir():
                         continue
-                    parts = PurePosixPath(member.name).parts
-                    if not member.name.startswith(prefix) or ".." in parts or member.name.startswith("/"):
-                        raise ContentError(f"{shown}: layer {layer.digest} holds {member.name!r}, outside {prefix}; refused.")
-                    target = dest.joinpath(*parts[1:])
+                    rel = _check_name(member, layer, shown)
+                    key = "/".join(rel)
+                    if member.issparse() or any(k.startswith("GNU.sparse") for k in member.pax_headers):
+                        raise ContentError(f"{shown}: layer {layer.digest} holds {member.name[:200]!r} as a sparse "
+                                           "file, which olive-builder never writes; refused.")
+                    if member.isfile():
+                        written += member.size
+                        if written > layer.size or member.size > budget.left:
+                            raise ContentError(f"{shown}: layer {layer.digest} holds {member.name[:200]!r} of "
+                                               f"{member.size} bytes, more than the layer's declared {layer.size} "
+                                               "bytes allow; refused.")
+                        budget.left -= member.size
+                    elif not member.isdir():
+                        raise ContentError(f"{shown}: layer {layer.digest} holds {member.name[:200]!r}, which is not a "
+                                           "plain file or folder; refused.")
+                    for i in range(1, len(rel)):  # every parent must be (or become) a folder
+                        parent = "/".join(rel[:i])
+                        if budget.names.get(parent) is False:
+                            raise ContentError(f"{shown}: {parent!r} is both a file and a folder; refused.")
+                        budget.names[parent] = True
+                    seen = budget.names.get(key)
+                    if seen is not None and not (seen and member.isdir()):
+                        raise ContentError(f"{shown}: {key!r} appears twice (or as both a file and a folder); refused.")
+                    budget.names[key] = member.isdir()
+                    target = dest.joinpath(*rel)
                     if member.isdir():
                         target.mkdir(parents=True, exist_ok=True)
-                    elif member.isfile():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        src = tar.extractfile(member)
-                        assert src is not None
-                        with target.open("wb") as out:
-                            shutil.copyfileobj(src, out, oci.CHUNK)
-                    else:
-                        raise ContentError(f"{shown}: layer {layer.digest} holds {member.name!r}, which is not a "
-                                           "plain file or folder; refused.")
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(member)
+                    if src is None:
+                        raise ContentError(f"{shown}: layer {layer.digest}: {member.name[:200]!r} has no content.")
+                    with target.open("xb") as out:
+                        shutil.copyfileobj(src, out, oci.CHUNK)
                 while reader.read(oci.CHUNK):
                     pass
-        except tarfile.TarError as e:
-            raise ContentError(f"{shown}: layer {layer.digest} is not a valid tar ({e}): damaged or tampered with.") from None
+        except ContentError:
+            raise
+        except (tarfile.TarError, EOFError, ValueError, UnicodeError) as e:
+            raise ContentError(f"{shown}: layer {layer.digest} is not a valid tar ({str(e)[:200]}): "
+                               "damaged or tampered with.") from None
+        except OSError as e:
+            raise ContentError(f"{shown}: layer {layer.digest} cannot be unpacked here: {e.strerror or e}.",
+                               hint="If the disk is full, free space; otherwise the content is not olive-builder's.") from None
     if "sha256:" + reader.hash.hexdigest() != layer.digest or reader.size != layer.size:
         raise ContentError(f"{shown}: the stored layer {layer.digest} does not match its digest or size; "
                            "it was damaged or tampered with.", hint="Pull it again from the registry.")
@@ -259,12 +319,18 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
     try:
         model = work / "model"
         model.mkdir()
+        budget = _Budget(sum(layer.size for layer in layers))
         for layer in layers:
-            _unpack(store, layer, model, shown)
+            _unpack(store, layer, model, shown, budget)
         check_files(model)
-        if dest.exists():
+        if force and dest.exists():
             os.replace(dest, work / "previous")
-        os.replace(model, dest)
+        try:
+            oci.rename_noreplace(model, dest)  # without --force, never over a folder that appeared meanwhile
+        except FileExistsError:
+            raise OutputExistsError(f"{dest} appeared meanwhile (another build or pull wrote it); this one was "
+                                    "not put in its place.",
+                                    hint="Pass --force to replace it, or choose another folder.") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest
@@ -281,67 +347,6 @@ def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, in
                                  on_start=on_start)
     materialize(store, manifest, dest, force=force, shown=str(ref))
     return name, desc, dest
-
-
-# ---- cache hits ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Reused:
-    found_as: str  # the store reference that had the key
-    artifact: oci.Descriptor
-    image: oci.Descriptor | None
-    output_current: bool  # the output folder already held this build
-
-
-def _holds_build(folder: Path, key: str) -> bool:
-    try:
-        return json.loads((folder / package.INFO_FILE).read_text()).get("cache_key") == key
-    except (OSError, ValueError):
-        return False
-
-
-def reuse_local(store: oci.Store, key: str, tag: str, out_dir: Path, *, force: bool,
-                runtime: Callable[[], package.RuntimeImage | None]) -> Reused | None:
-    """A build with ``key`` in ``store``: tag it ``tag`` (and its image ``tag-serve``, composed now
-    with ``runtime()`` if it was packaged without one) and make ``out_dir`` hold it."""
-    hit = cache.find_local(store, key)
-    if hit is None:
-        return None
-    found_as, artifact = hit
-    manifest = store.read_json(artifact.digest)
-    store.tag(tag, artifact)
-    image = store.resolve(found_as + SERVE_SUFFIX)
-    if image is None and (rt := runtime()) is not None:
-        image = package.compose_from_artifact(store, rt, manifest)
-    if image is not None:
-        store.tag(tag + SERVE_SUFFIX, image)
-    current = _holds_build(out_dir, key) and not force
-    if not current:
-        materialize(store, manifest, out_dir, force=force, shown=tag)
-    return Reused(found_as, artifact, image, current)
-
-
-def reuse_remote(host: str, namespace: str, key: str, tag: str, *, with_image: bool,
-                 insecure: bool | None = None) -> list[tuple[str, str]] | None:
-    """A build with ``key`` in the registry: tag its manifests with ``tag`` there (nothing is
-    downloaded). Returns the (reference, digest) pairs tagged, or None if the registry lacks it."""
-    name, _, version = tag.rpartition(":")
-    repo = repository(namespace, name)
-    registry = Registry(host, insecure=insecure)
-    try:
-        tagged = []
-        for suffix in ("", SERVE_SUFFIX) if with_image else ("",):
-            found = registry.get_manifest(repo, cache.key_tag(key) + suffix)
-            if found is None:
-                if not suffix:
-                    return None
-                continue
-            data, media, digest = found
-            registry.put_manifest(repo, version + suffix, data, media)
-            tagged.append((f"{host}/{repo}:{version}{suffix}", digest))
-        return tagged
-    finally:
-        registry.close()
 
 
 # ---- inspect ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ and ``engine.path_for(mount)`` says which one the command must be given.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -22,9 +23,13 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from .contract import TOOL_LABEL, TOOLS, tool_versions_here
 from .errors import EngineError, ImageError
+
+if TYPE_CHECKING:
+    from .images import ImageSpec
 
 EngineName = Literal["docker", "local"]
 LineSink = Callable[[str], None]
@@ -51,12 +56,33 @@ class Job:
     gpus: bool = False
 
 
+@dataclass(frozen=True)
+class BuilderEnv:
+    """The builder environment a build will run in: what decides its output besides the recipe."""
+
+    image_id: str | None  # the builder image's id; None for the local engine
+    tools: dict[str, str]  # versions of contract.TOOLS there
+
+    @property
+    def key_part(self) -> str:
+        return self.image_id or "local"
+
+
 class Engine(Protocol):
     name: str
 
     def path_for(self, mount: Mount) -> str: ...
 
+    def preflight(self) -> None:
+        """Raise EngineError unless this engine can run a build now."""
+
+    def prepare(self, image: str, spec: ImageSpec | None, on_log: LineSink) -> BuilderEnv:
+        """Make sure the builder environment exists (building ``spec`` if given and missing)."""
+
     def run(self, job: Job, on_line: LineSink) -> int: ...
+
+    def docker(self) -> Any | None:
+        """A docker-py client if this engine has one (for runtime images), else None."""
 
 
 def split_lines(chunks: Iterable[bytes]) -> Iterator[str]:
@@ -89,6 +115,12 @@ class LocalEngine:
                 hint="Install the build stack: pip install torch==2.13.0 && pip install -e '.[local]'\n"
                 "or use the default --engine docker.",
             )
+
+    def prepare(self, image: str, spec: ImageSpec | None, on_log: LineSink) -> BuilderEnv:
+        return BuilderEnv(None, tool_versions_here())
+
+    def docker(self) -> Any | None:
+        return None
 
     def run(self, job: Job, on_line: LineSink) -> int:
         env = dict(os.environ)
@@ -160,6 +192,42 @@ class DockerEngine:
     def image_id(self, image: str) -> str:
         return str(self.client.images.get(image).id)
 
+    def docker(self) -> Any | None:
+        return self.client
+
+    def prepare(self, image: str, spec: ImageSpec | None, on_log: LineSink) -> BuilderEnv:
+        self.preflight()
+        if not self.has_image(image):
+            if spec is None:
+                raise ImageError(f"The builder image {image} is not in this Docker engine.",
+                                 hint="Build it with `build images`, or name another one with --image.")
+            from .images import build_image
+
+            on_log(f"builder image {image} is not built yet; building it (once)")
+            build_image(self.client, spec, on_log)
+        return BuilderEnv(*self.tools_of_image(image))
+
+    def tools_of_image(self, image: str) -> tuple[str, dict[str, str]]:
+        """(image id, tool versions) of a builder image: from its labels, else by asking Python inside it."""
+        import docker.errors
+
+        img = self.client.images.get(image)
+        labels = img.labels or {}
+        tools = {t: labels[TOOL_LABEL + t] for t in TOOLS if TOOL_LABEL + t in labels}
+        if len(tools) < len(TOOLS):  # an image not built from our Dockerfiles: ask its Python
+            probe = "import json; from builder.contract import tool_versions_here as v; print(json.dumps(v()))"
+            try:
+                out = self.client.containers.run(image, ["python", "-c", probe], remove=True, stdout=True, stderr=False,
+                                                 environment={"PYTHONPATH": CONTAINER_PACKAGE_ROOT},
+                                                 volumes={str(_package_dir()): {"bind": CONTAINER_PACKAGE_ROOT + "/builder",
+                                                                                "mode": "ro"}})
+                found = json.loads(out.decode().strip().splitlines()[-1])
+            except (docker.errors.DockerException, ValueError, IndexError) as e:
+                raise ImageError(f"Could not read the tool versions in {image}: {_short(e)}",
+                                 hint="A builder image needs python with olive-ai and onnxruntime-genai.") from None
+            tools = {str(k): str(v) for k, v in found.items()}
+        return str(img.id), tools
+
     def run(self, job: Job, on_line: LineSink) -> int:
         import docker.errors
         from docker.types import DeviceRequest
@@ -228,6 +296,10 @@ def connect():  # type: ignore[no-untyped-def]
             "with --engine local.",
         ) from None
     return client
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
 
 
 def _short(e: Exception) -> str:

@@ -18,25 +18,36 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .check import check_files
-from .engine import Job, Mount
-from .errors import BuildError, CheckError, EngineError, ModelNotFoundError, PlanError
+from .contract import (
+    EVENT_PREFIX,
+    RESULT_FILE,
+    SPEC_FILE,
+    BuilderInfo,
+    BuildRecord,
+    RecordError,
+    Source,
+    Target,
+    WorkerResult,
+    WorkerSpec,
+    hf_home,
+    hf_token,
+    log_dir,
+)
+from .engine import Engine, Job, Mount
+from .errors import BuildError, CheckError, EngineError, ModelNotFoundError, OutputExistsError
 from .plan import BuildStep
-from .worker import EVENT_PREFIX
 
-INFO_FILE = "olive-builder.json"
 LOG_TAIL_LINES = 40
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
-TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 HF_PASSTHROUGH = ("HF_HUB_OFFLINE", "HF_ENDPOINT")
 
 
 @dataclass(frozen=True)
 class BuildResult:
     output: Path
-    info: dict[str, Any]
+    record: BuildRecord
     seconds: float
     log_path: Path
 
@@ -49,30 +60,14 @@ def default_output(step: BuildStep) -> Path:
     return Path("out") / step.id
 
 
-def log_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "olive-builder" / "logs"
-
-
-def hf_home() -> Path:
-    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-
-
-def hf_token() -> str | None:
-    for name in TOKEN_ENV:
-        if os.environ.get(name):
-            return os.environ[name]
-    return None
-
-
 def preflight_output(output: Path, force: bool) -> None:
     if output.exists() and not force:
-        raise PlanError(
+        raise OutputExistsError(
             f"The output folder {output} already exists.",
             hint="Pass --force to replace it once the new build has passed its check, or choose --output.",
         )
     if output.exists() and not output.is_dir():
-        raise PlanError(f"{output} exists and is not a folder.", hint="Choose another --output.")
+        raise OutputExistsError(f"{output} exists and is not a folder.", hint="Choose another --output.")
 
 
 def preflight_model(step: BuildStep) -> None:
@@ -93,7 +88,7 @@ def preflight_model(step: BuildStep) -> None:
 
 def execute(
     step: BuildStep,
-    engine: Any,
+    engine: Engine,
     output: Path,
     *,
     force: bool = False,
@@ -118,7 +113,7 @@ def execute(
     secrets = Path(tempfile.mkdtemp(prefix="olive-builder-secret-")) if token else None
     try:
         job, spec = _job(step, engine, work, secrets, token)
-        (work / "spec.json").write_text(json.dumps(spec, indent=2))
+        spec.write(work / SPEC_FILE)
         on_stage("start", f"{step.id}: {engine.name} engine" + (f", image {step.builder_image}" if engine.name == "docker" else ""))
         with log_path.open("w", encoding="utf-8") as log:
 
@@ -148,7 +143,7 @@ def execute(
                 hint=f"The full log is in {log_path}.",
                 log_tail=list(tail),
             )
-        if not result.get("ok"):
+        if not result.ok:
             raise _failure(result, log_path, list(tail), cause)
         model = work / "model"
         try:
@@ -156,26 +151,26 @@ def execute(
         except CheckError as e:
             e.log_tail = list(tail)
             raise
-        info = _info(step, result, engine.name, image_id)
-        (model / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        _replace(model, output, work)
+        record = _record(step, result, engine.name, image_id)
+        record.write(model)
+        _replace(model, output, work, force)
         on_stage("done", f"{output}")
-        return BuildResult(output=output, info=info, seconds=time.monotonic() - started, log_path=log_path)
+        return BuildResult(output=output, record=record, seconds=time.monotonic() - started, log_path=log_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if secrets is not None:
             shutil.rmtree(secrets, ignore_errors=True)
 
 
-def _job(step: BuildStep, engine: Any, work: Path, secrets: Path | None, token: str | None) -> tuple[Job, dict[str, Any]]:
+def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, token: str | None) -> tuple[Job, WorkerSpec]:
     work_mount = Mount(work, "/work", read_only=False)
     mounts = [work_mount]
     env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1"} if engine.name == "docker" else {}
-    spec: dict[str, Any] = {"step": step.to_json(), "work_dir": engine.path_for(work_mount), "model_dir": None}
+    work_dir, model_dir = engine.path_for(work_mount), None
     if step.model.path is not None:
         model_mount = Mount(Path(step.model.path), "/model", read_only=True)
         mounts.append(model_mount)
-        spec["model_dir"] = engine.path_for(model_mount)
+        model_dir = engine.path_for(model_mount)
     elif engine.name == "docker":
         # The user's Hugging Face cache, so a model is downloaded once for every build and engine.
         cache = hf_home()
@@ -193,7 +188,8 @@ def _job(step: BuildStep, engine: Any, work: Path, secrets: Path | None, token: 
         env["HF_TOKEN_PATH"] = "/run/secrets/hf_token"
     package = Path(__file__).resolve().parent
     mounts.append(Mount(package, "/opt/olive-builder/builder", read_only=True))
-    spec_mount_path = f"{spec['work_dir']}/spec.json"
+    spec = WorkerSpec(step=step.to_json(), work_dir=work_dir, model_dir=model_dir)
+    spec_mount_path = f"{work_dir}/{SPEC_FILE}"
     job = Job(
         image=step.builder_image,
         module="builder.worker",
@@ -205,16 +201,16 @@ def _job(step: BuildStep, engine: Any, work: Path, secrets: Path | None, token: 
     return job, spec
 
 
-def _read_result(work: Path) -> dict[str, Any] | None:
-    path = work / "meta" / "result.json"
+def _read_result(work: Path) -> WorkerResult | None:
+    path = work / "meta" / RESULT_FILE
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return WorkerResult.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, RecordError):
         return None
 
 
-def _failure(result: dict[str, Any], log_path: Path, tail: list[str], cause: str | None) -> Exception:
-    kind, message, hint = result.get("kind"), result.get("message", "the build failed"), result.get("hint") or ""
+def _failure(result: WorkerResult, log_path: Path, tail: list[str], cause: str | None) -> Exception:
+    kind, message, hint = result.kind, result.message or "the build failed", result.hint
     if cause and kind == "olive_failed":
         message = f"{message}\nCause: {cause}"
     hint = (hint + "\n" if hint else "") + f"The full log is in {log_path}."
@@ -227,39 +223,36 @@ def _failure(result: dict[str, Any], log_path: Path, tail: list[str], cause: str
     return BuildError(message, hint=hint, log_tail=tail)
 
 
-def _info(step: BuildStep, result: dict[str, Any], engine: str, image_id: str | None) -> dict[str, Any]:
+def _record(step: BuildStep, result: WorkerResult, engine: str, image_id: str | None) -> BuildRecord:
     """What was built from what, by what: recorded in the model folder for packaging and people."""
-    return {
-        "id": step.id,
-        "name": step.name,
-        "version": step.version,
-        "tags": list(step.tags),
-        "description": step.description,
-        "license": step.license,
-        "target": {"device": step.device, "execution_provider": step.execution_provider, "precision": step.precision},
-        "source": {
-            "hub": step.model.hub,
-            "revision": step.model.revision,
-            "resolved_revision": result.get("resolved_revision"),
-            "local": step.model.path is not None,
-            "trust_remote_code": step.model.trust_remote_code,
-        },
-        "recipe_digest": step.recipe_digest,
-        "cache_key": step.cache_key,
-        "builder": {
-            "version": step.builder_version,
-            "engine": engine,
-            "image": step.builder_image if engine == "docker" else None,
-            "image_id": image_id,
-        },
-        "tools": result.get("versions", {}),
-        "check": result.get("check", {}),
-    }
+    return BuildRecord(
+        id=step.id,
+        name=step.name,
+        version=step.version,
+        tags=tuple(step.tags),
+        description=step.description,
+        license=step.license,
+        target=Target(device=step.device, execution_provider=step.execution_provider, precision=step.precision),
+        source=Source(hub=step.model.hub, revision=step.model.revision, resolved_revision=result.resolved_revision,
+                      local=step.model.path is not None, trust_remote_code=step.model.trust_remote_code),
+        recipe_digest=step.recipe_digest,
+        cache_key=step.cache_key,
+        builder=BuilderInfo(version=step.builder_version, engine=engine,
+                            image=step.builder_image if engine == "docker" else None, image_id=image_id),
+        tools=dict(result.versions),
+        check=dict(result.check),
+        # Results of later stages (the evaluation, ...) travel as extra sections of the worker result.
+        extra={k: v for k, v in result.extra.items() if k not in ("olive_seconds",)},
+    )
 
 
-def _replace(model: Path, output: Path, work: Path) -> None:
-    """Put the checked model at ``output``; an existing folder is swapped out only now."""
-    if output.exists():
+def _replace(model: Path, output: Path, work: Path, force: bool) -> None:
+    """Put the checked model at ``output``; with ``force`` an existing folder is swapped out only
+    now. Without it, a folder that appeared while we built (another build to the same place)
+    wins: the rename refuses to replace anything, so of two racing builds exactly one lands."""
+    from .oci import rename_noreplace
+
+    if force and output.exists():
         old = work / "previous-output"
         os.replace(output, old)
         try:
@@ -267,5 +260,12 @@ def _replace(model: Path, output: Path, work: Path) -> None:
         except OSError:
             os.replace(old, output)
             raise
-    else:
-        os.replace(model, output)
+        return
+    try:
+        rename_noreplace(model, output)
+    except FileExistsError:
+        raise OutputExistsError(
+            f"The output folder {output} appeared meanwhile (another build wrote it); this build was not put "
+            "in its place.",
+            hint="Pass --force to replace it once the new build has passed its check, or choose --output.",
+        ) from None

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import cache, recipe
+from . import cache, lock, recipe
 from .errors import PlanError, RecipeError
 
 
@@ -69,10 +69,11 @@ def _recipe_changed(loaded: recipe.LoadedRecipe, ref: str, root: Path, rel: str)
 
 
 def _lock_changed(loaded: recipe.LoadedRecipe, ref: str, root: Path, changed: set[str]) -> bool:
-    lock = cache.find_lock(loaded.path.parent.resolve())
-    if lock is None:
+    lock_path = lock.find(loaded.path.parent.resolve())
+    if lock_path is None:
         return False
-    rel = lock.resolve().relative_to(root).as_posix() if lock.resolve().is_relative_to(root) else None
+    resolved = lock_path.resolve()
+    rel = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else None
     if rel is None or rel not in changed:
         return False
     before = _old(ref, root, rel)
@@ -80,7 +81,8 @@ def _lock_changed(loaded: recipe.LoadedRecipe, ref: str, root: Path, changed: se
         old_entry = json.loads(before)["recipes"].get(loaded.id) if before else None
     except (ValueError, KeyError, AttributeError):
         old_entry = None
-    return old_entry != cache.read_lock(lock)["recipes"].get(loaded.id)
+    now = lock.read(lock_path).get(loaded.id)
+    return old_entry != (now.to_json() if now else None)
 
 
 def entries(paths: list[Path], *, device: str | None, runners: dict[str, list[str]],

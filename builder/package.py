@@ -31,18 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from . import oci
-from .errors import CheckError, ImageError, StoreError
-from .execute import INFO_FILE
+from .errors import ImageError, PackageError, UsageError
+from .contract import INFO_FILE, KEY_ANNOTATION, NS, SERVE_SUFFIX, TOOLS, BuildRecord, RecordError
 
 MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
-SERVE_SUFFIX = "-serve"
-NS = "org.olive-builder."
 WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin", ".safetensors", ".pb", ".ort")
 BIG_FILE = 64 << 20  # any file this large gets a layer of its own
 TARGET_FILES = ("genai_config.json", INFO_FILE)  # differ between targets of one model
 RUNTIME_GENAI_LABEL = NS + "runtime.onnxruntime-genai"
-KEY_ANNOTATION = NS + "cache-key"  # the build cache key (cache.py) of what was packaged
-TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
 _PRECISION_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int4": "int4", "int8": "int8"}
 
 
@@ -79,12 +75,12 @@ def model_files(model_dir: Path) -> list[str]:
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             if path.is_symlink():
-                raise CheckError(f"{path} is a symbolic link; a model folder to package holds plain files only.",
+                raise PackageError(f"{path} is a symbolic link; a model folder to package holds plain files only.",
                                  hint="Replace the link with the file it points to.")
         for name in filenames:
             path = Path(dirpath) / name
             if not path.is_file():
-                raise CheckError(f"{path} is not a regular file; a model folder to package holds plain files only.")
+                raise PackageError(f"{path} is not a regular file; a model folder to package holds plain files only.")
             out.append(path.relative_to(model_dir).as_posix())
     return sorted(out)
 
@@ -101,42 +97,70 @@ def group_files(model_dir: Path, files: list[str]) -> list[LayerGroup]:
     return groups
 
 
-def read_info(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / INFO_FILE
+def read_record(model_dir: Path) -> BuildRecord:
+    """The build record of a folder that `build recipe` made."""
     try:
-        info = json.loads(path.read_text())
+        return BuildRecord.read(model_dir)
     except FileNotFoundError:
-        raise CheckError(f"{model_dir} has no {INFO_FILE}, so it was not made by `build recipe`.",
-                         hint="Package folders that `build recipe` produced: it records what the artifact needs.") from None
-    except ValueError as e:
-        raise CheckError(f"{path} is not valid JSON: {e}") from None
-    for key in ("name", "version", "tags", "target"):
-        if key not in info:
-            raise CheckError(f"{path} lacks `{key}`; rebuild the model with `build recipe`.")
-    return info
+        raise PackageError(f"{model_dir} has no {INFO_FILE}, so it was not made by `build recipe`.",
+                           hint="Package folders that `build recipe` produced: it records what the artifact needs.") from None
+    except OSError as e:
+        raise PackageError(f"{model_dir / INFO_FILE} cannot be read: {e.strerror or e}.") from None
+    except RecordError as e:
+        raise PackageError(f"{model_dir / INFO_FILE} is not a build record: {e}.",
+                           hint="Rebuild the model with `build recipe`.") from None
 
 
-def created_time(recipe_path: Path | None = None, model_dir: Path | None = None) -> dt.datetime:
-    """The creation time recorded in manifests: SOURCE_DATE_EPOCH if set, else the last commit
-    of the recipe file, else the newest file in the model folder. Never the wall clock."""
+def read_info(model_dir: Path) -> dict[str, Any]:
+    """The build record as JSON (what annotations and the ModelPack config are made from)."""
+    return read_record(model_dir).to_json()
+
+
+def created_time(recipe_path: Path | None = None, model_dir: Path | None = None, *,
+                 source_dir: Path | None = None, source_time: dt.datetime | None = None) -> dt.datetime:
+    """The creation time recorded in manifests, from the build's inputs only, so the same inputs
+    give the same digests with no settings: ``SOURCE_DATE_EPOCH`` if set, else the newest of
+    the recipe's last git commit, the source model's commit time (``source_time``, for Hub
+    models) and the newest file of a local source model (``source_dir``, else the recipe's
+    ``model.path``); 1970-01-01 when none is known. Never the clock and never the output:
+    ``model_dir`` (what was built) is not looked at, since its files are as new as the build."""
+    del model_dir  # kept for callers: the output folder's times are the build's, not the inputs'
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch:
         try:
             return dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc)
-        except ValueError:
-            raise StoreError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds.") from None
+        except (ValueError, OverflowError, OSError):
+            raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds.",
+                             hint="Set it to a Unix time (e.g. `git log -1 --format=%ct`) or unset it.") from None
+    times: list[float] = []
+    if source_time is not None:
+        times.append(source_time.timestamp())
     if recipe_path is not None:
         try:
             out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", recipe_path.name], cwd=recipe_path.parent,
-                                 capture_output=True, text=True, timeout=10)
+                                 capture_output=True, text=True, timeout=10, check=False)
             if out.returncode == 0 and out.stdout.strip():
-                return dt.datetime.fromtimestamp(int(out.stdout.strip()), dt.timezone.utc)
+                times.append(float(int(out.stdout.strip())))
         except (OSError, subprocess.SubprocessError, ValueError):
             pass
-    newest = 0.0
-    if model_dir is not None:
-        newest = max((p.stat().st_mtime for p in model_dir.rglob("*") if p.is_file()), default=0.0)
-    return dt.datetime.fromtimestamp(int(newest), dt.timezone.utc)
+        if source_dir is None:
+            source_dir = _local_source(recipe_path)
+    if source_dir is not None:
+        try:
+            times.append(max((p.stat().st_mtime for p in Path(source_dir).rglob("*") if p.is_file()), default=0.0))
+        except OSError:
+            pass
+    return dt.datetime.fromtimestamp(int(max(times, default=0.0)), dt.timezone.utc)
+
+
+def _local_source(recipe_path: Path) -> Path | None:
+    """The local model folder a recipe names (``model.path``), if it names one and still loads."""
+    from . import recipe
+
+    try:
+        return recipe.load(recipe_path).model_dir
+    except Exception:  # noqa: BLE001 - a recipe that no longer loads just adds no time
+        return None
 
 
 RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
@@ -183,6 +207,11 @@ def annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:
     for tool in TOOLS:
         ours[f"tools.{tool}"] = tools.get(tool)
     a.update({NS + k: str(v) for k, v in ours.items() if v not in (None, "")})
+    # The evaluation's figures, gates and text digest (eval.*) and speed (bench.*); builds made
+    # before the stage existed carry none.
+    from .evaluate import annotations as evaluation_annotations
+
+    a.update(evaluation_annotations(info.get("evaluation"), NS))
     return a
 
 

@@ -13,12 +13,10 @@ from typing import Any
 
 from . import __version__
 from .check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
+from .contract import CACHE_DIR, MODEL_DIR, OUTPUT_DIR
 from .errors import PlanError
-from .recipe import LoadedRecipe
+from .recipe import Evaluation, LoadedRecipe, evaluation_text
 
-MODEL_DIR = "${MODEL_DIR}"
-OUTPUT_DIR = "${OUTPUT_DIR}"
-CACHE_DIR = "${CACHE_DIR}"
 
 
 _OLIVE_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
@@ -55,6 +53,8 @@ class BuildStep:
     builder_version: str = field(default=__version__)
     license: str | None = None
     description: str | None = None
+    # What the worker's evaluation stage does (builder.evaluate.Settings as JSON); None: the defaults.
+    evaluate: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +104,24 @@ def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
     }
 
 
+def evaluate_settings(loaded: LoadedRecipe) -> dict[str, Any]:
+    """The recipe's `evaluate:` section as the worker reads it (builder.evaluate.Settings.from_json)."""
+    ev = loaded.recipe.evaluate
+    if ev is False:
+        return {"enabled": False}
+    out: dict[str, Any] = {"enabled": True}
+    if isinstance(ev, Evaluation):
+        if ev.gates is not None:
+            out["gates"] = ev.gates.model_dump(exclude_none=True)
+        text = evaluation_text(loaded.recipe, loaded.path)
+        if text is not None:
+            out["text"] = str(text)  # a host path: execute mounts it into the builder
+        if ev.max_tokens is not None:
+            out["max_tokens"] = ev.max_tokens
+        out["speed"] = ev.speed
+    return out
+
+
 def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
     """Turn a recipe into the one container run that builds it."""
     r = loaded.recipe
@@ -136,4 +154,5 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         cache_key=None,
         license=r.model.license,
         description=r.description,
+        evaluate=evaluate_settings(loaded),
     )

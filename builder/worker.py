@@ -26,23 +26,25 @@ from pathlib import Path
 from typing import Any
 
 from .check import check_generates
+from .contract import (
+    CACHE_DIR,
+    EVENT_PREFIX,
+    MODEL_DIR,
+    OUTPUT_DIR,
+    RESULT_FILE,
+    TOOL_DISTRIBUTIONS,
+    RecordError,
+    WorkerResult,
+    WorkerSpec,
+    atomic_write,
+)
 from .errors import BuilderError, CheckError
+from .hub import HUB_IGNORE
 
-EVENT_PREFIX = "::olive-builder::"
 # Olive writes these next to the model; they are build records, not part of the model.
 OLIVE_BOOKKEEPING = ("footprint.json", "output_footprint.json", "run_history.txt", "model_config.json")
-# Never fetched from the Hub: original checkpoints, other formats.
-HUB_IGNORE = ["original/*", "*.gguf", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.pth"]
-VERSIONED = (
-    "olive-ai",
-    "onnxruntime-genai",
-    "onnxruntime-genai-cuda",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "transformers",
-    "torch",
-    "huggingface_hub",
-)
+# Every distribution of the tools (either alternative), and the Hub client.
+VERSIONED = (*(d for dists in TOOL_DISTRIBUTIONS.values() for d in dists), "huggingface_hub")
 
 
 def event(stage: str, message: str) -> None:
@@ -89,7 +91,7 @@ def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str 
     except ImportError as e:  # pragma: no cover
         raise WorkerFailure("internal", f"huggingface_hub is not installed: {e}") from None
     try:
-        path = snapshot_download(repo, revision=revision, ignore_patterns=HUB_IGNORE)
+        path = snapshot_download(repo, revision=revision, ignore_patterns=list(HUB_IGNORE))
     except GatedRepoError:
         raise WorkerFailure(
             "model_not_found",
@@ -151,9 +153,10 @@ def substitute(node: Any, values: dict[str, str]) -> Any:
     return node
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    step = spec["step"]
-    work = Path(spec["work_dir"])
+def run(spec: WorkerSpec) -> dict[str, Any]:
+    """The build; returns the fields of a successful WorkerResult (later stages add sections)."""
+    step = spec.step
+    work = Path(spec.work_dir)
     meta, output = work / "meta", work / "model"
     olive_cache = work / "olive-cache"
     for d in (meta, olive_cache):
@@ -161,8 +164,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     if os.environ.get("HF_TOKEN_PATH") or os.environ.get("HF_TOKEN"):
         event("auth", "a Hugging Face token is available to this build")
-    model_dir, resolved = fetch_model(step["model"], spec.get("model_dir"))
-    values = {"${MODEL_DIR}": model_dir, "${OUTPUT_DIR}": str(output), "${CACHE_DIR}": str(olive_cache)}
+    model_dir, resolved = fetch_model(step["model"], spec.model_dir)
+    values = {MODEL_DIR: model_dir, OUTPUT_DIR: str(output), CACHE_DIR: str(olive_cache)}
     config = substitute(step["olive_config"], values)
     config_path = meta / "olive-config.json"
     config_path.write_text(json.dumps(config, indent=2))
@@ -210,13 +213,48 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     except CheckError as e:
         raise WorkerFailure("check_failed", e.message, e.hint or "") from None
     event("check", f"generated {len(report.generated_ids)} tokens from a {report.prompt_tokens}-token prompt")
+    evaluation = evaluate_build(step, output, model_dir)
     return {
         "ok": True,
         "resolved_revision": resolved,
         "versions": tool_versions(),
         "check": report.to_json(),
         "olive_seconds": round(olive_seconds, 3),
+        "evaluation": evaluation,
     }
+
+
+def evaluate_build(step: dict[str, Any], output: Path, source_dir: str) -> dict[str, Any]:
+    """The evaluation stage: the checked model against its source; a gate failure fails the build."""
+    from .evaluate import Settings, evaluate, not_evaluated, raise_for_gates
+
+    settings = Settings.from_json(step.get("evaluate"))
+    if not settings.enabled:
+        event("evaluate", "not evaluated: `evaluate: false` in the recipe")
+        return not_evaluated("turned off in the recipe (`evaluate: false`)")
+    try:
+        result = evaluate(
+            output,
+            source_dir,
+            precision=step.get("precision"),
+            device=step.get("device") or "cpu",
+            settings=settings,
+            trust_remote_code=bool(step["model"].get("trust_remote_code")),
+            on_progress=lambda message: event("evaluate", message),
+        )
+        raise_for_gates(result)
+    except BuilderError as e:  # EvaluationError (a gate), CheckError (the model would not load)
+        raise WorkerFailure("evaluation_failed", e.message, e.hint or "") from None
+    except Exception as e:  # the source model would not run in transformers, and the like
+        raise WorkerFailure(
+            "evaluation_failed",
+            f"The evaluation could not run: {type(e).__name__}: {e}",
+            "`evaluate: false` in the recipe skips the stage (the artifact then says it was not evaluated).",
+        ) from None
+    acc = result.accuracy
+    event("evaluate", f"perplexity ratio {acc.get('perplexity_ratio')}, top-1 agreement {acc.get('top1_agreement')}, "
+          f"{result.seconds:.1f} s: within the gates")
+    return result.to_json()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,24 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m builder.worker SPEC.json", file=sys.stderr)
         return 2
-    spec = json.loads(Path(args[0]).read_text())
-    result_path = Path(spec["work_dir"]) / "meta" / "result.json"
+    try:
+        spec = WorkerSpec.read(Path(args[0]))
+    except (OSError, ValueError, RecordError) as e:
+        print(f"[olive-builder] unreadable spec {args[0]}: {e}", file=sys.stderr)
+        return 2
+    result_path = Path(spec.work_dir) / "meta" / RESULT_FILE
     result_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = run(spec)
-        code = 0
+        result = WorkerResult.from_json(run(spec))
     except WorkerFailure as e:
-        result = {"ok": False, "kind": e.kind, "message": e.message, "hint": e.hint}
-        code = 1
+        result = WorkerResult(ok=False, kind=e.kind, message=e.message, hint=e.hint)
     except BuilderError as e:
-        result = {"ok": False, "kind": "internal", "message": e.message, "hint": e.hint or ""}
-        code = 1
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(result_path)
-    if not result["ok"]:
-        print(f"[olive-builder] build failed: {result['message']}", flush=True)
-    return code
+        result = WorkerResult(ok=False, kind="internal", message=e.message, hint=e.hint or "")
+    atomic_write(result_path, json.dumps(result.to_json(), indent=2))
+    if not result.ok:
+        print(f"[olive-builder] build failed: {result.message}", flush=True)
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.execute import INFO_FILE
+from builder.contract import INFO_FILE
 from conftest import no_partials, run_cli, tiny_recipe
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import cache, oci, recipe
+from builder import cache, contract, hub, lock, oci, recipe
 from builder.errors import PlanError
 
 BASE = {"recipe": None, "model_revision": "a" * 40, "builder_image": "sha256:" + "1" * 64,
@@ -83,33 +83,33 @@ def test_where_a_local_model_lies_does_not_matter_but_its_content_does(tmp_path)
 
 def test_hub_revisions_resolve_from_a_commit_or_the_offline_cache(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert cache.resolve_hub("org/m", "c" * 40) == "c" * 40
-    assert cache.resolve_hub("org/m", "main") is None  # not cached, offline: unknown
+    assert hub.resolve("org/m", "c" * 40) == "c" * 40
+    assert hub.resolve("org/m", "main") is None  # not cached, offline: unknown
     refs = Path(os.environ["HF_HOME"]) / "hub" / "models--org--m" / "refs"
     refs.mkdir(parents=True)
     (refs / "main").write_text("d" * 40)
-    assert cache.resolve_hub("org/m", "main") == "d" * 40
+    assert hub.resolve("org/m", "main") == "d" * 40
 
 
 def test_lock_entries_pin_and_require_locked_refuses_moving_revisions(tmp_path):  # type: ignore[no-untyped-def]
     loaded = load(tmp_path / "recipes" / "m")
-    assert cache.find_lock(loaded.path.parent) is None
+    assert lock.find(loaded.path.parent) is None
     with pytest.raises(PlanError, match="m/cpu-int4 is not pinned: revision 'main' of org/m can move"):
-        cache.require_locked(loaded, None, None)
-    lock = tmp_path / cache.LOCK_FILE
-    lock.write_text(json.dumps({"version": 1, "recipes": {
+        lock.require(loaded, None, None)
+    lock_path = tmp_path / contract.LOCK_FILE
+    lock_path.write_text(json.dumps({"version": 1, "recipes": {
         "m/cpu-int4": {"hub": "org/m", "revision": "main", "commit": "e" * 40, "files": {}}}}))
-    assert cache.find_lock(loaded.path.parent) == lock
-    entry = cache.lock_entry(loaded, lock)
-    assert entry is not None and entry["commit"] == "e" * 40
-    cache.require_locked(loaded, entry, lock)  # no error
+    assert lock.find(loaded.path.parent) == lock_path
+    entry = lock.entry(loaded, lock_path)
+    assert entry is not None and entry.commit == "e" * 40
+    lock.require(loaded, entry, lock_path)  # no error
     moved = load(tmp_path / "recipes2" / "m", RECIPE.replace("hub: org/m", "hub: org/m\n  revision: dev"))
-    assert cache.lock_entry(moved, lock) is None  # the lock recorded another revision: stale
+    assert lock.entry(moved, lock_path) is None  # the lock recorded another revision: stale
     pinned = load(tmp_path / "recipes3" / "m", RECIPE.replace("hub: org/m", "hub: org/m\n  revision: " + "f" * 40))
-    cache.require_locked(pinned, None, None)  # a commit in the recipe is pinned by itself
-    lock.write_text("not json")
+    lock.require(pinned, None, None)  # a commit in the recipe is pinned by itself
+    lock_path.write_text("not json")
     with pytest.raises(PlanError, match="is not a lock file"):
-        cache.lock_entry(loaded, lock)
+        lock.entry(loaded, lock_path)
 
 
 def test_find_local_only_finds_complete_artifacts_with_the_key(tmp_path):  # type: ignore[no-untyped-def]
@@ -118,7 +118,7 @@ def test_find_local_only_finds_complete_artifacts_with_the_key(tmp_path):  # typ
     config = store.put_json({"c": 1}, oci.MODEL_CONFIG)
     manifest = {"schemaVersion": 2, "mediaType": oci.MANIFEST, "artifactType": oci.MODEL_ARTIFACT,
                 "config": config.to_json(), "layers": [layer.to_json()],
-                "annotations": {cache.KEY_ANNOTATION: "sha256:" + "9" * 64}}
+                "annotations": {contract.KEY_ANNOTATION: "sha256:" + "9" * 64}}
     desc = store.put_json(manifest, oci.MANIFEST, artifact_type=oci.MODEL_ARTIFACT)
     store.tag("m:1.0-cpu-int4", desc)
     assert cache.find_local(store, "sha256:" + "8" * 64) is None
@@ -128,5 +128,5 @@ def test_find_local_only_finds_complete_artifacts_with_the_key(tmp_path):  # typ
     assert cache.find_local(store, "sha256:" + "9" * 64) is None  # incomplete content is no hit
 
 
-def test_tools_here_names_every_tool():  # type: ignore[no-untyped-def]
-    assert set(cache.tools_here()) == set(cache.TOOLS)
+def test_tool_versions_here_names_every_tool():  # type: ignore[no-untyped-def]
+    assert set(contract.tool_versions_here()) == set(contract.TOOLS)

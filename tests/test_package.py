@@ -21,7 +21,7 @@ import pytest
 
 from builder import distribute, oci, package
 from builder.cli import main
-from builder.errors import AuthError, CheckError, ContentError, RegistryError
+from builder.errors import AuthError, ContentError, PackageError, RegistryError
 from builder.registry import credentials_for, parse_destination, parse_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,13 +151,13 @@ def test_creation_time_comes_from_source_date_epoch(tmp_path, monkeypatch):  # t
 def test_a_folder_without_build_info_or_with_links_is_refused(tmp_path, capsys):  # type: ignore[no-untyped-def]
     model = fake_model(tmp_path / "m")
     (model / "link.json").symlink_to(model / "tokenizer.json")
-    with pytest.raises(CheckError, match="symbolic link"):
+    with pytest.raises(PackageError, match="symbolic link"):
         package.package(model, oci.Store(tmp_path / "s"), created=T0)
     (model / "link.json").unlink()
     (model / "olive-builder.json").unlink()
     with pytest.raises(SystemExit) as exc:
         main(["package", str(model), "--no-image", "--store", str(tmp_path / "s")])
-    assert exc.value.code == 4
+    assert exc.value.code == 5  # a packaging failure
     assert "has no olive-builder.json" in capsys.readouterr().err
 
 

@@ -1,0 +1,337 @@
+"""Names and records shared across stages and across the container boundary.
+
+Stdlib only: the worker (inside builder images), the check and the runtime server import
+this module without the build stack. Anything two stages must agree on lives here once:
+file names, the placeholders in a planned Olive config, the annotation namespace, the tool
+list, XDG paths, atomic writes and file hashing, and the typed records that cross a process
+boundary (the worker's spec and result, the build record ``olive-builder.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# ---- file names -------------------------------------------------------------------------------
+
+INFO_FILE = "olive-builder.json"  # the build record, next to the model files
+GENAI_CONFIG = "genai_config.json"
+LOCK_FILE = "olive-builder.lock"
+RESULT_FILE = "result.json"  # WORK/meta/result.json: the worker's result
+SPEC_FILE = "spec.json"  # WORK/spec.json: the worker's spec
+
+# ---- placeholders the worker fills in a planned Olive config (paths differ per engine) -------
+
+MODEL_DIR = "${MODEL_DIR}"
+OUTPUT_DIR = "${OUTPUT_DIR}"
+CACHE_DIR = "${CACHE_DIR}"
+
+# Lines the worker prints with this prefix are progress events for the driver, not log lines.
+EVENT_PREFIX = "::olive-builder::"
+
+# ---- OCI names --------------------------------------------------------------------------------
+
+NS = "org.olive-builder."  # this project's annotation (and image label) namespace
+KEY_ANNOTATION = NS + "cache-key"
+TOOL_LABEL = NS + "tools."  # builder image labels: org.olive-builder.tools.<tool>
+SERVE_SUFFIX = "-serve"  # the runnable image's tag is the artifact's tag plus this
+KEY_TAG_PREFIX = "cache-"  # registries also tag every pushed artifact cache-<hex>
+
+
+def key_tag(key: str) -> str:
+    """The registry tag of a build cache key (``sha256:<hex>`` -> ``cache-<hex>``)."""
+    return KEY_TAG_PREFIX + key.split(":", 1)[1]
+
+
+# The tools whose versions decide a build's output: in the cache key, the annotations and the labels.
+TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
+# Distributions whose versions a build records; alternatives for the same tool come later.
+TOOL_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "olive-ai": ("olive-ai",),
+    "onnxruntime-genai": ("onnxruntime-genai", "onnxruntime-genai-cuda"),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "transformers": ("transformers",),
+    "torch": ("torch",),
+}
+
+
+def tool_versions_here() -> dict[str, str]:
+    """The versions of TOOLS installed in this Python ("none" for a missing one)."""
+    from importlib import metadata
+
+    out: dict[str, str] = {}
+    for tool, dists in TOOL_DISTRIBUTIONS.items():
+        out[tool] = "none"
+        for dist in dists:
+            try:
+                out[tool] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+# ---- XDG paths --------------------------------------------------------------------------------
+
+def _xdg(var: str, *default: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home().joinpath(*default)
+
+
+def state_dir() -> Path:
+    return _xdg("XDG_STATE_HOME", ".local", "state") / "olive-builder"
+
+
+def log_dir() -> Path:
+    return state_dir() / "logs"
+
+
+def cache_dir() -> Path:
+    return _xdg("XDG_CACHE_HOME", ".cache") / "olive-builder"
+
+
+def data_dir() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local", "share") / "olive-builder"
+
+
+HF_TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def hf_home() -> Path:
+    """The Hugging Face cache folder, as huggingface_hub finds it."""
+    value = os.environ.get("HF_HOME")
+    return Path(value) if value else Path.home() / ".cache" / "huggingface"
+
+
+def hf_token() -> str | None:
+    for name in HF_TOKEN_ENV:
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+CHUNK = 4 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """``sha256:<hex>`` of a file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a part."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ---- records that cross a process boundary ---------------------------------------------------
+
+class RecordError(ValueError):
+    """A record file is missing fields or has fields of the wrong type."""
+
+
+def _str(data: Mapping[str, Any], key: str, default: str | None = None) -> str | None:
+    value = data.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise RecordError(f"`{key}` must be a string, not {type(value).__name__}")
+    return value
+
+
+def _dict(data: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecordError(f"`{key}` must be an object, not {type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class Target:
+    device: str
+    execution_provider: str
+    precision: str
+
+
+@dataclass(frozen=True)
+class Source:
+    hub: str | None
+    revision: str | None
+    resolved_revision: str | None
+    local: bool
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class BuilderInfo:
+    version: str | None
+    engine: str | None
+    image: str | None
+    image_id: str | None
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """``olive-builder.json``: what was built from what, by which tools, and how it was checked.
+
+    One writer (``execute``) and one reader (``read``); package, distribute, the CLI and
+    the server use the fields. Sections this version does not know are kept in ``extra``.
+    """
+
+    id: str
+    name: str
+    version: str
+    tags: tuple[str, ...]
+    target: Target
+    source: Source
+    builder: BuilderInfo
+    recipe_digest: str | None = None
+    cache_key: str | None = None
+    description: str | None = None
+    license: str | None = None
+    tools: dict[str, str] = field(default_factory=dict)
+    check: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        extra = out.pop("extra")
+        out["tags"] = list(self.tags)
+        return {**extra, **out}
+
+    @classmethod
+    def from_json(cls, data: Any) -> BuildRecord:
+        if not isinstance(data, dict):
+            raise RecordError("the record must be a JSON object")
+        for key in ("name", "version", "tags", "target"):
+            if key not in data:
+                raise RecordError(f"`{key}` is missing")
+        tags = data["tags"]
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise RecordError("`tags` must be a list of strings")
+        t, s, b = _dict(data, "target"), _dict(data, "source"), _dict(data, "builder")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            id=_str(data, "id", "") or "",
+            name=_str(data, "name") or "",
+            version=_str(data, "version") or "",
+            tags=tuple(tags),
+            target=Target(device=_str(t, "device", "cpu") or "cpu",
+                          execution_provider=_str(t, "execution_provider", "") or "",
+                          precision=_str(t, "precision", "") or ""),
+            source=Source(hub=_str(s, "hub"), revision=_str(s, "revision"),
+                          resolved_revision=_str(s, "resolved_revision"), local=bool(s.get("local")),
+                          trust_remote_code=bool(s.get("trust_remote_code"))),
+            builder=BuilderInfo(version=_str(b, "version"), engine=_str(b, "engine"), image=_str(b, "image"),
+                                image_id=_str(b, "image_id")),
+            recipe_digest=_str(data, "recipe_digest"),
+            cache_key=_str(data, "cache_key"),
+            description=_str(data, "description"),
+            license=_str(data, "license"),
+            tools={str(k): str(v) for k, v in _dict(data, "tools").items()},
+            check=_dict(data, "check"),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+    @classmethod
+    def read(cls, model_dir: Path) -> BuildRecord:
+        """The record in ``model_dir``; OSError if unreadable, RecordError if malformed."""
+        try:
+            data = json.loads((model_dir / INFO_FILE).read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise RecordError(f"not valid JSON: {e}") from None
+        return cls.from_json(data)
+
+    def write(self, model_dir: Path) -> None:
+        write_json(model_dir / INFO_FILE, self.to_json())
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """WORK/meta/result.json: what the worker reports back to the driver."""
+
+    ok: bool
+    kind: str | None = None  # on failure: model_not_found | olive_failed | check_failed | internal | ...
+    message: str = ""
+    hint: str = ""
+    resolved_revision: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    check: dict[str, Any] = field(default_factory=dict)
+    olive_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # further stages' results (e.g. evaluation)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        extra = out.pop("extra")
+        return {**extra, **out}
+
+    @classmethod
+    def from_json(cls, data: Any) -> WorkerResult:
+        if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
+            raise RecordError("a worker result must be an object with a boolean `ok`")
+        known = {f.name for f in dataclasses.fields(cls)}
+        seconds = data.get("olive_seconds")
+        return cls(
+            ok=data["ok"],
+            kind=_str(data, "kind"),
+            message=_str(data, "message", "") or "",
+            hint=_str(data, "hint", "") or "",
+            resolved_revision=_str(data, "resolved_revision"),
+            versions={str(k): str(v) for k, v in _dict(data, "versions").items()},
+            check=_dict(data, "check"),
+            olive_seconds=float(seconds) if isinstance(seconds, (int, float)) else None,
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """WORK/spec.json: the planned step (``BuildStep.to_json()``) and the paths the worker sees."""
+
+    step: dict[str, Any]
+    work_dir: str
+    model_dir: str | None = None  # where a local model is mounted; None for Hub models
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> WorkerSpec:
+        if not isinstance(data, dict) or not isinstance(data.get("step"), dict) \
+                or not isinstance(data.get("work_dir"), str):
+            raise RecordError("a worker spec must be an object with `step` (object) and `work_dir` (string)")
+        return cls(step=data["step"], work_dir=data["work_dir"], model_dir=_str(data, "model_dir"))
+
+    def write(self, path: Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: Path) -> WorkerSpec:
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))

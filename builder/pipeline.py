@@ -1,0 +1,425 @@
+"""The build as a library: one function per job a user has, one direction of data.
+
+    recipe --load--> LoadedRecipe --plan--> BuildStep --pin--> cache key
+        --(cache hit: tag what exists)--or--execute(engine)--> checked model folder
+        --package--> local OCI store --push--> registry
+
+``build(recipe, options, reporter)`` runs all of it and returns a ``BuildOutcome``;
+``package_folder``, ``push``, ``pull_for_serve`` are the later stages on their own. Every
+stage raises ``BuilderError`` subclasses and reports progress through a ``Reporter`` (the
+CLI's prints to the terminal; ``NullReporter`` prints nothing), so the same code drives
+the CLI, a notebook, a CI script or a test with a fake engine::
+
+    from builder import pipeline
+    outcome = pipeline.build("recipes/qwen2.5-0.5b-instruct/cpu-int4.yaml",
+                             pipeline.BuildOptions(engine="local"))
+    print(outcome.output, outcome.artifact)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import cache, distribute, images, lock, oci, package, plan, recipe
+from .contract import SERVE_SUFFIX, cache_dir
+from .engine import Engine, make_engine
+from .errors import EngineError, PlanError, RecipeError
+from .execute import BuildResult, default_output, execute, preflight_model
+from .plan import BuildStep
+from .recipe import LoadedRecipe
+from .registry import parse_destination, parse_reference
+
+
+# ---- how a caller hears about progress ----------------------------------------------------------
+
+class Progress(Protocol):
+    def __call__(self, n: int) -> None:
+        """``n`` more bytes are done."""
+
+    def start(self, total: int) -> None:
+        """(Re)start with ``total`` bytes to go."""
+
+    def close(self) -> None: ...
+
+
+class Reporter(Protocol):
+    """What a build tells its caller while it runs. Results come back as return values."""
+
+    def stage(self, stage: str, message: str) -> None:
+        """A stage began or finished (``==> stage: message`` on a terminal)."""
+
+    def log(self, line: str) -> None:
+        """A line of a long log (Olive's, an image build's): may be shown or dropped."""
+
+    def event(self, message: str) -> None:
+        """A step inside a stage worth showing even when quiet (a blob pushed, fetched)."""
+
+    def warn(self, message: str) -> None: ...
+
+    def progress(self, what: str, total: int) -> Progress:
+        """A byte counter for a long transfer."""
+
+
+class _NoProgress:
+    def __call__(self, n: int) -> None:
+        pass
+
+    def start(self, total: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NullReporter:
+    """Hears everything, says nothing."""
+
+    def stage(self, stage: str, message: str) -> None:
+        pass
+
+    def log(self, line: str) -> None:
+        pass
+
+    def event(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+    def progress(self, what: str, total: int) -> Progress:
+        return _NoProgress()
+
+
+# ---- options and outcomes ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Where images come from on this machine (all optional; see `build images`)."""
+
+    base_image: str | None = None
+    wheels: str | None = None
+    runtime_base_image: str | None = None
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    store: Path | None = None  # default: ~/.local/share/olive-builder/store (or OLIVE_BUILDER_STORE)
+    push_to: str | None = None  # REGISTRY[/NAMESPACE]
+    runnable_image: bool = True  # also compose the runnable image (needs Docker for the runtime image)
+    insecure: bool = False  # plain HTTP to a non-loopback registry
+    images: ImageSettings = field(default_factory=ImageSettings)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    engine: str | Engine = "docker"  # "docker", "local", or an Engine
+    output: Path | None = None  # default: out/<model>/<target>
+    force: bool = False  # replace an existing output once the new build is checked
+    builder_image: str | None = None  # default: the image built from Dockerfile.<device>
+    use_cache: bool = True
+    lock_file: Path | None = None  # default: the first olive-builder.lock in the recipe's folder or above
+    require_locked: bool = False
+    package: PackageOptions = field(default_factory=PackageOptions)
+    recipe_registry: bool = True  # push to the recipe's `registry` when package.push_to is not set
+
+
+@dataclass(frozen=True)
+class Published:
+    """One manifest in the local store (``ref`` is ``name:tag``)."""
+
+    ref: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class Pushed:
+    refs: tuple[Published, ...]  # remote references and digests
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    existing: int = 0
+    mounted: int = 0
+
+
+@dataclass(frozen=True)
+class Packaging:
+    artifact: Published
+    image: Published | None
+    pushed: Pushed | None
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    id: str
+    output: Path | None  # the model folder (None for a registry cache hit: nothing was downloaded)
+    cache_key: str | None
+    built: BuildResult | None  # None when the cache had the build
+    hit: cache.Hit | None
+    packaging: Packaging | None  # None for a registry cache hit
+    pushed: Pushed | None  # what the registry holds now (registry hits: the tags made there)
+
+    @property
+    def cached(self) -> bool:
+        return self.hit is not None
+
+
+# ---- build -------------------------------------------------------------------------------------------
+
+def select(path: Path | None, only: str | None) -> LoadedRecipe:
+    """A recipe file, or the recipe with id ``only`` under the folder ``path`` (default recipes/)."""
+    import difflib
+
+    if only is None:
+        if path is None:
+            raise PlanError("Name a recipe file, or a folder with --only ID.")
+        return recipe.load(path)
+    candidates = recipe.discover([path] if path else [])
+    matches = [p for p in candidates if recipe.recipe_id(p) == only]
+    if not matches:
+        ids = [recipe.recipe_id(p) for p in candidates]
+        close = difflib.get_close_matches(only, ids, n=3, cutoff=0.5)
+        raise PlanError(f"No recipe with id {only!r} under {path or 'recipes'}.",
+                        hint=("Perhaps you meant: " + ", ".join(close) + "." if close else "") +
+                             " `build list` prints every id.")
+    if len(matches) > 1:
+        raise RecipeError(f"The id {only!r} names {len(matches)} files: {', '.join(map(str, matches))}.")
+    return recipe.load(matches[0])
+
+
+def plan_build(loaded: LoadedRecipe, options: BuildOptions) -> tuple[BuildStep, images.ImageSpec | None]:
+    """The planned step (pure but for reading the Dockerfile that names the builder image)."""
+    spec = None
+    image = options.builder_image
+    if image is None:
+        s = options.package.images
+        spec = images.image_spec(loaded.recipe.target.device, base_image=s.base_image, wheels_dir=s.wheels)
+        image = spec.tag
+    return plan.plan(loaded, image), spec
+
+
+def _locked(loaded: LoadedRecipe, options: BuildOptions) -> lock.Entry | None:
+    lock_path = options.lock_file or lock.find(loaded.path.parent)
+    entry = lock.entry(loaded, lock_path)
+    if options.require_locked:
+        lock.require(loaded, entry, lock_path)
+    return entry
+
+
+def dry_run(loaded: LoadedRecipe, options: BuildOptions | None = None) -> BuildStep:
+    """The step `build` would run, checked as far as it can be without an engine."""
+    options = options or BuildOptions()
+    _locked(loaded, options)
+    return plan_build(loaded, options)[0]
+
+
+def destination(loaded: LoadedRecipe, options: BuildOptions) -> str | None:
+    """Where a build pushes: the option, else the recipe's `registry` (unless told not to)."""
+    if options.package.push_to:
+        return options.package.push_to
+    return loaded.recipe.registry if options.recipe_registry else None
+
+
+def check_push_rights(dest: str, name: str, *, insecure: bool = False) -> None:
+    """Fail now, not after a long build, when ``dest`` is malformed or refuses our credentials."""
+    from .registry import Registry, repository
+
+    host, namespace = parse_destination(dest)
+    registry = Registry(host, insecure=insecure or None)
+    try:
+        registry.check_push(repository(namespace, name))
+    finally:
+        registry.close()
+
+
+def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None,
+          reporter: Reporter | None = None) -> BuildOutcome:
+    """Build one recipe: pin its inputs, reuse a cached build or run it, package it, push it."""
+    options = options or BuildOptions()
+    reporter = reporter or NullReporter()
+    loaded = source if isinstance(source, LoadedRecipe) else recipe.load(Path(source))
+    step, image_spec = plan_build(loaded, options)
+    entry = _locked(loaded, options)
+    dest = destination(loaded, options)
+    if dest:
+        check_push_rights(dest, loaded.recipe.name, insecure=options.package.insecure)
+        options = dataclasses.replace(options, package=dataclasses.replace(options.package, push_to=dest))
+
+    preflight_model(step)
+    engine = options.engine if not isinstance(options.engine, str) else make_engine(options.engine)
+    engine.preflight()
+    env = engine.prepare(step.builder_image, image_spec, reporter.log)
+
+    pinned = cache.pin(loaded, entry, builder_image=env.key_part, tools=env.tools)
+    if pinned.key is None:
+        m = loaded.recipe.model
+        reporter.warn(f"{m.hub}@{m.revision or 'main'} cannot be resolved to a commit here; building without the cache")
+    step = dataclasses.replace(step, cache_key=pinned.key,
+                               model=dataclasses.replace(step.model, resolved=pinned.commit, files=pinned.files))
+    out_dir = options.output or default_output(step)
+    pkg = options.package
+
+    if pinned.key and options.use_cache:
+        outcome = _from_cache(step, pinned.key, out_dir, options, engine, reporter)
+        if outcome is not None:
+            return outcome
+
+    result = execute(step, engine, out_dir, force=options.force, on_stage=reporter.stage, on_log=reporter.log,
+                     image_id=env.image_id)
+    packaging = package_folder(result.output, pkg, reporter, recipe_path=loaded.path, docker=engine.docker())
+    return BuildOutcome(step.id, result.output, pinned.key, result, None, packaging,
+                        packaging.pushed if packaging else None)
+
+
+def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions, engine: Engine,
+                reporter: Reporter) -> BuildOutcome | None:
+    """The outcome of a build whose key is known, from the local store or the registry; else None."""
+    pkg = options.package
+    store = oci.open_store(pkg.store)
+    tag = step.tags[0]
+
+    def runtime() -> package.RuntimeImage | None:
+        docker = engine.docker() if pkg.runnable_image else None
+        if docker is None:
+            return None
+        return package.import_runtime(docker, runtime_image(docker, step.device, pkg.images, reporter), store)
+
+    hit = cache.reuse_local(store, key, tag, out_dir, force=options.force, runtime=runtime)
+    if hit is not None:
+        reporter.stage("cache", f"{key[:19]}... was built before ({hit.found_as}): Olive does not run")
+        if hit.output_current:
+            reporter.stage("cache", f"{out_dir} is already this build")
+        artifact = Published(tag, hit.artifact_digest)
+        image = Published(tag + SERVE_SUFFIX, hit.image_digest) if hit.image_digest else None
+        pushed = None
+        if pkg.push_to:
+            pushed = push([r.ref for r in (artifact, image) if r], pkg.push_to, reporter,
+                          store=store, insecure=pkg.insecure)
+        return BuildOutcome(step.id, out_dir.absolute(), key, None, hit, Packaging(artifact, image, pushed), pushed)
+    if not pkg.push_to:
+        return None
+    host, namespace = parse_destination(pkg.push_to)
+    hit = cache.reuse_remote(host, namespace, key, tag, with_image=pkg.runnable_image, insecure=pkg.insecure or None)
+    if hit is None:
+        return None
+    reporter.stage("cache", f"{key[:19]}... was built before (found in {host}): Olive does not run")
+    pushed = Pushed(tuple(Published(r, d) for r, d in hit.remote))
+    return BuildOutcome(step.id, None, key, None, hit, None, pushed)
+
+
+# ---- package and push ----------------------------------------------------------------------------
+
+def runtime_image(docker: Any, device: str, settings: ImageSettings, reporter: Reporter) -> str:
+    """The runtime image's tag for ``device``, built once if the engine lacks it."""
+    import docker.errors as docker_errors
+
+    spec = images.image_spec(f"runtime-{device}", base_image=settings.base_image, wheels_dir=settings.wheels,
+                             runtime_base_image=settings.runtime_base_image)
+    try:
+        docker.images.get(spec.tag)
+    except docker_errors.ImageNotFound:
+        reporter.stage("image", f"runtime image {spec.tag} is not built yet; building it (once)")
+        images.build_image(docker, spec, reporter.log)
+    except docker_errors.APIError as e:
+        raise EngineError(f"Docker could not look up the runtime image {spec.tag}: {e.explanation or e}") from None
+    return spec.tag
+
+
+def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter | None = None, *,
+                   recipe_path: Path | None = None, docker: Any | None = None) -> Packaging:
+    """Package a folder `build recipe` made into the local store (artifact, and runnable image when
+    Docker is there for the runtime image), and push both when ``options.push_to`` is set."""
+    from .engine import DockerEngine
+
+    reporter = reporter or NullReporter()
+    store = oci.open_store(options.store)
+    record = package.read_record(model_dir)
+    runtime = None
+    if options.runnable_image:
+        if docker is None:
+            try:
+                eng = DockerEngine()
+                eng.preflight()
+                docker = eng.client
+            except EngineError as e:
+                reporter.warn(f"no runnable image (it needs Docker for the runtime image): {e.message}")
+        if docker is not None:
+            tag = runtime_image(docker, record.target.device, options.images, reporter)
+            runtime = package.import_runtime(docker, tag, store)
+    reporter.stage("package", f"into the local store {store.root}")
+    total = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+    progress = reporter.progress("packaging", total)
+    created = package.created_time(recipe_path, model_dir)
+    try:
+        result = package.package(Path(model_dir), store, created=created, runtime=runtime, on_bytes=progress)
+    finally:
+        progress.close()
+    artifact = Published(result.artifact_ref, result.artifact.digest)
+    image = Published(result.image_ref, result.image.digest) if result.image_ref and result.image else None
+    pushed = None
+    if options.push_to:
+        pushed = push([r.ref for r in (artifact, image) if r], options.push_to, reporter, store=store,
+                      insecure=options.insecure)
+    return Packaging(artifact, image, pushed)
+
+
+def push(refs: list[str], destination: str, reporter: Reporter | None = None, *,
+         store: oci.Store | Path | None = None, insecure: bool = False) -> Pushed:
+    """Push local store ``refs`` (``name:tag``) to ``destination`` (REGISTRY[/NAMESPACE])."""
+    reporter = reporter or NullReporter()
+    st = store if isinstance(store, oci.Store) else oci.open_store(store)
+    host, namespace = parse_destination(destination)
+    total = sum(sum(b.size for b in distribute.manifest_blobs(distribute.local_manifest(st, r)[1])) for r in refs)
+    reporter.stage("push", f"{', '.join(refs)} to {host}/{namespace or ''}".rstrip("/"))
+    progress = reporter.progress("uploading", total)
+    try:
+        report = distribute.push(st, refs, host, namespace, insecure=insecure or None,
+                                 on_event=lambda stage, msg: reporter.event(msg), on_bytes=progress)
+    finally:
+        progress.close()
+    return Pushed(tuple(Published(r, d) for r, d in report.pushed), report.uploaded, report.uploaded_bytes,
+                  report.existing, report.mounted)
+
+
+def push_with_image(ref: str, destination: str, reporter: Reporter | None = None, *,
+                    store: Path | None = None, insecure: bool = False, with_image: bool = True) -> Pushed:
+    """Push ``ref`` from the local store and, unless told otherwise, its runnable image."""
+    st = oci.open_store(store)
+    refs = [ref]
+    if with_image and not ref.endswith(SERVE_SUFFIX) and st.resolve(ref + SERVE_SUFFIX) is not None:
+        refs.append(ref + SERVE_SUFFIX)
+    return push(refs, destination, reporter, store=st, insecure=insecure)
+
+
+def pull(ref: str, directory: Path, reporter: Reporter | None = None, *, store: Path | None = None,
+         force: bool = False, insecure: bool = False) -> tuple[Published, Path]:
+    """Fetch the model ``ref`` into ``directory``, every blob verified."""
+    reporter = reporter or NullReporter()
+    st = oci.open_store(store)
+    progress = reporter.progress("downloading", 0)
+    try:
+        _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None,
+                                        on_event=lambda stage, msg: reporter.event(msg),
+                                        on_bytes=progress, on_start=progress.start)
+    finally:
+        progress.close()
+    return Published(ref, desc.digest), dest
+
+
+def pull_for_serve(ref_text: str, reporter: Reporter | None = None, *, store: Path | None = None,
+                   insecure: bool = False) -> Path:
+    """The model folder for a reference: pulled (verified) and unpacked once per manifest digest
+    under ~/.cache/olive-builder/models."""
+    reporter = reporter or NullReporter()
+    st = oci.open_store(store)
+    ref = parse_reference(ref_text)
+    _, desc, manifest = distribute.fetch(ref, st, insecure=insecure or None,
+                                         on_event=lambda stage, msg: reporter.event(msg))
+    folder = cache_dir() / "models" / desc.digest.split(":", 1)[1]
+    if not folder.is_dir():
+        distribute.materialize(st, manifest, folder, force=False, shown=ref_text)
+    reporter.stage("serve", f"{ref_text}@{desc.digest} from {folder}")
+    return folder
+
+
