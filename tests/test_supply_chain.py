@@ -29,6 +29,7 @@ def fake_model(folder: Path, *, evaluation: dict | None = None) -> Path:  # type
     (folder / "model.onnx").write_bytes(b"graph")
     (folder / "model.onnx.data").write_bytes(b"w" * 5000)
     (folder / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     info = {
         "id": "tiny/cpu-int4", "name": "tiny", "version": "1.0", "tags": ["tiny:1.0-cpu-int4"],
         "license": "apache-2.0", "description": "a test model",

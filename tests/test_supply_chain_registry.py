@@ -1,0 +1,149 @@
+"""Referrers on a real registry (Debian's docker-registry 2.8, which has no referrers API, so the
+OCI 1.1 tag schema is used): attached on push, listed, racing pushes both surviving, signatures
+read back and verified, the model_signing CLI on a pulled folder."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from builder import attest, distribute, oci, package, referrers, sign
+from builder.errors import VerificationError
+from builder.registry import Registry
+from test_supply_chain import T0, fake_model, run_model_signing
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def signed_build(tmp_path):  # type: ignore[no-untyped-def]
+    model = fake_model(tmp_path / "m", evaluation={"passed": True})
+    store = oci.Store(tmp_path / "store")
+    p = package.package(model, store, created=T0)
+    sign.keygen(tmp_path / "k.pem", tmp_path / "k.pub")
+    key = sign.load_signing_key(str(tmp_path / "k.pem"), env={})
+    info = json.loads((model / "olive-builder.json").read_text())
+    attest.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info, key=key)
+    return model, store, p, tmp_path / "k.pub"
+
+
+def test_the_registry_has_no_referrers_api_so_the_tag_schema_is_used(registry, signed_build):  # type: ignore[no-untyped-def]
+    _model, store, p, pub = signed_build
+    distribute.push(store, [p.artifact_ref], registry.host, "models")
+    reg = Registry(registry.host)
+    try:
+        report = referrers.push_referrers(store, reg, "models/tiny", "tiny", p.artifact)
+        assert report.manifests == 6 and not report.api
+        assert referrers.registry_referrers(reg, "models/tiny", p.artifact.digest) is None
+        index = reg.get_manifest("models/tiny", referrers.index_tag(p.artifact.digest))
+        assert index is not None and index[1] == oci.INDEX
+        listed = referrers.list_remote(reg, "models/tiny", p.artifact.digest)
+        assert {d.digest for d in listed} == {d.digest for d in referrers.list_local(store, "tiny", p.artifact.digest)}
+        for d in listed:  # every entry is a manifest with this subject and its artifactType
+            data, _media, _digest = reg.get_manifest("models/tiny", d.digest)  # type: ignore[misc]
+            m = json.loads(data)
+            assert m["subject"]["digest"] == p.artifact.digest and m["artifactType"] == d.artifact_type
+        # cosign's tags are where cosign looks
+        assert reg.get_manifest("models/tiny", referrers.index_tag(p.artifact.digest) + ".sig") is not None
+        assert reg.get_manifest("models/tiny", referrers.index_tag(p.artifact.digest) + ".att") is not None
+        # and our verifier accepts what the registry holds
+        content = referrers.RemoteContent(reg, "models/tiny")
+        v = sign.verify_subject(content, p.artifact.digest, sign.load_public_key(pub), p.artifact_ref)
+        assert v.evaluation_result == "PASSED" and v.model_bundle is not None
+        # re-pushing uploads nothing
+        again = referrers.push_referrers(store, reg, "models/tiny", "tiny", p.artifact)
+        assert again.uploaded == 0
+    finally:
+        reg.close()
+
+
+def test_two_racing_pushes_of_different_referrers_both_survive(registry, tmp_path):  # type: ignore[no-untyped-def]
+    """Two stores with the same model artifact, each with its own referrers (different SBOM
+    annotations), push at the same moment, many times over: the index ends with every entry."""
+    model = fake_model(tmp_path / "m")
+    stores = [oci.Store(tmp_path / f"store{i}") for i in range(2)]
+    subject = None
+    for i, store in enumerate(stores):
+        p = package.package(model, store, created=T0)
+        subject = p.artifact
+        for round_ in range(4):
+            referrers.attach(store, "tiny", p.artifact, "application/vnd.example.note",
+                             [(f"note {i}/{round_}".encode(), "text/plain", {})])
+    assert subject is not None
+    distribute.push(stores[0], ["tiny:1.0-cpu-int4"], registry.host, "race")
+    wanted = {d.digest for s in stores for d in referrers.list_local(s, "tiny", subject.digest)}
+    assert len(wanted) == 8
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def push(store: oci.Store) -> None:
+        reg = Registry(registry.host)
+        try:
+            barrier.wait()
+            referrers.push_referrers(store, reg, "race/tiny", "tiny", subject)  # type: ignore[arg-type]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            reg.close()
+
+    threads = [threading.Thread(target=push, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    reg = Registry(registry.host)
+    try:
+        final = {d.digest for d in referrers.list_remote(reg, "race/tiny", subject.digest)}
+    finally:
+        reg.close()
+    assert final == wanted
+
+
+def test_the_index_is_repaired_when_another_writer_dropped_entries(registry, tmp_path):  # type: ignore[no-untyped-def]
+    """The lost-update case made deterministic: after our push, a stale writer overwrites the index
+    with only its own entry; the next push of any referrer puts every tagged referrer back."""
+    model = fake_model(tmp_path / "m")
+    store = oci.Store(tmp_path / "store")
+    p = package.package(model, store, created=T0)
+    for n in range(3):
+        referrers.attach(store, "tiny", p.artifact, "application/vnd.example.note", [(f"n{n}".encode(), "text/plain", {})])
+    distribute.push(store, [p.artifact_ref], registry.host, "fix")
+    reg = Registry(registry.host)
+    try:
+        referrers.push_referrers(store, reg, "fix/tiny", "tiny", p.artifact)
+        entries = referrers.list_remote(reg, "fix/tiny", p.artifact.digest)
+        assert len(entries) == 3
+        reg.put_manifest("fix/tiny", referrers.index_tag(p.artifact.digest),
+                         oci.canonical_json(referrers.empty_index(entries[:1])), oci.INDEX)
+        assert len(referrers.list_remote(reg, "fix/tiny", p.artifact.digest)) == 1
+        referrers.update_tag_index(reg, "fix/tiny", p.artifact.digest, [])
+        assert {d.digest for d in referrers.list_remote(reg, "fix/tiny", p.artifact.digest)} == {d.digest for d in entries}
+    finally:
+        reg.close()
+
+
+def test_model_signing_cli_verifies_a_pulled_folder_and_refuses_a_tampered_one(registry, signed_build, tmp_path):  # type: ignore[no-untyped-def]
+    _model, store, p, pub = signed_build
+    distribute.push(store, [p.artifact_ref], registry.host, "models")
+    reg = Registry(registry.host)
+    try:
+        referrers.push_referrers(store, reg, "models/tiny", "tiny", p.artifact)
+        bundle = sign.verify_subject(referrers.RemoteContent(reg, "models/tiny"), p.artifact.digest,
+                                     sign.load_public_key(pub), p.artifact_ref).model_bundle
+    finally:
+        reg.close()
+    assert bundle is not None
+    (tmp_path / "model.sig").write_bytes(bundle)
+    pulled_store = oci.Store(tmp_path / "other-store")
+    distribute.pull(f"{registry.host}/models/tiny:1.0-cpu-int4", tmp_path / "pulled", pulled_store)
+    ok = run_model_signing(pub, tmp_path / "model.sig", tmp_path / "pulled")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    (tmp_path / "pulled" / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')
+    bad = run_model_signing(pub, tmp_path / "model.sig", tmp_path / "pulled")
+    assert bad.returncode != 0
+    with pytest.raises(VerificationError):
+        sign.verify_model(pub, tmp_path / "pulled", tmp_path / "model.sig")
+
