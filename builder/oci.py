@@ -7,6 +7,11 @@ only when complete, so a crash or Ctrl-C never leaves a blob whose name lies abo
 content. ``index.json`` names manifests with ``org.opencontainers.image.ref.name`` set to
 ``<name>:<tag>`` and is replaced atomically under a lock.
 
+An ingest file is named ``blob-<pid>-<random>`` and its writer holds an exclusive ``flock``
+on it while it writes; opening a store removes ingest files nobody holds (their writer died,
+even by ``kill -9``), so an interrupted packaging never leaves gigabytes behind. ``gc``
+removes blobs that no tag reaches.
+
 The default store is ``$OLIVE_BUILDER_STORE``, else ``$XDG_DATA_HOME/olive-builder/store``
 (``~/.local/share/olive-builder/store``).
 """
@@ -14,18 +19,21 @@ The default store is ``$OLIVE_BUILDER_STORE``, else ``$XDG_DATA_HOME/olive-build
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import StoreError
+from .errors import ContentError, StoreError
 
 # OCI image spec
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -92,7 +100,8 @@ class BlobWriter:
 
     def __init__(self, store: Store):
         self._store = store
-        fd, name = tempfile.mkstemp(prefix="blob-", dir=store.ingest)
+        fd, name = tempfile.mkstemp(prefix=f"blob-{os.getpid()}-", dir=store.ingest)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: the sign of a live writer (see clean_ingest)
         self._file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
         self._path = Path(name)
         self._hash = hashlib.sha256()
@@ -119,6 +128,7 @@ class BlobWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             self._path.unlink(missing_ok=True)
+            self._store.touch(digest)  # in use again: gc's grace period protects it until it is tagged
         else:
             os.chmod(self._path, 0o444)
             os.replace(self._path, target)
@@ -149,6 +159,44 @@ class Store:
         except OSError as e:
             raise StoreError(f"Cannot use {self.root} as the local OCI store: {e.strerror or e}",
                              hint=f"Choose a writable folder with --store or {ENV_STORE}.") from None
+        self.clean_ingest()
+
+    def clean_ingest(self, min_age: float = 10.0) -> int:
+        """Remove ingest files whose writer is gone; returns the bytes freed.
+
+        A writer holds an exclusive flock on its file from creation to commit or abort, and the
+        kernel drops it when the process dies however it dies. A file we can lock has no live
+        writer; ``min_age`` covers the instant between a writer's mkstemp and its flock."""
+        freed = 0
+        try:
+            names = os.listdir(self.ingest)
+        except OSError:
+            return 0
+        now = time.time()
+        for name in names:
+            path = self.ingest / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue
+            try:
+                st = os.fstat(fd)
+                if now - st.st_mtime < min_age:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live writer holds it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    freed += st.st_size
+            finally:
+                os.close(fd)
+        return freed
+
+    def touch(self, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.blob_path(digest))
 
     # blobs
     def blob_path(self, digest: str) -> Path:
@@ -173,7 +221,9 @@ class Store:
     def put_bytes(self, data: bytes, media_type: str, annotations: dict[str, str] | None = None,
                   artifact_type: str | None = None) -> Descriptor:
         digest = digest_bytes(data)
-        if not self.has(digest):
+        if self.has(digest):
+            self.touch(digest)
+        else:
             with self.writer() as w:
                 w.write(data)
         return Descriptor(media_type, digest, len(data), annotations or {}, artifact_type)
@@ -205,7 +255,8 @@ class Store:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _read_index(self) -> dict[str, Any]:
-        return json.loads((self.root / "index.json").read_text())
+        index: dict[str, Any] = json.loads((self.root / "index.json").read_text())
+        return index
 
     def _write_index(self, index: dict[str, Any]) -> None:
         tmp = self.root / f".index.json.{os.getpid()}"
@@ -304,3 +355,165 @@ def write_tar(out: Any, root: Path, files: list[str], prefix: str,
         if pad:
             out.write(_ZERO_BLOCK[:pad])
     out.write(_ZERO_BLOCK * 2)
+
+
+# ---- manifests from elsewhere -------------------------------------------------------------
+
+MAX_DESCRIPTORS = 4096  # a model has one layer per weight file; a runtime image a dozen more
+MAX_ANNOTATIONS_BYTES = 256 << 10
+ENV_MAX_MODEL = "OLIVE_BUILDER_MAX_MODEL_BYTES"
+DEFAULT_MAX_MODEL = 1 << 40  # 1 TiB: the largest models published today are a few hundred GB
+
+
+def max_model_bytes() -> int:
+    raw = os.environ.get(ENV_MAX_MODEL, "").strip()
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return DEFAULT_MAX_MODEL
+
+
+def _descriptor(d: Any, where: str, shown: str) -> Descriptor:
+    if not isinstance(d, dict):
+        raise ContentError(f"{shown}: {where} is not a descriptor (a JSON object).")
+    media, digest, size = d.get("mediaType"), d.get("digest"), d.get("size")
+    if not isinstance(media, str) or not media or len(media) > 255:
+        raise ContentError(f"{shown}: {where} has no valid mediaType.")
+    if not isinstance(digest, str) or not valid_digest(digest):
+        raise ContentError(f"{shown}: {where} has no valid sha256 digest.")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size > max_model_bytes():
+        raise ContentError(f"{shown}: {where} has no valid size (a whole number of bytes up to {max_model_bytes()}).")
+    ann = d.get("annotations")
+    if ann is not None and (not isinstance(ann, dict) or
+                            not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items())):
+        raise ContentError(f"{shown}: {where} has annotations that are not strings.")
+    art = d.get("artifactType")
+    if art is not None and not isinstance(art, str):
+        raise ContentError(f"{shown}: {where} has an artifactType that is not a string.")
+    return Descriptor.from_json(d)
+
+
+def parse_manifest(data: bytes, shown: str) -> dict[str, Any]:
+    """An OCI image manifest from anywhere, checked for shape and size before anything uses it:
+    a JSON object, schemaVersion 2, a config and at most MAX_DESCRIPTORS layers, each a
+    descriptor with a media type, a sha256 digest and a size, the sizes together under the
+    model size limit (``OLIVE_BUILDER_MAX_MODEL_BYTES``). Raises ContentError."""
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ContentError(f"{shown}: the manifest is not JSON.") from None
+    if not isinstance(manifest, dict):
+        raise ContentError(f"{shown}: the manifest is not a JSON object.")
+    if manifest.get("schemaVersion") != 2:
+        raise ContentError(f"{shown}: the manifest's schemaVersion is not 2.")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise ContentError(f"{shown}: the manifest has no list of layers.")
+    if len(layers) > MAX_DESCRIPTORS:
+        raise ContentError(f"{shown}: the manifest lists {len(layers)} layers, more than the {MAX_DESCRIPTORS} "
+                           "allowed; refused.")
+    blobs = [_descriptor(manifest.get("config"), "config", shown)]
+    blobs += [_descriptor(d, f"layer {i}", shown) for i, d in enumerate(layers)]
+    total = sum(b.size for b in blobs)
+    if total > max_model_bytes():
+        raise ContentError(f"{shown}: the manifest's blobs add up to {total} bytes, more than the "
+                           f"{max_model_bytes()} allowed ({ENV_MAX_MODEL}); refused.")
+    ann = manifest.get("annotations")
+    if ann is not None and (not isinstance(ann, dict) or
+                            not all(isinstance(k, str) and isinstance(v, str) for k, v in ann.items())):
+        raise ContentError(f"{shown}: the manifest's annotations are not strings.")
+    for key in ("mediaType", "artifactType"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise ContentError(f"{shown}: the manifest's {key} is not a string.")
+    return manifest
+
+
+# ---- garbage collection ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GcReport:
+    removed: int  # blobs
+    freed_bytes: int  # blobs and dead ingest files
+    kept: int  # blobs still reachable (or too young to judge)
+
+
+def reachable(store: Store) -> set[str]:
+    """Every blob a tag in ``store`` reaches: manifests, their configs and layers, index children."""
+    seen: set[str] = set()
+    todo = [d.digest for d in store.refs().values()]
+    while todo:
+        digest = todo.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        try:
+            doc = store.read_json(digest)
+        except (StoreError, ValueError):
+            continue  # a missing or non-JSON blob reaches nothing further
+        if not isinstance(doc, dict):
+            continue
+        children = [doc.get("config")] + list(doc.get("layers") or []) + list(doc.get("manifests") or [])
+        todo += [c["digest"] for c in children
+                 if isinstance(c, dict) and isinstance(c.get("digest"), str) and valid_digest(c["digest"])]
+    return seen
+
+
+def gc(store: Store, *, grace_seconds: float = 3600.0, dry_run: bool = False) -> GcReport:
+    """Remove blobs no tag reaches, and ingest files no live writer holds.
+
+    Packaging and pulls write blobs before they tag them, so a blob younger than
+    ``grace_seconds`` (writers refresh the time of a blob they reuse) is kept: a gc beside a
+    running build never takes what that build is about to tag. The mark runs under the
+    store lock, so no tag changes between mark and sweep."""
+    removed = freed = kept = 0
+    now = time.time()
+    with store.locked():
+        live = reachable(store)
+        for entry in os.scandir(store.blobs):
+            digest = "sha256:" + entry.name
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if digest in live or now - st.st_mtime < grace_seconds:
+                kept += 1
+                continue
+            if not dry_run:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    kept += 1
+                    continue
+            removed += 1
+            freed += st.st_size
+        if not dry_run:
+            freed += store.clean_ingest()
+    return GcReport(removed=removed, freed_bytes=freed, kept=kept)
+
+
+# ---- putting a folder in place ------------------------------------------------------------
+
+_RENAME_NOREPLACE = 1  # from <linux/fs.h>
+_AT_FDCWD = -100
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, atomically (Linux renameat2);
+    FileExistsError if it does. Two processes racing for one output folder: exactly one wins.
+    Where renameat2 is missing (old kernels, some filesystems) a check then rename stands in."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        rc = renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if rc == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)

@@ -156,10 +156,11 @@ def created_time(recipe_path: Path | None = None, model_dir: Path | None = None,
 def _local_source(recipe_path: Path) -> Path | None:
     """The local model folder a recipe names (``model.path``), if it names one and still loads."""
     from . import recipe
+    from .errors import BuilderError
 
     try:
         return recipe.load(recipe_path).model_dir
-    except Exception:  # noqa: BLE001 - a recipe that no longer loads just adds no time
+    except BuilderError:  # a recipe that no longer loads just adds no time
         return None
 
 

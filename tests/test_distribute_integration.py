@@ -194,6 +194,7 @@ def test_auth_registry_needs_and_takes_credentials_without_showing_them(capsys, 
 
     monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_USERNAME", REGISTRY_USER)
     monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_PASSWORD", "wrong-password-123")
+    monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_HOST", auth_registry.host)  # the registry they are for
     code, out, err = cli(capsys, "push", MODEL_ID, "--to", dest)
     assert code == 5 and f"refused the credentials for user '{REGISTRY_USER}'" in err
     assert "wrong-password-123" not in out + err

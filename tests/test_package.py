@@ -21,7 +21,7 @@ import pytest
 
 from builder import distribute, oci, package
 from builder.cli import main
-from builder.errors import AuthError, ContentError, PackageError, RegistryError
+from builder.errors import AuthError, ContentError, PackageError, ReferenceError_
 from builder.registry import credentials_for, parse_destination, parse_reference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +145,10 @@ def test_creation_time_comes_from_source_date_epoch(tmp_path, monkeypatch):  # t
     for p in model.iterdir():
         if p.name != "tokenizer.json":
             os.utime(p, (1500000000, 1500000000))
-    assert package.created_time(None, model).timestamp() == 1600000000  # the newest input, not the clock
+    # the newest file of the local source model, not the clock
+    assert package.created_time(None, source_dir=model).timestamp() == 1600000000
+    # the output folder (its files are as new as the build) is never a source of the time
+    assert package.created_time(None, model).timestamp() == 0
 
 
 def test_a_folder_without_build_info_or_with_links_is_refused(tmp_path, capsys):  # type: ignore[no-untyped-def]
@@ -223,14 +226,15 @@ def test_references_parse(text, expected):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("text", ["Tiny:1", "localhost:5000/a b", "x@sha256:123", "tiny:bad tag"])
 def test_bad_references_are_refused(text):  # type: ignore[no-untyped-def]
-    with pytest.raises(RegistryError):
+    with pytest.raises(ReferenceError_) as info:  # the user's mistake: a usage error, exit 2
         parse_reference(text)
+    assert info.value.exit_code == 2
 
 
 def test_destinations_parse():  # type: ignore[no-untyped-def]
     assert parse_destination("ghcr.io/acme/models") == ("ghcr.io", "acme/models")
     assert parse_destination("localhost:5000") == ("localhost:5000", "")
-    with pytest.raises(RegistryError, match="does not start with a registry host"):
+    with pytest.raises(ReferenceError_, match="does not start with a registry host"):
         parse_destination("acme/models")
 
 
@@ -261,5 +265,6 @@ def test_credentials_come_from_env_docker_config_and_helpers(tmp_path, monkeypat
         credentials_for("helped.example")
     monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_USERNAME", "carol")
     monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_PASSWORD", "pw-from-env")
+    monkeypatch.setenv("OLIVE_BUILDER_REGISTRY_HOST", "helped.example")  # the registry they are for
     c = credentials_for("helped.example")  # the environment comes first
     assert (c.username, c.secret) == ("carol", "pw-from-env")
