@@ -114,7 +114,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self.depth = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        mark = self.peek_event().start_mark
+        mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_ALIASES:
@@ -126,7 +126,8 @@ class _BoundedLoader(yaml.SafeLoader):
         if self.depth > MAX_DEPTH:
             raise YamlInputError(f"nested more than {MAX_DEPTH} levels deep; refused", mark.line + 1)
         try:
-            return super().compose_node(parent, index)  # type: ignore[no-any-return]
+            node: yaml.Node | None = super().compose_node(parent, index)
+            return node
         finally:
             self.depth -= 1
 
