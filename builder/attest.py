@@ -537,6 +537,7 @@ def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifa
                  created: dt.datetime, info: Mapping[str, Any], recipe_path: str | None = None,
                  recipe_text: str | None = None, lock_entry: Mapping[str, Any] | None = None,
                  key: Any = None, files: Iterable[str] | None = None,
+                 precomputed: tuple[FileDigest, ...] | None = None,
                  env: Mapping[str, str] | None = None) -> Attached:
     """Attach the SBOMs, provenance and evaluation of a packaged build as referrers of its manifests,
     and with ``key`` (a ``sign.SigningKey``) sign the model folder (OpenSSF model signing) and
@@ -546,8 +547,10 @@ def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifa
     from . import referrers, sign
 
     name = artifact_ref.rpartition(":")[0]
-    names = list(files) if files is not None else package_mod.model_files(model_dir)
-    facts = BuildFacts(info, file_digests(model_dir, names), created, recipe_path, recipe_text, lock_entry)
+    if precomputed is None:
+        names = list(files) if files is not None else package_mod.model_files(model_dir)
+        precomputed = file_digests(model_dir, names)
+    facts = BuildFacts(info, precomputed, created, recipe_path, recipe_text, lock_entry)
     a_subject = Subject(artifact_ref, artifact.digest)
     i_subject = Subject(image_ref, image.digest) if image is not None and image_ref else None
     packages = _runtime_packages(store, runtime) if runtime is not None and i_subject else []
@@ -620,3 +623,50 @@ def _model_bundle(key: Any, model_dir: Path) -> bytes:
 
     with tempfile.TemporaryDirectory(prefix="olive-builder-sig-") as tmp:
         return sign.sign_model(key, model_dir, Path(tmp) / "model.sig")
+
+
+class BackgroundDigests:
+    """File digests computed on another thread while the layers are written: hashlib releases
+    the GIL, so on two cores the SBOM's digests cost packaging almost no wall time."""
+
+    def __init__(self, model_dir: Path, files: Iterable[str]):
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="file-digests")
+        self._future = self._pool.submit(file_digests, Path(model_dir), list(files))
+
+    def result(self) -> tuple[FileDigest, ...]:
+        try:
+            return self._future.result()
+        finally:
+            self._pool.shutdown(wait=False)
+
+
+def recipe_inputs(recipe_path: Path | None) -> tuple[str | None, str | None, dict[str, Any] | None]:
+    """(recipe path, recipe text, lock entry) for the provenance; what cannot be read is left out."""
+    if recipe_path is None:
+        return None, None, None
+    from . import lock, recipe
+    from .errors import BuilderError
+
+    try:
+        text = Path(recipe_path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return str(recipe_path), None, None
+    try:
+        loaded = recipe.load(Path(recipe_path))
+        found = lock.entry(loaded, lock.find(Path(recipe_path).parent))
+    except BuilderError:
+        found = None
+    return str(recipe_path), text, (found.to_json() if found is not None else None)
+
+
+def attach_packaged(store: oci.Store, model_dir: Path, packaged: Any, *, info: Mapping[str, Any],
+                    created: dt.datetime, runtime: Any = None, digests: BackgroundDigests | None = None,
+                    sign_key: Any = None, recipe_path: Path | None = None) -> Attached:
+    """``attach_build`` for what ``package.package`` just stored."""
+    path, text, entry = recipe_inputs(recipe_path)
+    return attach_build(store, model_dir, artifact_ref=packaged.artifact_ref, artifact=packaged.artifact,
+                        image_ref=packaged.image_ref, image=packaged.image, runtime=runtime, created=created,
+                        info=info, recipe_path=path, recipe_text=text, lock_entry=entry, key=sign_key,
+                        precomputed=digests.result() if digests is not None else None)

@@ -273,12 +273,18 @@ def write_layers(store: oci.Store, model_dir: Path, groups: list[LayerGroup],
 
 def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = None,
             runtime: RuntimeImage | None = None, on_bytes: Callable[[int], None] = lambda n: None,
-            extra: dict[str, Any] | None = None) -> Packaged:
-    """Put ``model_dir`` into ``store`` as a ModelPack artifact and (with ``runtime``) a runnable image."""
+            extra: dict[str, Any] | None = None, attestations: bool = True, sign_key: Any = None,
+            recipe_path: Path | None = None) -> Packaged:
+    """Put ``model_dir`` into ``store`` as a ModelPack artifact and (with ``runtime``) a runnable image,
+    with their SBOMs, provenance and evaluation attached as referrers (``attestations``) and, with
+    ``sign_key`` (a ``sign.SigningKey``), signed (see ``attest.attach_build``)."""
+    from . import attest
+
     model_dir = Path(model_dir)
     info = {**read_info(model_dir), **(extra or {})}
     created = created or created_time(model_dir=model_dir)
     files = model_files(model_dir)
+    digests = attest.BackgroundDigests(model_dir, files) if attestations else None
     layers, written = write_layers(store, model_dir, group_files(model_dir, files), on_bytes)
     ann = annotations(info, created)
     config = store.put_json(modelpack_config(info, model_dir, created, [d.digest for d in layers]), oci.MODEL_CONFIG)
@@ -298,7 +304,11 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
         image_ref = artifact_ref + SERVE_SUFFIX
         store.tag(image_ref, image)
     store.tag(artifact_ref, artifact)
-    return Packaged(artifact_ref, artifact, image_ref, image, tuple(layers), written, ann)
+    packaged = Packaged(artifact_ref, artifact, image_ref, image, tuple(layers), written, ann)
+    if digests is not None:
+        attest.attach_packaged(store, model_dir, packaged, info=info, created=created, runtime=runtime,
+                               digests=digests, sign_key=sign_key, recipe_path=recipe_path)
+    return packaged
 
 
 # ---- the runnable image ---------------------------------------------------------------------
