@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import oci, package
+from . import oci, package, referrers
+from . import sign as signing
 from .contract import key_tag
 from .errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
-from .package import KEY_ANNOTATION, MODEL_ROOT, SERVE_SUFFIX
+from .contract import KEY_ANNOTATION, SERVE_SUFFIX
+from .package import MODEL_ROOT
 from .registry import Reference, Registry, parse_reference, repository
 
 Event = Callable[[str, str], None]  # (stage, message)
@@ -44,6 +46,8 @@ class PushReport:
     existing: int = 0
     mounted: int = 0
     total_bytes: int = 0
+    referrers: int = 0  # referrer manifests (SBOM, provenance, evaluation, signatures) pushed
+    referrer_uploaded_bytes: int = 0  # bytes of their blobs the registry did not have
 
 
 def manifest_blobs(manifest: dict[str, Any]) -> list[oci.Descriptor]:
@@ -66,7 +70,10 @@ def local_manifest(store: oci.Store, ref: str) -> tuple[oci.Descriptor, dict[str
 
 def _locations(store: oci.Store) -> dict[str, dict[str, str]]:
     try:
-        return json.loads((store.root / LOCATIONS).read_text())
+        data = json.loads((store.root / LOCATIONS).read_text())
+        if isinstance(data, dict):
+            return {str(h): dict(v) for h, v in data.items() if isinstance(v, dict)}
+        return {}
     except (FileNotFoundError, ValueError):
         return {}
 
@@ -128,6 +135,11 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
             if key:
                 suffix = "" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else SERVE_SUFFIX
                 registry.put_manifest(repo, key_tag(key) + suffix, data, desc.media_type)
+        # Referrers last: a registry lists a referrer only once its subject is there.
+        for ref, repo, _tag, desc, _manifest in items:
+            attached = referrers.push_referrers(store, registry, repo, ref.rpartition(":")[0], desc, on_event=on_event)
+            report.referrers += attached.manifests
+            report.referrer_uploaded_bytes += attached.uploaded_bytes
     finally:
         registry.close()
     return report
@@ -154,15 +166,24 @@ def _human(n: float) -> str:
 def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, layers: bool = True,
           on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
           on_start: Callable[[int], None] = lambda total: None,
+          verify: Callable[[Any, str], None] | None = None,
           ) -> tuple[str, oci.Descriptor, dict[str, Any]]:
-    """Make ``ref``'s manifest (and, with ``layers``, its blobs) present and verified in ``store``."""
+    """Make ``ref``'s manifest (and, with ``layers``, its blobs) present and verified in ``store``.
+    ``verify(content, digest)`` (see ``referrers.LocalContent``) runs once the manifest's digest is
+    known and before any blob is downloaded; it raises to refuse the content."""
     if ref.registry is None:
         if ref.digest:
             for name, d in store.refs().items():
                 if d.digest == ref.digest:
-                    return (name, *local_manifest(store, name))
-            raise StoreError(f"No manifest {ref.digest} in the local store {store.root}.")
-        return (f"{ref.repository}:{ref.tag}", *local_manifest(store, f"{ref.repository}:{ref.tag}"))
+                    found = (name, *local_manifest(store, name))
+                    break
+            else:
+                raise StoreError(f"No manifest {ref.digest} in the local store {store.root}.")
+        else:
+            found = (f"{ref.repository}:{ref.tag}", *local_manifest(store, f"{ref.repository}:{ref.tag}"))
+        if verify is not None:
+            verify(referrers.LocalContent(store, found[0].rpartition(":")[0]), found[1].digest)
+        return found
     registry = Registry(ref.registry, insecure=insecure)
     try:
         got = registry.get_manifest(ref.repository, ref.reference)
@@ -173,6 +194,8 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
         if media != oci.MANIFEST:
             raise ContentError(f"{ref} is a {media}, not an OCI image manifest: it is not a model built by olive-builder.")
         manifest = oci.parse_manifest(data, str(ref))  # shape and size, before anything is downloaded
+        if verify is not None:
+            verify(referrers.RemoteContent(registry, ref.repository), digest)
         blobs = manifest_blobs(manifest) if layers else manifest_blobs(manifest)[:1]
         on_start(sum(b.size for b in blobs if not store.has(b.digest)))  # bytes to download
         for blob in blobs:
@@ -205,7 +228,7 @@ class _HashingReader:
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
+        data: bytes = self._f.read(n)
         self.hash.update(data)
         self.size += len(data)
         return data
@@ -304,8 +327,10 @@ def _unpack(store: oci.Store, layer: oci.Descriptor, dest: Path, shown: str, bud
                            "it was damaged or tampered with.", hint="Pull it again from the registry.")
 
 
-def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force: bool, shown: str) -> Path:
-    """Unpack the model layers of ``manifest`` into ``dest``, all or nothing."""
+def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force: bool, shown: str,
+                check: Callable[[Path], None] | None = None) -> Path:
+    """Unpack the model layers of ``manifest`` into ``dest``, all or nothing. ``check(folder)`` may
+    refuse the unpacked folder (a model signature) before it is put in place."""
     from .check import check_files
 
     dest = dest.absolute()
@@ -323,6 +348,8 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
         for layer in layers:
             _unpack(store, layer, model, shown, budget)
         check_files(model)
+        if check is not None:
+            check(model)
         if force and dest.exists():
             os.replace(dest, work / "previous")
         try:
@@ -338,14 +365,21 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
 
 def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, insecure: bool | None = None,
          on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
-         on_start: Callable[[int], None] = lambda total: None) -> tuple[str, oci.Descriptor, Path]:
+         on_start: Callable[[int], None] = lambda total: None, verify_key: Path | None = None,
+         signature_out: Path | None = None) -> tuple[str, oci.Descriptor, Path]:
+    """Fetch ``ref_text`` into ``dest``. With ``verify_key`` (a public key), content without a cosign
+    signature by it is refused before any blob is downloaded, and the unpacked files must match
+    the model's OpenSSF signature by it before the folder is put in place. ``signature_out``
+    receives that model signature (for ``model_signing verify``)."""
     ref = parse_reference(ref_text)
     dest = dest.absolute()
     if dest.exists() and not force:  # before any download
         raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
+    guard = signing.PullGuard(str(ref), verify_key, signature_out)
     name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
-                                 on_start=on_start)
-    materialize(store, manifest, dest, force=force, shown=str(ref))
+                                 on_start=on_start, verify=guard.verify if guard.active else None)
+    materialize(store, manifest, dest, force=force, shown=str(ref), check=guard.check_folder if guard.active else None)
+    guard.write_signature()
     return name, desc, dest
 
 

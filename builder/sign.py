@@ -417,3 +417,60 @@ def verify_subject(content: Any, subject_digest: str, key: PublicKey, shown: str
                                     hint="Do not publish or serve it; rebuild at a higher precision.")
     return Verified(subject_digest, True, predicates, result, bundle,
                     tuple(sorted(d.artifact_type or "" for d in listed)))
+
+
+def find_model_bundle(content: Any, subject_digest: str, key_id: str | None = None) -> bytes | None:
+    """The OpenSSF model signing bundle attached to a manifest (by ``key_id``'s key if given)."""
+    from . import oci
+
+    for d in content.referrers(subject_digest):
+        if d.artifact_type != SIGSTORE_BUNDLE_MEDIA:
+            continue
+        for layer in content.manifest(d).get("layers") or []:
+            data = content.blob(oci.Descriptor.from_json(layer))
+            if key_id is None or bundle_key_hint(data) == key_id:
+                return bytes(data)
+    return None
+
+
+class PullGuard:
+    """What `build pull --verify KEY --signature-out FILE` checks, in the order a pull meets it."""
+
+    def __init__(self, shown: str, key_path: Path | None, signature_out: Path | None):
+        self.shown = shown
+        self.key = load_public_key(key_path) if key_path is not None else None  # a bad key fails before downloading
+        self.signature_out = signature_out
+        self.bundle: bytes | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.key is not None or self.signature_out is not None
+
+    def verify(self, content: Any, digest: str) -> None:
+        """Before any blob is downloaded: the manifest's signature, and the model signature to check later."""
+        if self.key is not None:
+            found = verify_subject(content, digest, self.key, self.shown, require_attestations=False)
+            self.bundle = found.model_bundle
+        if self.bundle is None and self.signature_out is not None:
+            self.bundle = find_model_bundle(content, digest)
+            if self.bundle is None:
+                raise VerificationError(f"{self.shown} has no model signature attached, so there is nothing to "
+                                        "write to --signature-out.",
+                                        hint="Package it with --sign-key (or OLIVE_BUILDER_SIGN_KEY) and push it again.")
+
+    def check_folder(self, folder: Path) -> None:
+        """After unpacking, before the folder is put in place: every file matches the model signature."""
+        if self.key is None or self.bundle is None:
+            return
+        with tempfile.TemporaryDirectory(prefix="olive-builder-verify-") as tmp:
+            path = Path(tmp) / "model.sig"
+            path.write_bytes(self.bundle)
+            verify_model(self.key.path, folder, path)
+
+    def write_signature(self) -> None:
+        if self.signature_out is None or self.bundle is None:
+            return
+        from .contract import atomic_write
+
+        self.signature_out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.signature_out, self.bundle)

@@ -65,14 +65,14 @@ def test_two_racing_pushes_of_different_referrers_both_survive(registry, tmp_pat
     model = fake_model(tmp_path / "m")
     stores = [oci.Store(tmp_path / f"store{i}") for i in range(2)]
     subject = None
-    for i, store in enumerate(stores):
-        p = package.package(model, store, created=T0)
-        subject = p.artifact
-        for round_ in range(4):
-            referrers.attach(store, "tiny", p.artifact, "application/vnd.example.note",
-                             [(f"note {i}/{round_}".encode(), "text/plain", {})])
+    for store in stores:
+        subject = package.package(model, store, created=T0, attestations=False).artifact
     assert subject is not None
-    distribute.push(stores[0], ["tiny:1.0-cpu-int4"], registry.host, "race")
+    distribute.push(stores[0], ["tiny:1.0-cpu-int4"], registry.host, "race")  # the subject, no referrers yet
+    for i, store in enumerate(stores):
+        for round_ in range(4):
+            referrers.attach(store, "tiny", subject, "application/vnd.example.note",
+                             [(f"note {i}/{round_}".encode(), "text/plain", {})])
     wanted = {d.digest for s in stores for d in referrers.list_local(s, "tiny", subject.digest)}
     assert len(wanted) == 8
     barrier = threading.Barrier(2)
@@ -107,7 +107,7 @@ def test_the_index_is_repaired_when_another_writer_dropped_entries(registry, tmp
     with only its own entry; the next push of any referrer puts every tagged referrer back."""
     model = fake_model(tmp_path / "m")
     store = oci.Store(tmp_path / "store")
-    p = package.package(model, store, created=T0)
+    p = package.package(model, store, created=T0, attestations=False)
     for n in range(3):
         referrers.attach(store, "tiny", p.artifact, "application/vnd.example.note", [(f"n{n}".encode(), "text/plain", {})])
     distribute.push(store, [p.artifact_ref], registry.host, "fix")
@@ -147,3 +147,73 @@ def test_model_signing_cli_verifies_a_pulled_folder_and_refuses_a_tampered_one(r
     with pytest.raises(VerificationError):
         sign.verify_model(pub, tmp_path / "pulled", tmp_path / "model.sig")
 
+
+
+# ------------------------------------------------------------------------------- pull --verify
+
+def test_push_attaches_referrers_and_a_repush_uploads_nothing(registry, signed_build):  # type: ignore[no-untyped-def]
+    _model, store, p, _pub = signed_build
+    first = distribute.push(store, [p.artifact_ref], registry.host, "models")
+    assert first.referrers == 6 and first.referrer_uploaded_bytes > 0
+    again = distribute.push(store, [p.artifact_ref], registry.host, "models")
+    assert (again.uploaded, again.uploaded_bytes, again.referrer_uploaded_bytes) == (0, 0, 0)
+
+
+def test_pull_verify_accepts_signed_content_and_writes_the_model_signature(registry, signed_build, tmp_path):  # type: ignore[no-untyped-def]
+    _model, store, p, pub = signed_build
+    distribute.push(store, [p.artifact_ref], registry.host, "models")
+    ref = f"{registry.host}/models/tiny:1.0-cpu-int4"
+    dest = tmp_path / "pulled"
+    distribute.pull(ref, dest, oci.Store(tmp_path / "s2"), verify_key=pub, signature_out=tmp_path / "out" / "model.sig")
+    assert (dest / "model.onnx.data").is_file()
+    ok = run_model_signing(pub, tmp_path / "out" / "model.sig", dest)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def _refused(ref: str, tmp_path, pub, match: str) -> None:  # type: ignore[no-untyped-def]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    pulled_store = oci.Store(tmp_path / "refused-store")
+    with pytest.raises(VerificationError, match=match) as info:
+        distribute.pull(ref, tmp_path / "refused", pulled_store, verify_key=pub)
+    assert info.value.exit_code == 5
+    assert not (tmp_path / "refused").exists()
+    assert not list(tmp_path.glob(".refused.partial-*"))
+    # nothing was downloaded: only the manifest was read, no layer reached the store
+    assert list(pulled_store.blobs.iterdir()) == []
+
+
+def test_pull_verify_refuses_unsigned_content_with_nothing_written(registry, tmp_path):  # type: ignore[no-untyped-def]
+    model = fake_model(tmp_path / "m")
+    store = oci.Store(tmp_path / "store")
+    p = package.package(model, store, created=T0)  # attestations, but no signature
+    distribute.push(store, [p.artifact_ref], registry.host, "models")
+    sign.keygen(tmp_path / "k.pem", tmp_path / "k.pub")
+    _refused(f"{registry.host}/models/tiny:1.0-cpu-int4", tmp_path, tmp_path / "k.pub", "is not signed")
+
+
+def test_pull_verify_refuses_another_key(registry, signed_build, tmp_path):  # type: ignore[no-untyped-def]
+    _model, store, p, _pub = signed_build
+    distribute.push(store, [p.artifact_ref], registry.host, "models")
+    sign.keygen(tmp_path / "other.pem", tmp_path / "other.pub")
+    _refused(f"{registry.host}/models/tiny:1.0-cpu-int4", tmp_path, tmp_path / "other.pub", "not signed by the key")
+
+
+def test_pull_verify_refuses_a_tampered_manifest(registry, signed_build, tmp_path):  # type: ignore[no-untyped-def]
+    """Someone with push rights replaces the tag with a changed manifest and copies the old signature
+    to the new digest's signature tag: the signature names the old digest, so it is refused."""
+    _model, store, p, pub = signed_build
+    distribute.push(store, [p.artifact_ref], registry.host, "models")
+    reg = Registry(registry.host)
+    try:
+        data, _media, digest = reg.get_manifest("models/tiny", "1.0-cpu-int4")  # type: ignore[misc]
+        manifest = json.loads(data)
+        manifest["annotations"]["org.opencontainers.image.description"] = "tampered"
+        forged = oci.canonical_json(manifest)
+        reg.put_manifest("models/tiny", "1.0-cpu-int4", forged, oci.MANIFEST)
+        ref = f"{registry.host}/models/tiny:1.0-cpu-int4"
+        _refused(ref, tmp_path / "a", pub, "is not signed")
+        sig, _m, _d = reg.get_manifest("models/tiny", referrers.index_tag(digest) + ".sig")  # type: ignore[misc]
+        reg.put_manifest("models/tiny", referrers.index_tag(oci.digest_bytes(forged)) + ".sig", sig, oci.MANIFEST)
+        _refused(ref, tmp_path / "b", pub, f"the signature is for {digest}")
+    finally:
+        reg.close()
