@@ -135,9 +135,11 @@ class LocalEngine:
             env=env,
             start_new_session=True,  # Ctrl-C reaches us; we stop the child ourselves
         )
-        assert proc.stdout is not None
+        stdout = proc.stdout
+        if stdout is None:  # pragma: no cover - stdout=PIPE always gives one
+            raise EngineError("Could not read the worker's output.")
         try:
-            for line in split_lines(iter(lambda: proc.stdout.read1(65536), b"")):  # type: ignore[union-attr]
+            for line in split_lines(iter(lambda: stdout.read1(65536), b"")):  # type: ignore[attr-defined]
                 on_line(line)
             return proc.wait()
         finally:
@@ -167,7 +169,7 @@ class DockerEngine:
         self._client = client
 
     @property
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self) -> Any:
         if self._client is None:
             self._client = connect()
         return self._client
@@ -279,7 +281,7 @@ class DockerEngine:
                     pass
 
 
-def connect():  # type: ignore[no-untyped-def]
+def connect() -> Any:
     """A docker-py client for DOCKER_HOST (or the default socket), checked to answer."""
     try:
         import docker

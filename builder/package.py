@@ -171,7 +171,7 @@ def rfc3339(when: dt.datetime) -> str:
     return when.astimezone(dt.timezone.utc).strftime(RFC3339)
 
 
-def annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:
+def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:
     """The manifest annotations: standard OCI ones, then this project's (what ModelPack cannot say)."""
     source = info.get("source") or {}
     target = info.get("target") or {}
@@ -210,7 +210,7 @@ def annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:
     a.update({NS + k: str(v) for k, v in ours.items() if v not in (None, "")})
     # The evaluation's figures, gates and text digest (eval.*) and speed (bench.*); builds made
     # before the stage existed carry none.
-    from .evaluate import annotations as evaluation_annotations
+    from .evaluate import manifest_annotations as evaluation_annotations
 
     a.update(evaluation_annotations(info.get("evaluation"), NS))
     return a
@@ -286,7 +286,7 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
     files = model_files(model_dir)
     digests = attest.BackgroundDigests(model_dir, files) if attestations else None
     layers, written = write_layers(store, model_dir, group_files(model_dir, files), on_bytes)
-    ann = annotations(info, created)
+    ann = manifest_annotations(info, created)
     config = store.put_json(modelpack_config(info, model_dir, created, [d.digest for d in layers]), oci.MODEL_CONFIG)
     manifest = {
         "schemaVersion": 2,
@@ -424,7 +424,7 @@ def import_runtime(client: Any, image_ref: str, store: oci.Store) -> RuntimeImag
         stream = image.save(chunk_size=oci.CHUNK, named=True)
         layers_by_name: dict[str, tuple[oci.Descriptor, str]] = {}  # name in the save tar -> (gzip blob, diff id)
         small: dict[str, bytes] = {}
-        with tarfile.open(fileobj=_ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[arg-type]
+        with tarfile.open(fileobj=_ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
                 if not member.isfile():
                     continue
