@@ -108,6 +108,43 @@ class OliveOptions(_Strict):
     )
 
 
+class EvaluationGates(_Strict):
+    """Limits the built model must meet against its source; unset ones take the precision's defaults."""
+
+    max_perplexity_ratio: Annotated[float, Field(ge=1)] | None = Field(
+        default=None, description="Highest allowed perplexity of the built model / that of the source (e.g. 1.15)."
+    )
+    min_top1_agreement: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        default=None, description="Lowest allowed share of positions where both models' most likely next token agree."
+    )
+    max_mean_kl: Annotated[float, Field(ge=0)] | None = Field(
+        default=None, description="Highest allowed mean KL divergence (source || built) of next-token distributions."
+    )
+    min_greedy_prefix: Annotated[float, Field(ge=0, le=32)] | None = Field(
+        default=None, description="Lowest allowed mean length of the common prefix of greedy answers (of 32 tokens)."
+    )
+
+    @field_validator("max_perplexity_ratio", "min_top1_agreement", "max_mean_kl", "min_greedy_prefix", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Evaluation(_Strict):
+    """The evaluation stage: accuracy against the source model and speed, before packaging."""
+
+    enabled: bool = Field(default=True, description="false: no evaluation (the artifact says it was not evaluated).")
+    gates: EvaluationGates | None = None
+    text: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None,
+        description="A local UTF-8 text file to measure on, relative to the recipe; defaults to the committed text.",
+    )
+    max_tokens: Annotated[int, Field(ge=64, le=65536)] | None = Field(
+        default=None, description="Tokens of the text to measure on (default 2048), windowed to the model's context."
+    )
+    speed: bool = Field(default=True, description="Measure load time, time to first token and tokens/s.")
+
+
 class Recipe(_Strict):
     """A recipe file: one model, one target."""
 
@@ -120,6 +157,17 @@ class Recipe(_Strict):
     target: Target
     generation: Generation | None = None
     olive: OliveOptions | None = None
+    evaluate: Evaluation | None = Field(
+        default=None,
+        description="Evaluation before packaging (on by default): false turns it off, a mapping sets gates, text, "
+        "max_tokens and speed.",
+    )
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _evaluate_flag(cls, v: Any) -> Any:
+        # `evaluate: false` / `true` are the short forms of `{enabled: false}` / `{}`.
+        return {"enabled": v} if isinstance(v, bool) else v
     registry: Annotated[str, Field(pattern=_REGISTRY_RE)] | None = Field(
         default=None,
         description="Where `build recipe` pushes by default: REGISTRY[/NAMESPACE], e.g. ghcr.io/acme/models. "
@@ -234,6 +282,8 @@ def load(path: str | Path) -> LoadedRecipe:
     if recipe is not None:
         for key_path, message in semantic_problems(recipe):
             problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
+        for key_path, message in evaluation_problems(recipe, path):
+            problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
         for key_path, message in tag_problems(recipe, path.stem) + model_path_problems(recipe, path):
             problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
     else:
@@ -296,6 +346,22 @@ def model_path_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[A
         if where == root or root in where.parents:
             return [(("model", "path"), f"{recipe.model.path!r} lies under {root}, a kernel pseudo-filesystem, "
                                         "not a model folder; point it at a folder saved with save_pretrained")]
+    return []
+
+
+def evaluation_text(recipe: Recipe, recipe_path: Path) -> Path | None:
+    """The recipe's own evaluation text, resolved against the recipe file; None for the committed text."""
+    ev = recipe.evaluate
+    if ev is None or ev.text is None:
+        return None
+    p = Path(ev.text).expanduser()
+    return p if p.is_absolute() else (recipe_path.parent / p).resolve()
+
+
+def evaluation_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
+    text = evaluation_text(recipe, recipe_path)
+    if text is not None and not text.is_file():
+        return [(("evaluate", "text"), f"{text} is not a file; name a UTF-8 text file, relative to the recipe")]
     return []
 
 

@@ -44,8 +44,17 @@ def make_tiny_model(
     vocab_size: int = 1024,
     max_position_embeddings: int = 512,
     seed: int = 0,
+    train_text: str | None = None,
+    train_seconds: float = 0.0,
 ) -> Path:
-    """Write a tiny Qwen2ForCausalLM plus tokenizer into ``out_dir`` and return it."""
+    """Write a tiny Qwen2ForCausalLM plus tokenizer into ``out_dir`` and return it.
+
+    With ``train_text`` the tokenizer is trained on that text and, for ``train_seconds``,
+    the model too: its next-token distributions become peaked like a real model's, so
+    quantization error shows in perplexity and agreement as it would on a real model
+    (a random model's distributions are near uniform, where quantization changes nothing
+    measurable).
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -64,7 +73,8 @@ def make_tiny_model(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(2000, seed), trainer=trainer)
+    lines = train_text.splitlines() if train_text else _corpus(2000, seed)
+    tok.train_from_iterator(lines, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
@@ -92,10 +102,45 @@ def make_tiny_model(
         torch_dtype="float32",
     )
     model = Qwen2ForCausalLM(config)
+    if train_text and train_seconds > 0:
+        _train(model, fast(train_text)["input_ids"], train_seconds, seed)
     model.eval()
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     return out
+
+
+def _train(model: object, ids: list[int], seconds: float, seed: int) -> None:
+    """Next-token training on random windows of ``ids`` until ``seconds`` have passed."""
+    import time
+
+    import torch
+
+    rng = random.Random(seed)
+    data = torch.tensor(ids)
+    seq, batch = 64, 16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)  # type: ignore[attr-defined]
+    model.train()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        starts = [rng.randrange(0, len(ids) - seq - 1) for _ in range(batch)]
+        x = torch.stack([data[s : s + seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss  # type: ignore[operator]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def eval_text() -> str:
+    """The evaluation text committed with the package (what a trained tiny model learns)."""
+    return (Path(__file__).resolve().parents[1] / "builder" / "data" / "eval-text.txt").read_text(encoding="utf-8")
+
+
+def make_trained_tiny_model(out_dir: str | Path, *, seconds: float = 8.0, **kwargs: object) -> Path:
+    """A tiny model trained for a few seconds on the evaluation text (its distributions are peaked)."""
+    # A 1024-token context fits the speed measurement's 512-token prompt and 128 new tokens.
+    kwargs.setdefault("max_position_embeddings", 1024)
+    return make_tiny_model(out_dir, train_text=eval_text(), train_seconds=seconds, **kwargs)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -107,6 +152,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--train-seconds", type=float, default=0.0,
+                        help="train this long on the committed evaluation text (peaked distributions)")
     args = parser.parse_args()
     path = make_tiny_model(
         args.out_dir,
@@ -116,6 +163,8 @@ def main() -> None:
         num_kv_heads=args.kv_heads,
         intermediate_size=args.intermediate,
         vocab_size=args.vocab,
+        train_text=eval_text() if args.train_seconds > 0 else None,
+        train_seconds=args.train_seconds,
     )
     print(path)
 

@@ -1,0 +1,741 @@
+"""Evaluation: the checked model against its source model, and its speed, before packaging.
+
+Accuracy (same tokens on both sides, from the committed public-domain text or a recipe's own):
+
+- perplexity of the source (transformers, fp32) and of the built model (onnxruntime-genai),
+  and their ratio;
+- top-1 next-token agreement and mean KL(source || built) over the same positions;
+- greedy agreement on a few fixed chat prompts (length of the common prefix).
+
+Speed, measured in a child process that loads nothing but onnxruntime-genai (so its peak RSS
+is the model's): load time, time to first token and prompt tokens/s for a 512-token prompt,
+decode tokens/s over 128 tokens, medians of 3, with the CPU model, cores and threads.
+
+Memory: the source model is run first, window by window, and only what the comparison needs
+is kept (per position: the target's log-probability, the argmax, the top-k log-probabilities);
+then it is freed and the built model is loaded. The two are never held side by side, so the
+stage needs about what the conversion needed.
+
+Olive's ``OnnxDiscrepancyCheck`` pass compares raw logits on random dummy inputs and fails the
+Olive run (which still exits 0); raw logit error says little about a quantized model's quality
+and it holds both models at once, so it is not used here; its greedy common-prefix measure is.
+Perplexity over all positions uses ``generator.get_output("logits")`` after each appended chunk,
+as Olive's own lm-eval ``ortgenai`` backend does.
+
+Stdlib only at import time: this runs inside the builder image (through ``builder.worker``) and
+on hosts with the ``local`` extra. torch, transformers and onnxruntime_genai are imported when
+needed.
+
+    python -m builder.evaluate MODEL_DIR [--against SOURCE_DIR] [--precision P] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import BuilderError, CheckError, EvaluationError
+
+DEFAULT_MAX_TOKENS = 2048
+CHUNK = 128  # tokens appended at a time: a chunk's logits are CHUNK x vocab floats (78 MB at 152k vocab)
+TOP_K = 256  # source log-probabilities kept per position for the KL divergence
+GREEDY_TOKENS = 32
+SPEED_PROMPT = 512
+SPEED_DECODE = 128
+SPEED_RUNS = 3
+BUILTIN_TEXT = "eval-text.txt"
+BUILTIN_TEXT_SOURCE = (
+    "Shakespeare, Coriolanus (public domain), from karpathy/char-rnn data/tinyshakespeare/input.txt"
+)
+CHAT_PROMPTS = (
+    "Write one sentence about the sea.",
+    "What is two plus three? Answer briefly.",
+    "Name three colours.",
+)
+
+# Limits per target precision. Calibrated on the tiny model trained on the evaluation text
+# (tests/tinymodel.py; figures in README "Evaluation"): each limit sits above what a correct
+# conversion measured, with a margin, and far below what damaged weights measure.
+DEFAULT_GATES: dict[str, dict[str, float]] = {
+    "fp32": {"max_perplexity_ratio": 1.001, "min_top1_agreement": 0.98},
+    "fp16": {"max_perplexity_ratio": 1.01, "min_top1_agreement": 0.95},
+    "bf16": {"max_perplexity_ratio": 1.01, "min_top1_agreement": 0.95},
+    "int8": {"max_perplexity_ratio": 1.05, "min_top1_agreement": 0.85},
+    "int4": {"max_perplexity_ratio": 1.15, "min_top1_agreement": 0.70},
+}
+GATE_NAMES = ("max_perplexity_ratio", "min_top1_agreement", "max_mean_kl", "min_greedy_prefix")
+WHAT_TO_TRY = {
+    "int4": "Try a higher precision (int8 on cpu, fp16 on cuda), `olive.extra_options: {int4_accuracy_level: 4}` "
+    "or a smaller `int4_block_size` (32 or 16).",
+    "int8": "Try fp32, or int4 with `olive.extra_options: {int4_accuracy_level: 4}`.",
+    "fp16": "Try bf16 or fp32: some models overflow in fp16.",
+    "bf16": "Try fp32.",
+    "fp32": "An fp32 conversion should match its source: check `olive.passes` and the model's architecture support.",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the recipe's ``evaluate:`` section asks for (the plan carries it as JSON)."""
+
+    enabled: bool = True
+    gates: dict[str, float] = field(default_factory=dict)  # overrides of DEFAULT_GATES
+    text: str | None = None  # a local text file; None: the committed text
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    speed: bool = True
+
+    @classmethod
+    def from_json(cls, data: Any) -> Settings:
+        if data is None:
+            return cls()
+        if data is False:
+            return cls(enabled=False)
+        return cls(
+            enabled=bool(data.get("enabled", True)),
+            gates={k: float(v) for k, v in (data.get("gates") or {}).items()},
+            text=data.get("text"),
+            max_tokens=int(data.get("max_tokens") or DEFAULT_MAX_TOKENS),
+            speed=bool(data.get("speed", True)),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def gates_for(precision: str | None, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    gates = dict(DEFAULT_GATES.get(precision or "", {}))
+    gates.update(overrides or {})
+    return gates
+
+
+# ---------------------------------------------------------------------------- the text
+
+
+@dataclass(frozen=True)
+class EvalText:
+    text: str
+    digest: str
+    source: str
+
+
+def load_text(path: str | Path | None = None) -> EvalText:
+    if path is None:
+        raw = resources.files("builder").joinpath("data", BUILTIN_TEXT).read_bytes()
+        source = BUILTIN_TEXT_SOURCE
+    else:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as e:
+            raise EvaluationError(f"Cannot read the evaluation text {path}: {e}",
+                                  hint="Fix `evaluate.text` in the recipe (a file relative to the recipe).") from None
+        source = Path(path).name
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EvaluationError(f"The evaluation text {path} is not UTF-8 text.") from None
+    if len(text.strip()) < 200:
+        raise EvaluationError(f"The evaluation text {path or BUILTIN_TEXT} is too short to measure anything "
+                              "(it needs at least a few hundred words).")
+    return EvalText(text=text, digest="sha256:" + hashlib.sha256(raw).hexdigest(), source=source)
+
+
+# ---------------------------------------------------------------------------- the models
+
+
+def _genai_config(model_dir: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))
+        return data
+    except (OSError, ValueError) as e:
+        raise CheckError(f"{model_dir} holds no readable genai_config.json: {e}") from None
+
+
+def _uses_cuda(model_dir: Path) -> bool:
+    options = _genai_config(model_dir).get("model", {}).get("decoder", {}).get("session_options", {})
+    return any("cuda" in entry for entry in options.get("provider_options") or [] if isinstance(entry, dict))
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why this environment cannot run a CUDA model (None when it can)."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return "onnxruntime-genai is not installed"
+    if not og.is_cuda_available():
+        return (f"this onnxruntime-genai {og.__version__} has no CUDA support or no GPU is visible "
+                "(a cuda target built on a CPU-only builder)")
+    return None
+
+
+def _og_model(model_dir: Path, *, force_cpu: bool) -> Any:
+    import onnxruntime_genai as og
+
+    try:
+        if force_cpu:
+            # A cuda target without a GPU: its accuracy is still measured, on the CPU provider.
+            config = og.Config(str(model_dir))
+            config.clear_providers()
+            return og.Model(config)
+        return og.Model(str(model_dir))
+    except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises plain RuntimeError/OrtException
+        raise CheckError(f"onnxruntime-genai cannot load the model in {model_dir}: {e}") from None
+
+
+@dataclass
+class _Reference:
+    """What the source model said at each scored position (everything the comparison needs)."""
+
+    nll: list[float] = field(default_factory=list)
+    argmax: list[int] = field(default_factory=list)
+    topk_ids: list[Any] = field(default_factory=list)  # one tensor [k] per position
+    topk_logp: list[Any] = field(default_factory=list)
+    greedy: list[list[int]] = field(default_factory=list)
+
+
+def _windows(ids: list[int], max_tokens: int, window: int, bos: int | None) -> list[list[int]]:
+    ids = ids[:max_tokens]
+    body = window - (1 if bos is not None else 0)
+    out = []
+    for start in range(0, len(ids), body):
+        piece = ids[start : start + body]
+        if len(piece) >= 2:
+            out.append(([bos] if bos is not None else []) + piece)
+    return out
+
+
+def _chunk_stats(logits: Any, targets: list[int], k: int) -> tuple[Any, Any, Any, Any]:
+    """Per position: NLL of the target, argmax, top-k ids and top-k log-probabilities."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    t = torch.tensor(targets, dtype=torch.long)
+    nll = -logp[torch.arange(len(targets)), t]
+    top = torch.topk(logp, k, dim=-1)
+    return nll, logp.argmax(dim=-1), top.indices, top.values
+
+
+def _step(model: Any, ids: list[int], cache: Any) -> tuple[Any, Any]:
+    """One forward pass over ``ids`` after ``cache``: (logits [n, vocab], the new cache)."""
+    import torch
+
+    # transformers 5 renamed past_key_values to cache (the old name still works, with a warning).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=torch.tensor([ids]), use_cache=True, **({name: cache} if cache is not None else {}))
+    return out.logits[0], out.get(name)
+
+
+def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[int]], trust_remote_code: bool) -> _Reference:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    hf_logging: Any = logging
+    hf_logging.set_verbosity_error()  # the build log is not the place for loading progress bars
+    hf_logging.disable_progress_bar()
+    ref = _Reference()
+    model: Any = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32,
+                                                      trust_remote_code=trust_remote_code)
+    model.eval()
+    vocab = int(model.config.vocab_size)
+    k = min(TOP_K, vocab)
+    with torch.inference_mode():
+        for window in windows:
+            cache = None
+            for s in range(0, len(window) - 1, CHUNK):
+                piece = window[s : s + CHUNK]
+                logits, cache = _step(model, piece, cache)
+                targets = window[s + 1 : s + 1 + len(piece)]
+                nll, arg, ids, lp = _chunk_stats(logits[: len(targets), :vocab], targets, k)
+                ref.nll.extend(nll.tolist())
+                ref.argmax.extend(arg.tolist())
+                ref.topk_ids.extend(ids)
+                ref.topk_logp.extend(lp)
+        for prompt in prompts:
+            logits, cache = _step(model, prompt, None)
+            tokens = [int(logits[-1, :vocab].argmax())]
+            while len(tokens) < GREEDY_TOKENS:
+                logits, cache = _step(model, [tokens[-1]], cache)
+                tokens.append(int(logits[-1, :vocab].argmax()))
+            ref.greedy.append(tokens)
+    del model, cache, logits
+    gc.collect()
+    return ref
+
+
+def _kl(ref_ids: Any, ref_logp: Any, logp: Any) -> float:
+    """KL(source || built) over the source's top-k tokens plus one bucket for the rest.
+
+    Exact when k covers the vocabulary; otherwise a lower bound (merging tokens never raises
+    a KL divergence) that misses only the source's tail beyond its top k tokens."""
+    import torch
+
+    p = ref_logp.exp()
+    q_logp = logp[ref_ids]
+    head = float((p * (ref_logp - q_logp)).sum())
+    rest_p = max(0.0, 1.0 - float(p.sum()))
+    rest_q = max(1e-30, 1.0 - float(q_logp.exp().sum()))
+    tail = rest_p * math.log(rest_p / rest_q) if rest_p > 1e-12 else 0.0
+    return max(0.0, head + tail) if torch.isfinite(torch.tensor(head)) else float("inf")
+
+
+@dataclass
+class _Built:
+    nll: list[float] = field(default_factory=list)
+    agree: int = 0
+    kl: list[float] = field(default_factory=list)
+    greedy: list[list[int]] = field(default_factory=list)
+
+
+def _built_pass(model: Any, windows: list[list[int]], prompts: list[list[int]], ref: _Reference | None) -> _Built:
+    import onnxruntime_genai as og
+    import torch
+
+    built = _Built()
+    pos = 0
+    for window in windows:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(window), do_sample=False)
+        generator = og.Generator(model, params)
+        for s in range(0, len(window) - 1, CHUNK):
+            piece = window[s : s + CHUNK]
+            generator.append_tokens(piece)
+            # All positions of the chunk just appended (get_logits() gives only the last one).
+            logits = torch.from_numpy(generator.get_output("logits")[0])
+            targets = window[s + 1 : s + 1 + len(piece)]
+            logp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
+            t = torch.tensor(targets, dtype=torch.long)
+            built.nll.extend((-logp[torch.arange(len(targets)), t]).tolist())
+            if ref is not None:
+                arg = logp.argmax(dim=-1).tolist()
+                for i in range(len(targets)):
+                    built.agree += int(arg[i] == ref.argmax[pos + i])
+                    built.kl.append(_kl(ref.topk_ids[pos + i], ref.topk_logp[pos + i], logp[i]))
+            pos += len(targets)
+        del generator
+    for prompt in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + GREEDY_TOKENS, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(prompt)
+        tokens: list[int] = []
+        # Raw argmax of the logits, like the source side: no search options (repetition
+        # penalty, EOS handling) may make the two differ.
+        while True:
+            tokens.append(int(generator.get_logits()[0, -1].argmax()))
+            if len(tokens) == GREEDY_TOKENS:
+                break
+            generator.append_tokens([tokens[-1]])
+        built.greedy.append(tokens)
+        del generator
+    return built
+
+
+def _mean_ppl(nll: list[float]) -> float:
+    mean = sum(nll) / len(nll)
+    return math.exp(mean) if mean < 700 else float("inf")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------- speed
+
+
+def cpu_info() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "logical_cores": os.cpu_count(), "usable_cores": usable}
+
+
+def _process_threads() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: int) -> dict[str, Any]:
+    """Run in the child process: only onnxruntime-genai is imported here."""
+    import resource
+
+    import onnxruntime_genai as og
+
+    config = _genai_config(model_dir)
+    context = int(config.get("model", {}).get("context_length") or 0) or (prompt_tokens + decode_tokens + 1)
+    # A model with a short context gets a shorter prompt; the record says how long it was.
+    prompt_len = max(16, min(prompt_tokens, context - decode_tokens - 1))
+    text = load_text().text
+    loads, ttfts, decodes, threads = [], [], [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        model = og.Model(str(model_dir))
+        tokenizer = og.Tokenizer(model)
+        loads.append(time.perf_counter() - started)
+        ids = list(tokenizer.encode(text))
+        while len(ids) < prompt_len:
+            ids += ids
+        prompt = ids[:prompt_len]
+        params = og.GeneratorParams(model)
+        total = prompt_len + 1 + decode_tokens
+        # min_length keeps EOS from ending the run early: every run decodes the same count.
+        params.set_search_options(max_length=total, min_length=total, do_sample=False)
+        generator = og.Generator(model, params)
+        started = time.perf_counter()
+        generator.append_tokens(prompt)
+        generator.generate_next_token()
+        ttfts.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(decode_tokens):
+            generator.generate_next_token()
+        decodes.append(time.perf_counter() - started)
+        threads = _process_threads()
+        del generator, params, tokenizer, model
+    options = config.get("model", {}).get("decoder", {}).get("session_options", {})
+    ttft = statistics.median(ttfts)
+    return {
+        "measured": True,
+        "runs": runs,
+        "load_s": round(statistics.median(loads), 4),
+        "prompt_tokens": prompt_len,
+        "ttft_s": round(ttft, 4),
+        "prompt_tokens_per_s": round(prompt_len / ttft, 1),
+        "decode_tokens": decode_tokens,
+        "decode_tokens_per_s": round(decode_tokens / statistics.median(decodes), 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "cpu": cpu_info(),
+        "intra_op_threads": options.get("intra_op_num_threads") or "onnxruntime default (one per physical core)",
+        "process_threads": threads,
+        "onnxruntime_genai": og.__version__,
+    }
+
+
+def measure_speed(model_dir: Path, *, device: str, prompt_tokens: int = SPEED_PROMPT,
+                  decode_tokens: int = SPEED_DECODE, runs: int = SPEED_RUNS) -> dict[str, Any]:
+    """Speed of the built model, in a child process so that peak RSS is the model's alone."""
+    if device == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            return {"measured": False, "reason": f"speed not measured: target device cuda, but {reason}"}
+    cmd = [sys.executable, "-m", "builder.evaluate", "--speed-json", str(model_dir),
+           "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens), "--runs", str(runs)]
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"measured": False, "reason": f"speed measurement failed: {tail[0]}"}
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class Evaluation:
+    """The figures, the gates and the verdict: what goes into olive-builder.json."""
+
+    evaluated: bool
+    precision: str | None = None
+    text: dict[str, Any] = field(default_factory=dict)
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    speed: dict[str, Any] = field(default_factory=dict)
+    gates: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    reason: str | None = None  # why not evaluated
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        return out
+
+
+def not_evaluated(reason: str) -> dict[str, Any]:
+    return Evaluation(evaluated=False, reason=reason).to_json()
+
+
+def evaluate(
+    model_dir: str | Path,
+    source_dir: str | Path | None,
+    *,
+    precision: str | None,
+    device: str = "cpu",
+    settings: Settings | None = None,
+    text_path: str | Path | None = None,
+    trust_remote_code: bool = False,
+    on_progress: Any = None,
+) -> Evaluation:
+    """Measure the built model in ``model_dir`` against ``source_dir`` and apply the gates.
+
+    Returns the Evaluation whatever the verdict; ``raise_for_gates`` turns a failure into an
+    EvaluationError. ``source_dir`` None measures the built model alone (no ratios, no gates
+    on them)."""
+    settings = settings or Settings()
+    say = on_progress or (lambda message: None)
+    started = time.monotonic()
+    model_dir = Path(model_dir)
+    text = load_text(text_path if text_path is not None else settings.text)
+    config = _genai_config(model_dir)
+    context = int(config.get("model", {}).get("context_length") or 2048)
+    cuda_reason = cuda_unavailable_reason() if device == "cuda" or _uses_cuda(model_dir) else None
+    result = Evaluation(evaluated=True, precision=precision)
+    ref: _Reference | None = None
+    prompts: list[list[int]] = []
+    if source_dir is not None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)
+        src_config = AutoConfig.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)
+        context = min(context, int(getattr(src_config, "max_position_embeddings", context) or context))
+        ids = tok(text.text, add_special_tokens=False)["input_ids"]
+        bos = tok.bos_token_id if tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id] else None
+        windows = _windows(ids, settings.max_tokens, min(context, settings.max_tokens), bos)
+        for content in CHAT_PROMPTS:
+            messages = [{"role": "user", "content": content}]
+            if getattr(tok, "chat_template", None):
+                prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            else:
+                prompt = content
+            prompts.append(tok(prompt, add_special_tokens=True)["input_ids"])
+        say(f"source model (transformers, fp32): {len(windows)} window(s) of up to {len(windows[0])} tokens")
+        ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code)
+    else:
+        import onnxruntime_genai as og
+
+        probe = _og_model(model_dir, force_cpu=cuda_reason is not None)
+        ids = list(og.Tokenizer(probe).encode(text.text))
+        del probe
+        windows = _windows(ids, settings.max_tokens, min(context, settings.max_tokens), None)
+    result.text = {
+        "source": text.source,
+        "digest": text.digest,
+        "tokens": sum(len(w) - 1 for w in windows),
+        "windows": len(windows),
+        "window_tokens": max(len(w) for w in windows),
+    }
+    say("built model (onnxruntime-genai)" + (" on the CPU provider: " + cuda_reason if cuda_reason else ""))
+    model = _og_model(model_dir, force_cpu=cuda_reason is not None)
+    built = _built_pass(model, windows, prompts, ref)
+    del model
+    gc.collect()
+    acc: dict[str, Any] = {"perplexity": round(_mean_ppl(built.nll), 4)}
+    if ref is not None:
+        src_ppl = _mean_ppl(ref.nll)
+        prefixes = [_common_prefix(a, b) for a, b in zip(ref.greedy, built.greedy)]
+        acc.update(
+            {
+                "source_perplexity": round(src_ppl, 4),
+                "perplexity_ratio": round(_mean_ppl(built.nll) / src_ppl, 5),
+                "top1_agreement": round(built.agree / len(ref.argmax), 4),
+                "mean_kl": round(sum(built.kl) / len(built.kl), 6),
+                "kl_top_k": min(TOP_K, len(ref.topk_ids[0])),
+                "greedy_prompts": len(prefixes),
+                "greedy_tokens": GREEDY_TOKENS,
+                "greedy_prefix_mean": round(sum(prefixes) / len(prefixes), 2),
+                "greedy_prefix_min": min(prefixes),
+            }
+        )
+    result.accuracy = acc
+    if settings.speed:
+        say("speed: load, 512-token prompt, 128-token decode, 3 runs")
+        result.speed = measure_speed(model_dir, device=device)
+    else:
+        result.speed = {"measured": False, "reason": "speed not measured: `evaluate.speed: false` in the recipe"}
+    result.gates = gates_for(precision, settings.gates) if ref is not None else {}
+    result.failures = check_gates(acc, result.gates)
+    result.seconds = round(time.monotonic() - started, 3)
+    return result
+
+
+def check_gates(acc: dict[str, Any], gates: dict[str, float]) -> list[str]:
+    failures = []
+    checks = (
+        ("max_perplexity_ratio", "perplexity_ratio", "perplexity ratio (built / source)", False),
+        ("min_top1_agreement", "top1_agreement", "top-1 next-token agreement", True),
+        ("max_mean_kl", "mean_kl", "mean KL divergence", False),
+        ("min_greedy_prefix", "greedy_prefix_mean", "mean greedy common prefix (tokens)", True),
+    )
+    for gate, metric, label, at_least in checks:
+        if gate not in gates or metric not in acc:
+            continue
+        value, limit = float(acc[metric]), float(gates[gate])
+        bad = value < limit if at_least else (value > limit or math.isnan(value))
+        if bad:
+            failures.append(f"{label} {value:g} is {'below' if at_least else 'above'} the limit {limit:g} ({gate})")
+    return failures
+
+
+def raise_for_gates(result: Evaluation | dict[str, Any]) -> None:
+    data = result.to_json() if isinstance(result, Evaluation) else result
+    if not data.get("failures"):
+        return
+    precision = data.get("precision") or "this precision"
+    figures = format_table(data)
+    raise EvaluationError(
+        f"The built model failed its evaluation gates ({precision}):\n"
+        + "\n".join(f"  - {f}" for f in data["failures"])
+        + f"\n\n{figures}",
+        hint=WHAT_TO_TRY.get(str(data.get("precision")), "Try a higher precision.")
+        + " To change the limits, set `evaluate.gates` in the recipe; `evaluate: false` skips the stage.",
+        figures=data,
+    )
+
+
+# ---------------------------------------------------------------------------- presenting
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """A readable table of an evaluation record (olive-builder.json's `evaluation`)."""
+    if not data or not data.get("evaluated"):
+        return f"not evaluated{': ' + str(data.get('reason')) if data and data.get('reason') else ''}"
+    rows: list[tuple[str, str]] = []
+    acc, gates = data.get("accuracy") or {}, data.get("gates") or {}
+    limits = {"perplexity_ratio": "max_perplexity_ratio", "top1_agreement": "min_top1_agreement",
+              "mean_kl": "max_mean_kl", "greedy_prefix_mean": "min_greedy_prefix"}
+    for key, value in acc.items():
+        gate = limits.get(key)
+        limit = ""
+        if gate and gate in gates:
+            limit = f"{'<=' if gate.startswith('max') else '>='} {gates[gate]:g}"
+        rows.append((key, _fmt(value) + (f"   (limit {limit})" if limit else "")))
+    text = data.get("text") or {}
+    rows.append(("text", f"{text.get('tokens')} tokens in {text.get('windows')} window(s), {text.get('digest', '')[:19]}"))
+    speed = data.get("speed") or {}
+    if speed.get("measured"):
+        for key in ("load_s", "ttft_s", "prompt_tokens", "prompt_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb",
+                    "intra_op_threads"):
+            rows.append((key, _fmt(speed.get(key))))
+        rows.append(("cpu", _fmt(speed.get("cpu"))))
+    else:
+        rows.append(("speed", str(speed.get("reason", "not measured"))))
+    rows.append(("verdict", "passed" if not data.get("failures") else "FAILED: " + "; ".join(data["failures"])))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+ANNOTATED_EVAL = ("perplexity", "source_perplexity", "perplexity_ratio", "top1_agreement", "mean_kl",
+                  "greedy_prefix_mean")
+ANNOTATED_BENCH = ("load_s", "ttft_s", "prompt_tokens", "prompt_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb")
+
+
+def manifest_annotations(data: dict[str, Any] | None, ns: str = "org.olive-builder.") -> dict[str, str]:
+    """``<ns>eval.<metric>`` and ``<ns>bench.<metric>`` for the manifests."""
+    if not data:
+        return {}
+    if not data.get("evaluated"):
+        return {ns + "eval": "not evaluated", **({ns + "eval.reason": str(data["reason"])} if data.get("reason") else {})}
+    out = {ns + "eval": "passed" if not data.get("failures") else "failed"}
+    acc = data.get("accuracy") or {}
+    out.update({f"{ns}eval.{k.replace('_', '-')}": _fmt(acc[k]) for k in ANNOTATED_EVAL if k in acc})
+    text = data.get("text") or {}
+    if text.get("digest"):
+        out[ns + "eval.text-digest"] = str(text["digest"])
+        out[ns + "eval.text-tokens"] = str(text.get("tokens"))
+    if data.get("gates"):
+        out[ns + "eval.gates"] = json.dumps(data["gates"], sort_keys=True, separators=(",", ":"))
+    speed = data.get("speed") or {}
+    if speed.get("measured"):
+        out.update({f"{ns}bench.{k.replace('_', '-')}": _fmt(speed[k]) for k in ANNOTATED_BENCH if k in speed})
+        cpu = speed.get("cpu") or {}
+        out[ns + "bench.cpu"] = f"{cpu.get('model')}, {cpu.get('usable_cores')} cores"
+        out[ns + "bench.threads"] = str(speed.get("intra_op_threads"))
+    elif speed:
+        out[ns + "bench"] = str(speed.get("reason", "not measured"))
+    return out
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m builder.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--against", help="the source Hugging Face model folder")
+    parser.add_argument("--precision", help="gates of this precision (default: olive-builder.json's)")
+    parser.add_argument("--device", help="cpu or cuda (default: olive-builder.json's, else cpu)")
+    parser.add_argument("--text", help="a local UTF-8 text file instead of the committed text")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    parser.add_argument("--speed-json", action="store_true", help=argparse.SUPPRESS)  # the speed child process
+    parser.add_argument("--prompt-tokens", type=int, default=SPEED_PROMPT, help=argparse.SUPPRESS)
+    parser.add_argument("--decode-tokens", type=int, default=SPEED_DECODE, help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=SPEED_RUNS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    model_dir = Path(args.model_dir)
+    if args.speed_json:
+        print(json.dumps(_speed_here(model_dir, args.prompt_tokens, args.decode_tokens, args.runs)))
+        return 0
+    info: dict[str, Any] = {}
+    try:
+        info = json.loads((model_dir / "olive-builder.json").read_text())
+    except (OSError, ValueError):
+        pass
+    target = info.get("target") or {}
+    try:
+        result = evaluate(
+            model_dir,
+            args.against,
+            precision=args.precision or target.get("precision"),
+            device=args.device or target.get("device") or "cpu",
+            settings=Settings(max_tokens=args.max_tokens, speed=not args.no_speed),
+            text_path=args.text,
+            on_progress=lambda m: print(f"==> evaluate: {m}", file=sys.stderr),
+        )
+    except BuilderError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return e.exit_code
+    data = result.to_json()
+    print(json.dumps(data, indent=2) if args.json else format_table(data))
+    if result.failures:
+        print("\n" + "\n".join(f"gate failed: {f}" for f in result.failures), file=sys.stderr)
+        return EvaluationError.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

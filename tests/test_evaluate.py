@@ -1,0 +1,205 @@
+"""The evaluation stage's pure parts: settings, gates, verdicts, records, annotations, recipes.
+
+No model runs here (see test_evaluate_integration.py for that)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from builder import evaluate as ev
+from builder.errors import BuildError, EvaluationError, RecipeError
+from conftest import write_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def record(**acc: float) -> dict:  # type: ignore[type-arg]
+    base = {"perplexity": 11.0, "source_perplexity": 10.0, "perplexity_ratio": 1.1, "top1_agreement": 0.9,
+            "mean_kl": 0.02, "greedy_prefix_mean": 12.0}
+    base.update(acc)
+    result = ev.Evaluation(evaluated=True, precision="int4", accuracy=base,
+                           text={"source": "x", "digest": "sha256:" + "0" * 64, "tokens": 2046, "windows": 2},
+                           speed={"measured": True, "load_s": 0.5, "ttft_s": 0.2, "prompt_tokens": 512,
+                                  "prompt_tokens_per_s": 2560.0, "decode_tokens_per_s": 40.0, "peak_rss_mb": 900.0,
+                                  "cpu": {"model": "Some CPU", "usable_cores": 2}, "intra_op_threads": 2},
+                           gates=ev.gates_for("int4"))
+    result.failures = ev.check_gates(result.accuracy, result.gates)
+    return result.to_json()
+
+
+def test_the_committed_text_is_package_data_and_documented() -> None:
+    text = ev.load_text()
+    assert 80_000 <= len(text.text) <= 110_000  # about 20k tokens of a real tokenizer
+    raw = (REPO / "builder" / "data" / "eval-text.txt").read_bytes()
+    assert text.digest == "sha256:" + hashlib.sha256(raw).hexdigest()
+    notice = (REPO / "builder" / "data" / "README.md").read_text()
+    assert text.digest.split(":")[1] in notice and "public domain" in notice
+    assert '"data/*.txt"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_a_text_file_that_is_missing_short_or_not_utf8_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EvaluationError, match="Cannot read"):
+        ev.load_text(tmp_path / "missing.txt")
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(EvaluationError, match="too short"):
+        ev.load_text(tmp_path / "short.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(EvaluationError, match="not UTF-8"):
+        ev.load_text(tmp_path / "latin1.txt")
+
+
+def test_default_gates_per_precision_and_overrides() -> None:
+    assert ev.gates_for("fp32")["max_perplexity_ratio"] == 1.001
+    assert ev.gates_for("fp16")["max_perplexity_ratio"] == ev.gates_for("bf16")["max_perplexity_ratio"] == 1.01
+    assert ev.gates_for("int8")["max_perplexity_ratio"] == 1.05
+    assert ev.gates_for("int4")["max_perplexity_ratio"] == 1.15
+    assert all("min_top1_agreement" in ev.gates_for(p) for p in ("fp32", "fp16", "bf16", "int8", "int4"))
+    assert ev.gates_for("int4", {"max_perplexity_ratio": 1.3, "max_mean_kl": 0.1}) == {
+        "max_perplexity_ratio": 1.3, "min_top1_agreement": ev.DEFAULT_GATES["int4"]["min_top1_agreement"],
+        "max_mean_kl": 0.1}
+
+
+def test_settings_from_the_plan() -> None:
+    assert ev.Settings.from_json(None) == ev.Settings()
+    assert not ev.Settings.from_json(False).enabled
+    assert not ev.Settings.from_json({"enabled": False}).enabled
+    s = ev.Settings.from_json({"enabled": True, "gates": {"max_perplexity_ratio": 2}, "max_tokens": 512, "speed": False})
+    assert s.gates == {"max_perplexity_ratio": 2.0} and s.max_tokens == 512 and not s.speed
+
+
+def test_gates_pass_and_fail_with_figures_limit_and_what_to_try() -> None:
+    ok = record()
+    assert ok["passed"] and ok["failures"] == []
+    ev.raise_for_gates(ok)  # no error
+
+    bad = record(perplexity_ratio=1.4, top1_agreement=0.5)
+    assert not bad["passed"] and len(bad["failures"]) == 2
+    with pytest.raises(EvaluationError) as info:
+        ev.raise_for_gates(bad)
+    e = info.value
+    assert isinstance(e, BuildError) and e.exit_code == 4
+    text = str(e)
+    assert "perplexity ratio (built / source) 1.4 is above the limit 1.15" in text
+    assert "top-1 next-token agreement 0.5 is below the limit 0.7" in text
+    assert "int4_accuracy_level" in text and "higher precision" in text  # what to try
+    assert "perplexity_ratio" in text and "(limit <= 1.15)" in text  # the figures' table
+    assert e.figures["accuracy"]["perplexity_ratio"] == 1.4
+
+
+def test_nan_perplexity_fails_a_max_gate() -> None:
+    assert ev.check_gates({"perplexity_ratio": float("nan")}, {"max_perplexity_ratio": 1.1})
+
+
+def test_the_table_and_the_annotations() -> None:
+    data = record()
+    table = ev.format_table(data)
+    for word in ("perplexity_ratio", "top1_agreement", "mean_kl", "decode_tokens_per_s", "peak_rss_mb", "Some CPU",
+                 "passed"):
+        assert word in table
+    ann = ev.manifest_annotations(data, "org.olive-builder.")
+    assert ann["org.olive-builder.eval"] == "passed"
+    assert ann["org.olive-builder.eval.perplexity-ratio"] == "1.1"
+    assert ann["org.olive-builder.eval.top1-agreement"] == "0.9"
+    assert ann["org.olive-builder.eval.text-digest"] == "sha256:" + "0" * 64
+    assert json.loads(ann["org.olive-builder.eval.gates"]) == ev.gates_for("int4")
+    assert ann["org.olive-builder.bench.decode-tokens-per-s"] == "40"
+    assert ann["org.olive-builder.bench.cpu"] == "Some CPU, 2 cores"
+    assert all(isinstance(v, str) for v in ann.values())
+
+
+def test_not_evaluated_and_not_measured_say_why() -> None:
+    off = ev.not_evaluated("turned off in the recipe (`evaluate: false`)")
+    assert ev.format_table(off).startswith("not evaluated: turned off")
+    assert ev.manifest_annotations(off) == {
+        "org.olive-builder.eval": "not evaluated",
+        "org.olive-builder.eval.reason": "turned off in the recipe (`evaluate: false`)",
+    }
+    data = record()
+    data["speed"] = {"measured": False, "reason": "speed not measured: target device cuda, but no GPU"}
+    assert ev.manifest_annotations(data)["org.olive-builder.bench"].startswith("speed not measured: target device cuda")
+    assert "speed not measured" in ev.format_table(data)
+    assert ev.manifest_annotations(None) == {}
+
+
+def test_package_annotations_carry_the_evaluation() -> None:
+    import datetime as dt
+
+    from builder.package import annotations
+
+    info = {"name": "m", "version": "1", "tags": ["m:1-cpu-int4"], "target": {"precision": "int4"},
+            "evaluation": record()}
+    ann = annotations(info, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    assert ann["org.olive-builder.eval.perplexity-ratio"] == "1.1"
+    assert "org.olive-builder.bench.ttft-s" in ann
+
+
+def test_windows_are_capped_and_start_with_bos() -> None:
+    ids = list(range(10, 5010))
+    windows = ev._windows(ids, 2048, 1024, None)
+    assert [len(w) for w in windows] == [1024, 1024]
+    with_bos = ev._windows(ids, 2048, 1024, 1)
+    assert all(w[0] == 1 and len(w) <= 1024 for w in with_bos) and sum(len(w) - 1 for w in with_bos) == 2048
+    assert ev._windows(ids[:3], 2048, 1024, None) == [ids[:3]]
+
+
+# ---- the recipe's `evaluate:` section ----------------------------------------------------------
+
+BASE = """
+name: tiny
+version: "1.0"
+model:
+  path: ./model
+target:
+  device: cpu
+  precision: int4
+"""
+
+
+def load(tmp_path: Path, extra: str) -> object:
+    from builder import recipe
+
+    (tmp_path / "recipes" / "tiny" / "model").mkdir(parents=True, exist_ok=True)
+    return recipe.load(write_recipe(tmp_path / "recipes" / "tiny", "cpu-int4", BASE + extra))
+
+
+def test_recipe_evaluate_false_and_default(tmp_path: Path) -> None:
+    from builder.plan import evaluate_settings
+
+    assert evaluate_settings(load(tmp_path, "")) == {"enabled": True}  # type: ignore[arg-type]
+    assert evaluate_settings(load(tmp_path, "evaluate: false\n")) == {"enabled": False}  # type: ignore[arg-type]
+
+
+def test_recipe_evaluate_section_reaches_the_plan(tmp_path: Path) -> None:
+    from builder.plan import plan
+
+    (tmp_path / "recipes" / "tiny").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "recipes" / "tiny" / "text.txt").write_text("words " * 100)
+    loaded = load(tmp_path, "evaluate:\n  gates:\n    max_perplexity_ratio: 1.2\n    min_top1_agreement: 0.8\n"
+                            "  text: text.txt\n  max_tokens: 1024\n  speed: false\n")
+    step = plan(loaded, "img")  # type: ignore[arg-type]
+    assert step.evaluate == {"enabled": True, "gates": {"max_perplexity_ratio": 1.2, "min_top1_agreement": 0.8},
+                             "text": str((tmp_path / "recipes" / "tiny" / "text.txt").resolve()),
+                             "max_tokens": 1024, "speed": False}
+    assert ev.Settings.from_json(step.to_json()["evaluate"]).gates["max_perplexity_ratio"] == 1.2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("evaluate:\n  gates:\n    max_perplexity: 1.2\n", "Perhaps you meant `max_perplexity_ratio`?"),
+        ("evaluate:\n  gates:\n    max_perplexity_ratio: 0.5\n", "evaluate.gates.max_perplexity_ratio"),
+        ("evaluate:\n  gates:\n    min_top1_agreement: 2\n", "evaluate.gates.min_top1_agreement"),
+        ("evaluate:\n  max_tokens: 10\n", "evaluate.max_tokens"),
+        ("evaluate:\n  text: nowhere.txt\n", "nowhere.txt is not a file"),
+        ("evaluate: maybe\n", "evaluate: Input should be a valid dictionary"),
+    ],
+)
+def test_recipe_evaluate_mistakes_are_named(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load(tmp_path, extra)
+    assert message in str(info.value)
+    assert "cpu-int4.yaml:" in str(info.value)
