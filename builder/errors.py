@@ -106,15 +106,6 @@ class EvaluationError(BuildError):
         self.figures = figures or {}
 
 
-class EvaluationError(BuildError):
-    """The built model failed its evaluation gates; ``figures`` holds the evaluation record."""
-
-    def __init__(self, message: str, *, hint: str | None = None, log_tail: list[str] | None = None,
-                 figures: dict[str, object] | None = None):
-        super().__init__(message, hint=hint, log_tail=log_tail)
-        self.figures = figures or {}
-
-
 class DistributionError(BuilderError):
     exit_code = 5
 

@@ -15,7 +15,7 @@ from . import __version__
 from .check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
 from .contract import CACHE_DIR, MODEL_DIR, OUTPUT_DIR
 from .errors import PlanError
-from .recipe import Evaluation, LoadedRecipe, evaluation_text
+from .recipe import LoadedRecipe, evaluation_text
 
 
 
@@ -107,10 +107,10 @@ def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
 def evaluate_settings(loaded: LoadedRecipe) -> dict[str, Any]:
     """The recipe's `evaluate:` section as the worker reads it (builder.evaluate.Settings.from_json)."""
     ev = loaded.recipe.evaluate
-    if ev is False:
+    if ev is not None and not ev.enabled:
         return {"enabled": False}
     out: dict[str, Any] = {"enabled": True}
-    if isinstance(ev, Evaluation):
+    if ev is not None:
         if ev.gates is not None:
             out["gates"] = ev.gates.model_dump(exclude_none=True)
         text = evaluation_text(loaded.recipe, loaded.path)

@@ -245,7 +245,7 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str) -> dict[
         raise_for_gates(result)
     except BuilderError as e:  # EvaluationError (a gate), CheckError (the model would not load)
         raise WorkerFailure("evaluation_failed", e.message, e.hint or "") from None
-    except Exception as e:  # the source model would not run in transformers, and the like
+    except Exception as e:  # noqa: BLE001 - any failure (an architecture transformers cannot run) fails the build
         raise WorkerFailure(
             "evaluation_failed",
             f"The evaluation could not run: {type(e).__name__}: {e}",
