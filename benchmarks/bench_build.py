@@ -12,7 +12,11 @@ does not: recipe validation, pinning the inputs (the cache key), log streaming, 
 into a fresh store (no runnable image: that is one export per runtime image, not per build).
 Runs alternate baseline/measured so drift hits both; medians and their ratio are printed.
 
-    python benchmarks/bench_build.py [--runs 5] [--precision int4]
+    python benchmarks/bench_build.py [--runs 5] [--precision int4] [--evaluate]
+
+The recipe says `evaluate: false` unless --evaluate is given: the evaluation stage (accuracy
+against the source model and speed, builder/evaluate.py) is work `olive run` does not do, and
+benchmarks/bench_eval.py measures it on its own. With --evaluate the ratio shows its cost.
 
 Needs a Docker engine (DOCKER_HOST) and the CPU builder image (built if missing, from
 OLIVE_BUILDER_BASE_IMAGE / OLIVE_BUILDER_WHEELS like `build images`).
@@ -45,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--precision", default="int4", choices=["int4", "fp32", "int8"])
+    parser.add_argument("--evaluate", action="store_true", help="keep the evaluation stage on")
     args = parser.parse_args()
 
     engine = DockerEngine()
@@ -63,6 +68,7 @@ def main() -> None:
         recipe_path.write_text(
             f"name: tiny-qwen2\nversion: 0.1.0\nmodel:\n  path: {model}\n"
             f"target:\n  device: cpu\n  precision: {args.precision}\n"
+            + ("" if args.evaluate else "evaluate: false\n")
         )
         step = plan.plan(recipe.load(recipe_path), spec.tag)
         config = substitute(
@@ -115,7 +121,8 @@ def main() -> None:
                   flush=True)
 
     b, m = statistics.median(base_times), statistics.median(build_times)
-    print(f"\nprecision {args.precision}, {args.runs} runs, image {spec.tag}")
+    print(f"\nprecision {args.precision}, {args.runs} runs, image {spec.tag}, "
+          f"evaluation {'on' if args.evaluate else 'off'}")
     print(f"median docker run + olive run : {b:.2f}s  (min {min(base_times):.2f}, max {max(base_times):.2f})")
     print(f"median pipeline.build (docker): {m:.2f}s  (min {min(build_times):.2f}, max {max(build_times):.2f})")
     print(f"ratio build/olive             : {m / b:.2f}x  (goal <= 1.05x)")

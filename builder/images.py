@@ -34,7 +34,7 @@ FLAVOURS = {
     "runtime-cuda": "images/runtime-cuda/Dockerfile",
 }
 # Files of this package that runtime images carry (the server, without the build side).
-RUNTIME_FILES = ("builder/__init__.py", "builder/server.py")
+RUNTIME_FILES = ("builder/__init__.py", "builder/contract.py", "builder/server.py")
 REPOSITORY = "olive-builder"
 ENV_BASE_IMAGE = "OLIVE_BUILDER_BASE_IMAGE"
 ENV_RUNTIME_BASE_IMAGE = "OLIVE_BUILDER_RUNTIME_BASE_IMAGE"
