@@ -357,6 +357,57 @@ def inspect_cmd(ref: str | None, as_json: bool, store: Path | None, insecure: bo
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
     console.show_description(info)
+    from .evaluate import table_from_annotations
+
+    click.echo("evaluation:")
+    click.echo(table_from_annotations(info.get("annotations") or {}))
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--against", default=None, metavar="SOURCE",
+              help="The source model: a Hugging Face folder or OWNER/NAME[@REVISION] [default: the build record's].")
+@click.option("--precision", type=click.Choice(["int4", "int8", "fp16", "bf16", "fp32"]), default=None,
+              help="Apply this precision's default gates [default: the build record's].")
+@click.option("--text", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Measure on this UTF-8 text file instead of the committed one.")
+@click.option("--max-tokens", type=click.IntRange(64, 65536), default=2048, show_default=True)
+@click.option("--no-speed", is_flag=True, help="Do not measure speed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
+@store_option
+@insecure_option
+def eval_cmd(model: str, against: str | None, precision: str | None, text: Path | None, max_tokens: int,
+             no_speed: bool, as_json: bool, store: Path | None, insecure: bool) -> None:
+    """Evaluate MODEL (a model folder, or a reference that is pulled and verified) against its source
+    model: perplexity ratio, top-1 agreement, KL divergence, greedy agreement, speed. Exits 4 when a
+    gate fails. Needs torch, transformers and onnxruntime-genai here (the `local` extra)."""
+    import importlib.util
+
+    from . import evaluate, pipeline
+
+    missing = [m for m in ("torch", "transformers", "onnxruntime_genai") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"build eval runs the models in this Python, but {', '.join(missing)} is not installed.",
+                         hint="pip install torch==2.13.0 && pip install -e '.[local]'")
+    folder = Path(model)
+    if not folder.is_dir():
+        folder = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure)
+    source, label = evaluate.resolve_source(folder, against)
+    record: dict[str, Any] = {}
+    try:
+        record = json.loads((folder / "olive-builder.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    target = record.get("target") or {}
+    click.echo(f"==> eval: {folder} against {label}", err=True)
+    result = evaluate.evaluate(
+        folder, source, precision=precision or target.get("precision"), device=target.get("device") or "cpu",
+        settings=evaluate.Settings(max_tokens=max_tokens, speed=not no_speed), text_path=text,
+        trust_remote_code=bool((record.get("source") or {}).get("trust_remote_code")),
+        on_progress=lambda m: click.echo(f"==> eval: {m}", err=True))
+    data = result.to_json()
+    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else evaluate.format_table(data))
+    evaluate.raise_for_gates(result)
 
 
 @cli.command("schema")

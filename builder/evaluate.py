@@ -351,7 +351,7 @@ def _mean_ppl(nll: list[float]) -> float:
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -557,7 +557,7 @@ def evaluate(
     acc: dict[str, Any] = {"perplexity": round(_mean_ppl(built.nll), 4)}
     if ref is not None:
         src_ppl = _mean_ppl(ref.nll)
-        prefixes = [_common_prefix(a, b) for a, b in zip(ref.greedy, built.greedy)]
+        prefixes = [_common_prefix(a, b) for a, b in zip(ref.greedy, built.greedy, strict=True)]
         acc.update(
             {
                 "source_perplexity": round(src_ppl, 4),
@@ -686,6 +686,56 @@ def manifest_annotations(data: dict[str, Any] | None, ns: str = "org.olive-build
     elif speed:
         out[ns + "bench"] = str(speed.get("reason", "not measured"))
     return out
+
+
+def table_from_annotations(ann: dict[str, str], ns: str = "org.olive-builder.") -> str:
+    """The evaluation part of a manifest's annotations as a table (for `build inspect`)."""
+    rows = [(k[len(ns):], v) for k, v in sorted(ann.items()) if k.startswith((ns + "eval", ns + "bench"))]
+    if not rows:
+        return "  not evaluated (built before the evaluation stage existed)"
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def resolve_source(model_dir: Path, against: str | None) -> tuple[Path | None, str]:
+    """The source model to compare with: ``against`` (a folder or a Hub repo id), else the one the
+    build record names (a Hub model, from the local Hugging Face cache or the Hub). (None, why)
+    when there is none."""
+    import re
+
+    from .errors import ModelNotFoundError, UsageError
+
+    hub, revision = None, None
+    if against:
+        folder = Path(against).expanduser()
+        if folder.is_dir():
+            if not (folder / "config.json").is_file():
+                raise UsageError(f"--against {against}: the folder has no config.json, so it is not a "
+                                 "Hugging Face model folder.")
+            return folder, str(folder)
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9._/-]+)?$", against):
+            raise UsageError(f"--against {against}: neither a model folder nor a Hugging Face repo id "
+                             "(OWNER/NAME[@REVISION]).")
+        hub, _, rev = against.partition("@")
+        revision = rev or None
+    else:
+        try:
+            info = json.loads((model_dir / "olive-builder.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None, "no build record (olive-builder.json) names the source; pass --against"
+        source = info.get("source") or {}
+        if not source.get("hub"):
+            return None, "the build record names a local source folder; pass --against FOLDER"
+        hub, revision = str(source["hub"]), source.get("resolved_revision") or source.get("revision")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(hub, revision=revision, ignore_patterns=["original/*", "*.gguf", "onnx/*",
+                                                                          "*.msgpack", "*.h5", "*.ot", "*.pth"])
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: all mean "no source here"
+        raise ModelNotFoundError(f"The source model {hub}@{revision or 'main'} is not available: {e}",
+                                 hint="Pass --against with a local copy of the source model.") from None
+    return Path(path), f"{hub}@{revision or 'main'}"
 
 
 # ---------------------------------------------------------------------------- command line

@@ -36,7 +36,7 @@ from .contract import (
     log_dir,
 )
 from .engine import Engine, Job, Mount
-from .errors import BuildError, CheckError, EngineError, ModelNotFoundError, OutputExistsError
+from .errors import BuildError, CheckError, EngineError, EvaluationError, ModelNotFoundError, OutputExistsError
 from .plan import BuildStep
 
 LOG_TAIL_LINES = 40
@@ -188,7 +188,14 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
         env["HF_TOKEN_PATH"] = "/run/secrets/hf_token"
     package = Path(__file__).resolve().parent
     mounts.append(Mount(package, "/opt/olive-builder/builder", read_only=True))
-    spec = WorkerSpec(step=step.to_json(), work_dir=work_dir, model_dir=model_dir)
+    step_json = step.to_json()
+    text = (step.evaluate or {}).get("text")
+    if text:
+        # The recipe's own evaluation text, read-only where the worker can see it.
+        text_mount = Mount(Path(text), "/eval/text.txt", read_only=True)
+        mounts.append(text_mount)
+        step_json["evaluate"] = {**step_json["evaluate"], "text": engine.path_for(text_mount)}
+    spec = WorkerSpec(step=step_json, work_dir=work_dir, model_dir=model_dir)
     spec_mount_path = f"{work_dir}/{SPEC_FILE}"
     job = Job(
         image=step.builder_image,
@@ -218,6 +225,8 @@ def _failure(result: WorkerResult, log_path: Path, tail: list[str], cause: str |
         return ModelNotFoundError(message, hint=hint, log_tail=tail)
     if kind == "check_failed":
         return CheckError(message, hint=hint, log_tail=tail)
+    if kind == "evaluation_failed":
+        return EvaluationError(message, hint=hint, log_tail=tail)
     if kind == "internal":
         return EngineError(message, hint=hint, log_tail=tail)
     return BuildError(message, hint=hint, log_tail=tail)

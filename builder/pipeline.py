@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import cache, distribute, images, lock, oci, package, plan, recipe
+from . import attest, cache, distribute, images, lock, oci, package, plan, recipe, sign
 from .contract import SERVE_SUFFIX, cache_dir
 from .engine import Engine, make_engine
 from .errors import EngineError, PlanError, RecipeError
@@ -111,6 +111,7 @@ class PackageOptions:
     runnable_image: bool = True  # also compose the runnable image (needs Docker for the runtime image)
     insecure: bool = False  # plain HTTP to a non-loopback registry
     images: ImageSettings = field(default_factory=ImageSettings)
+    sign_key: str | None = None  # a PEM private key (path or text): sign the model, manifests and attestations
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,8 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
         options = dataclasses.replace(options, package=dataclasses.replace(options.package, push_to=dest))
 
     preflight_model(step)
+    if options.package.sign_key:  # a key that cannot be used fails now, not after the build
+        sign.load_signing_key(options.package.sign_key)
     engine = options.engine if not isinstance(options.engine, str) else make_engine(options.engine)
     engine.preflight()
     env = engine.prepare(step.builder_image, image_spec, reporter.log)
@@ -292,6 +295,9 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
             reporter.stage("cache", f"{out_dir} is already this build")
         artifact = Published(tag, hit.artifact_digest)
         image = Published(tag + SERVE_SUFFIX, hit.image_digest) if hit.image_digest else None
+        # attestations (and signatures) for what the cache gave: idempotent when already attached
+        attest.attach_stored(store, tag, key=sign.load_signing_key(pkg.sign_key) if pkg.sign_key else None,
+                             image_ref=image.ref if image else None)
         pushed = None
         if pkg.push_to:
             pushed = push([r.ref for r in (artifact, image) if r], pkg.push_to, reporter,
@@ -335,6 +341,7 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
     reporter = reporter or NullReporter()
     store = oci.open_store(options.store)
     record = package.read_record(model_dir)
+    key = sign.load_signing_key(options.sign_key) if options.sign_key else None
     runtime = None
     if options.runnable_image:
         if docker is None:
@@ -352,7 +359,8 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
     progress = reporter.progress("packaging", total)
     created = package.created_time(recipe_path, model_dir)
     try:
-        result = package.package(Path(model_dir), store, created=created, runtime=runtime, on_bytes=progress)
+        result = package.package(Path(model_dir), store, created=created, runtime=runtime, on_bytes=progress,
+                                 sign_key=key, recipe_path=recipe_path)
     finally:
         progress.close()
     artifact = Published(result.artifact_ref, result.artifact.digest)
@@ -383,42 +391,57 @@ def push(refs: list[str], destination: str, reporter: Reporter | None = None, *,
 
 
 def push_with_image(ref: str, destination: str, reporter: Reporter | None = None, *,
-                    store: Path | None = None, insecure: bool = False, with_image: bool = True) -> Pushed:
-    """Push ``ref`` from the local store and, unless told otherwise, its runnable image."""
+                    store: Path | None = None, insecure: bool = False, with_image: bool = True,
+                    sign_key: str | None = None) -> Pushed:
+    """Push ``ref`` from the local store and, unless told otherwise, its runnable image (signed
+    first with ``sign_key``, a PEM private key's path or text)."""
     st = oci.open_store(store)
     refs = [ref]
     if with_image and not ref.endswith(SERVE_SUFFIX) and st.resolve(ref + SERVE_SUFFIX) is not None:
         refs.append(ref + SERVE_SUFFIX)
+    if sign_key:
+        key = sign.load_signing_key(sign_key)
+        artifact = ref[:-len(SERVE_SUFFIX)] if ref.endswith(SERVE_SUFFIX) else ref
+        image = artifact + SERVE_SUFFIX if st.resolve(artifact + SERVE_SUFFIX) is not None else None
+        attest.attach_stored(st, artifact, key=key, image_ref=image)
     return push(refs, destination, reporter, store=st, insecure=insecure)
 
 
 def pull(ref: str, directory: Path, reporter: Reporter | None = None, *, store: Path | None = None,
-         force: bool = False, insecure: bool = False) -> tuple[Published, Path]:
-    """Fetch the model ``ref`` into ``directory``, every blob verified."""
+         force: bool = False, insecure: bool = False, verify_key: Path | None = None,
+         signature_out: Path | None = None) -> tuple[Published, Path]:
+    """Fetch the model ``ref`` into ``directory``, every blob verified (and, with ``verify_key``,
+    signed by that key: see ``distribute.pull``)."""
     reporter = reporter or NullReporter()
     st = oci.open_store(store)
     progress = reporter.progress("downloading", 0)
     try:
         _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None,
                                         on_event=lambda stage, msg: reporter.event(msg),
-                                        on_bytes=progress, on_start=progress.start)
+                                        on_bytes=progress, on_start=progress.start,
+                                        verify_key=verify_key, signature_out=signature_out)
     finally:
         progress.close()
     return Published(ref, desc.digest), dest
 
 
 def pull_for_serve(ref_text: str, reporter: Reporter | None = None, *, store: Path | None = None,
-                   insecure: bool = False) -> Path:
+                   insecure: bool = False, verify_key: Path | None = None) -> Path:
     """The model folder for a reference: pulled (verified) and unpacked once per manifest digest
-    under ~/.cache/olive-builder/models."""
+    under ~/.cache/olive-builder/models. With ``verify_key``, refused unless signed by that key."""
     reporter = reporter or NullReporter()
     st = oci.open_store(store)
     ref = parse_reference(ref_text)
+    guard = sign.PullGuard(ref_text, verify_key, None)
     _, desc, manifest = distribute.fetch(ref, st, insecure=insecure or None,
-                                         on_event=lambda stage, msg: reporter.event(msg))
+                                         on_event=lambda stage, msg: reporter.event(msg),
+                                         verify=guard.verify if guard.active else None)
     folder = cache_dir() / "models" / desc.digest.split(":", 1)[1]
     if not folder.is_dir():
-        distribute.materialize(st, manifest, folder, force=False, shown=ref_text)
+        distribute.materialize(st, manifest, folder, force=False, shown=ref_text,
+                               check=guard.check_folder if guard.active else None)
+    elif guard.active:  # unpacked by an earlier run: its files must still match the signature
+        guard.check_folder(folder)
     reporter.stage("serve", f"{ref_text}@{desc.digest} from {folder}")
     return folder
 
