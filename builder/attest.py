@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from . import __version__, oci
+from .errors import StoreError
 
 # media types and predicate types (the names other tools match on)
 SBOM_MEDIA = "application/vnd.cyclonedx+json"
@@ -670,3 +671,59 @@ def attach_packaged(store: oci.Store, model_dir: Path, packaged: Any, *, info: M
                         image_ref=packaged.image_ref, image=packaged.image, runtime=runtime, created=created,
                         info=info, recipe_path=path, recipe_text=text, lock_entry=entry, key=sign_key,
                         precomputed=digests.result() if digests is not None else None)
+
+
+def attach_stored(store: oci.Store, artifact_ref: str, *, key: Any = None, image_ref: str | None = None) -> Attached:
+    """``attach_build`` for a model artifact already in the store (a cache hit, or `build push
+    --sign-key` of something packaged unsigned): its files are unpacked into a temporary folder
+    (the build record travels inside the artifact), attested and, with ``key``, signed."""
+    import tempfile
+
+    from . import distribute
+
+    from . import referrers
+
+    desc, manifest = distribute.local_manifest(store, artifact_ref)
+    if manifest.get("artifactType") != oci.MODEL_ARTIFACT:
+        raise StoreError(f"{artifact_ref} is not a model artifact; sign the artifact, and its image comes along.")
+    image = store.resolve(image_ref) if image_ref else None
+    name = artifact_ref.rpartition(":")[0]
+    # Nothing to do (and no unpacking) when every subject already has its attestations and signature.
+    done = True
+    for subject in [desc] + ([image] if image is not None else []):
+        kinds = {d.annotations.get(ANN_KIND) for d in referrers.list_local(store, name, subject.digest)}
+        done = done and {"sbom", "provenance", "evaluation"} <= kinds
+        if key is not None:
+            done = done and _signed_by(store, name, subject.digest, referrers.SIG_SUFFIX, key) \
+                and _signed_by(store, name, subject.digest, referrers.ATT_SUFFIX, key)
+    if done:
+        return Attached((), key is not None)
+    created_text = (manifest.get("annotations") or {}).get("org.opencontainers.image.created")
+    created = (dt.datetime.strptime(created_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+               if created_text else dt.datetime.fromtimestamp(0, dt.timezone.utc))
+    with tempfile.TemporaryDirectory(prefix="olive-builder-attest-") as tmp:
+        folder = distribute.materialize(store, manifest, Path(tmp) / "model", force=False, shown=artifact_ref)
+        info = json.loads((folder / "olive-builder.json").read_text(encoding="utf-8"))
+        runtime = _stored_runtime(store, image) if image is not None else None
+        return attach_build(store, folder, artifact_ref=artifact_ref, artifact=desc, image_ref=image_ref if image else None,
+                            image=image, runtime=runtime, created=created, info=info, key=key)
+
+
+@dataclass(frozen=True)
+class _StoredRuntime:
+    ref: str
+    manifest: oci.Descriptor
+    layers: tuple[oci.Descriptor, ...]
+
+
+def _stored_runtime(store: oci.Store, image: oci.Descriptor) -> _StoredRuntime | None:
+    """The runtime part of a stored runnable image (its layers before the model's), for its SBOM."""
+    m = store.read_json(image.digest)
+    ann = m.get("annotations") or {}
+    base = ann.get("org.opencontainers.image.base.digest")
+    layers = tuple(oci.Descriptor.from_json(d) for d in m.get("layers") or []
+                   if oci.ANN_FILEPATH not in (d.get("annotations") or {}))
+    if not base:
+        return None
+    return _StoredRuntime(str(ann.get("org.opencontainers.image.base.name") or "runtime image"),
+                          oci.Descriptor(oci.MANIFEST, base, 0), layers)

@@ -426,3 +426,58 @@ class RemoteContent:
 
     def referrers(self, subject_digest: str) -> list[oci.Descriptor]:
         return list_remote(self.registry, self.repo, subject_digest)
+
+
+@contextmanager
+def open_content(ref_text: str, store: oci.Store, *, insecure: bool | None = None) -> Iterator[tuple[Any, str]]:
+    """(content, manifest digest) of a reference: the local store's ``<name>:<tag>`` or a registry's."""
+    from .registry import parse_reference
+
+    ref = parse_reference(ref_text)
+    if ref.registry is None:
+        if ref.digest:
+            digest = ref.digest
+        else:
+            found = store.resolve(f"{ref.repository}:{ref.tag}")
+            if found is None:
+                raise StoreError(f"{ref.repository}:{ref.tag} is not in the local store {store.root}.",
+                                 hint="`build inspect` lists what it holds.")
+            digest = found.digest
+        yield LocalContent(store, ref.repository), digest
+        return
+    registry = Registry(ref.registry, insecure=insecure)
+    try:
+        got = registry.get_manifest(ref.repository, ref.reference)
+        if got is None:
+            raise RegistryError(f"{ref} does not exist (the registry has no such tag or digest).")
+        yield RemoteContent(registry, ref.repository), got[2]
+    finally:
+        registry.close()
+
+
+def describe(content: Any, digest: str) -> list[dict[str, Any]]:
+    """The referrers of ``digest`` as rows for `build inspect`."""
+    rows = []
+    for d in content.referrers(digest):
+        rows.append({"digest": d.digest, "artifactType": d.artifact_type, "size": d.size,
+                     "kind": d.annotations.get("org.olive-builder.referrer") or _kind(d.artifact_type),
+                     "predicateType": d.annotations.get("in-toto.io/predicate-type")})
+    return sorted(rows, key=lambda r: (str(r["kind"]), r["digest"]))
+
+
+def _kind(artifact_type: str | None) -> str:
+    return {"application/vnd.dev.cosign.artifact.sig.v1+json": "signature",
+            "application/vnd.dev.cosign.artifact.att.v1+json": "attestations",
+            "application/vnd.dev.sigstore.bundle.v0.3+json": "model-signature",
+            "application/vnd.cyclonedx+json": "sbom"}.get(artifact_type or "", artifact_type or "?")
+
+
+def document(content: Any, digest: str, kind: str) -> bytes | None:
+    """The first document of the referrer of ``kind`` (sbom, provenance, evaluation) of ``digest``."""
+    for row in describe(content, digest):
+        if row["kind"] != kind:
+            continue
+        m = content.manifest(oci.Descriptor(oci.MANIFEST, row["digest"], row["size"]))
+        for layer in m.get("layers") or []:
+            return bytes(content.blob(oci.Descriptor.from_json(layer)))
+    return None

@@ -474,3 +474,12 @@ class PullGuard:
 
         self.signature_out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.signature_out, self.bundle)
+
+
+def verify_reference(ref_text: str, key_path: Path, store: Any, *, insecure: bool | None = None) -> Verified:
+    """`build verify REF --key PUB`: the signature, the provenance's subject, the SBOM and the evaluation."""
+    from . import referrers
+
+    key = load_public_key(key_path)
+    with referrers.open_content(ref_text, store, insecure=insecure) as (content, digest):
+        return verify_subject(content, digest, key, ref_text, require_attestations=True)

@@ -217,3 +217,72 @@ def test_pull_verify_refuses_a_tampered_manifest(registry, signed_build, tmp_pat
         _refused(ref, tmp_path / "b", pub, f"the signature is for {digest}")
     finally:
         reg.close()
+
+
+# ------------------------------------------------------------------------------- the commands
+
+def test_the_commands_keygen_package_push_verify_inspect_pull(registry, tmp_path, capsys, monkeypatch):  # type: ignore[no-untyped-def]
+    from conftest import run_cli
+
+    model = fake_model(tmp_path / "m", evaluation={"passed": True})
+    store = str(tmp_path / "store")
+    code, out, err = run_cli(capsys, "keygen", str(tmp_path / "keys" / "ci"))
+    assert code == 0, err
+    key, pub = tmp_path / "keys" / "ci.key", tmp_path / "keys" / "ci.pub"
+    assert "PRIVATE" not in out and key.is_file() and pub.is_file()
+    # the key from the environment, as a CI secret holds it (the PEM text itself)
+    monkeypatch.setenv("OLIVE_BUILDER_SIGN_KEY", key.read_text())
+    code, out, err = run_cli(capsys, "package", str(model), "--no-image", "--store", store,
+                             "--push", f"{registry.host}/models")
+    assert code == 0, err
+    assert "PRIVATE" not in out + err
+    monkeypatch.delenv("OLIVE_BUILDER_SIGN_KEY")
+    ref = f"{registry.host}/models/tiny:1.0-cpu-int4"
+    code, out, err = run_cli(capsys, "verify", ref, "--key", str(pub))
+    assert code == 0, err
+    assert "https://slsa.dev/provenance/v1" in out and "PASSED" in out
+    code, out, err = run_cli(capsys, "inspect", ref, "--store", str(tmp_path / "s-inspect"))
+    assert code == 0, err
+    for kind in ("sbom", "provenance", "evaluation", "signature", "attestations", "model-signature"):
+        assert kind in out
+    code, out, err = run_cli(capsys, "inspect", ref, "--sbom", "--store", str(tmp_path / "s-inspect"))
+    assert code == 0 and json.loads(out)["bomFormat"] == "CycloneDX"
+    code, out, err = run_cli(capsys, "inspect", ref, "--provenance", "--store", str(tmp_path / "s-inspect"))
+    assert code == 0 and json.loads(out)["predicateType"] == "https://slsa.dev/provenance/v1"
+    code, out, err = run_cli(capsys, "inspect", "--store", store)  # the store listing hides referrer tags
+    assert "sha256-" not in out
+    code, out, err = run_cli(capsys, "pull", ref, str(tmp_path / "pulled"), "--verify", str(pub),
+                             "--signature-out", str(tmp_path / "model.sig"), "--store", str(tmp_path / "s-pull"))
+    assert code == 0, err
+    ok = run_model_signing(pub, tmp_path / "model.sig", tmp_path / "pulled")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # another key: refused, exit 5, a reason, nothing written
+    run_cli(capsys, "keygen", str(tmp_path / "keys" / "other"))
+    code, out, err = run_cli(capsys, "pull", ref, str(tmp_path / "refused"), "--verify", str(tmp_path / "keys" / "other.pub"),
+                             "--store", str(tmp_path / "s-refused"))
+    assert code == 5 and "not signed by the key" in err and "Traceback" not in err
+    assert not (tmp_path / "refused").exists()
+    code, out, err = run_cli(capsys, "verify", ref, "--key", str(tmp_path / "keys" / "other.pub"))
+    assert code == 5 and "not signed by the key" in err
+    # a bad key file is a usage error that names the file, not its content
+    (tmp_path / "bad.key").write_text("not a key")
+    code, out, err = run_cli(capsys, "push", "tiny:1.0-cpu-int4", "--to", f"{registry.host}/models", "--store", store,
+                             "--sign-key", str(tmp_path / "bad.key"))
+    assert code == 2 and "bad.key" in err and "not a key" not in err
+
+
+def test_serve_verify_refuses_an_unsigned_reference_before_unpacking(registry, tmp_path, capsys):  # type: ignore[no-untyped-def]
+    from builder.contract import cache_dir
+    from conftest import run_cli
+
+    model = fake_model(tmp_path / "m")
+    store = oci.Store(tmp_path / "store")
+    package.package(model, store, created=T0)
+    distribute.push(store, ["tiny:1.0-cpu-int4"], registry.host, "models")
+    sign.keygen(tmp_path / "k.pem", tmp_path / "k.pub")
+    for ref in ("tiny:1.0-cpu-int4", f"{registry.host}/models/tiny:1.0-cpu-int4"):
+        code, out, err = run_cli(capsys, "serve", ref, "--verify", str(tmp_path / "k.pub"), "--store", str(store.root))
+        assert code == 5 and "is not signed" in err, err
+    assert not (cache_dir() / "models").exists()
+    code, out, err = run_cli(capsys, "serve", str(model), "--verify", str(tmp_path / "k.pub"))
+    assert code == 2 and "is a folder" in err
