@@ -14,7 +14,7 @@ import click
 
 from . import __version__, console
 from .console import ConsoleReporter
-from .errors import BuilderError
+from .errors import BuilderError, UsageError
 
 ENGINES = ("docker", "local")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,6 +50,11 @@ package_options = [
     click.option("--runtime-base-image", envvar="OLIVE_BUILDER_RUNTIME_BASE_IMAGE", default=None,
                  help="Base image runtime images run on. Env: OLIVE_BUILDER_RUNTIME_BASE_IMAGE."),
 ]
+sign_key_option = click.option(
+    "--sign-key", envvar="OLIVE_BUILDER_SIGN_KEY", default=None, metavar="KEY", show_envvar=False,
+    help="Sign the model, both manifests and the attestations with this EC P-256 private key (`build keygen`); "
+         "passphrase from OLIVE_BUILDER_SIGN_KEY_PASSWORD. Env: OLIVE_BUILDER_SIGN_KEY (a path or the PEM itself).")
+package_options.append(sign_key_option)
 
 
 def _with(options: list[Callable[[F], F]]) -> Callable[[F], F]:
@@ -71,7 +76,8 @@ def _package_options(kw: dict[str, Any]) -> Any:
     settings = ImageSettings(kw.pop("base_image"), kw.pop("wheels"), kw.pop("runtime_base_image"))
     push_to, no_push = kw.pop("push_to"), kw.pop("no_push")
     return PackageOptions(store=kw.pop("store"), push_to=None if no_push else push_to,
-                          runnable_image=not kw.pop("no_image"), insecure=kw.pop("insecure"), images=settings)
+                          runnable_image=not kw.pop("no_image"), insecure=kw.pop("insecure"), images=settings,
+                          sign_key=kw.pop("sign_key"))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -259,10 +265,13 @@ def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_t
 @click.option("--max-concurrency", default=4, show_default=True, type=click.IntRange(1), help="Generations at once.")
 @click.option("--queue-size", default=16, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; more get 429.")
+@click.option("--verify", "verify_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PUB",
+              envvar="OLIVE_BUILDER_VERIFY_KEY",
+              help="Serve a reference only if it is signed by this public key. Env: OLIVE_BUILDER_VERIFY_KEY.")
 @store_option
 @insecure_option
 def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concurrency: int, queue_size: int,
-              store: Path | None, insecure: bool) -> None:
+              verify_key: Path | None, store: Path | None, insecure: bool) -> None:
     """Serve MODEL with an OpenAI-compatible API (as the runtime image does), on this host.
 
     MODEL is a model folder, or a reference: <name>:<tag> in the local store or
@@ -273,7 +282,11 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
 
     model_dir = Path(model)
     if not model_dir.exists() and (":" in model or "@" in model):
-        model_dir = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure)
+        model_dir = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure,
+                                            verify_key=verify_key)
+    elif verify_key is not None:
+        raise UsageError(f"--verify checks a reference's signature; {model} is a folder.",
+                         hint="Serve the signed reference (REGISTRY/REPO:TAG or <name>:<tag>) instead.")
     check_files(model_dir)
     try:
         from . import server
@@ -306,43 +319,109 @@ def package_cmd(model_dir: Path, **kw: Any) -> None:
 @click.option("--no-image", is_flag=True, help="Push the model artifact only, not its runnable image.")
 @store_option
 @insecure_option
-def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, insecure: bool) -> None:
-    """Push REF (<name>:<tag> in the local store) and its runnable image to a registry."""
+@sign_key_option
+def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, insecure: bool,
+             sign_key: str | None) -> None:
+    """Push REF (<name>:<tag> in the local store) and its runnable image to a registry, with their
+    SBOMs, provenance, evaluation and signatures (referrers)."""
     from . import pipeline
 
     console.show_pushed(pipeline.push_with_image(ref, destination, ConsoleReporter(), store=store, insecure=insecure,
-                                                 with_image=not no_image))
+                                                 with_image=not no_image, sign_key=sign_key))
 
 
 @cli.command("pull")
 @click.argument("ref")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace DIRECTORY if it exists (only once the pull is verified).")
+@click.option("--verify", "verify_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PUB",
+              envvar="OLIVE_BUILDER_VERIFY_KEY",
+              help="Refuse content not signed by this public key (before anything is downloaded or unpacked). "
+                   "Env: OLIVE_BUILDER_VERIFY_KEY.")
+@click.option("--signature-out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="Write the model's OpenSSF model signature here (for `model_signing verify key`).")
 @store_option
 @insecure_option
-def pull_cmd(ref: str, directory: Path, force: bool, store: Path | None, insecure: bool) -> None:
+def pull_cmd(ref: str, directory: Path, force: bool, verify_key: Path | None, signature_out: Path | None,
+             store: Path | None, insecure: bool) -> None:
     """Fetch the model REF into DIRECTORY, verifying every blob (a registry ref, or <name>:<tag> in the local store)."""
     from . import pipeline
 
-    pulled, dest = pipeline.pull(ref, directory, ConsoleReporter(), store=store, force=force, insecure=insecure)
+    pulled, dest = pipeline.pull(ref, directory, ConsoleReporter(), store=store, force=force, insecure=insecure,
+                                 verify_key=verify_key, signature_out=signature_out)
     click.echo(f"Pulled {pulled.ref}@{pulled.digest} -> {dest}")
+
+
+@cli.command("keygen")
+@click.argument("prefix", default="olive-builder", type=click.Path(dir_okay=False, path_type=Path))
+def keygen_cmd(prefix: Path) -> None:
+    """Make a signing key pair: PREFIX.key (EC P-256, private: keep it secret, e.g. as a CI secret)
+    and PREFIX.pub (give it to whoever verifies). Encrypted with OLIVE_BUILDER_SIGN_KEY_PASSWORD if set."""
+    import os
+
+    from . import sign
+
+    private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
+    key_id = sign.keygen(private, public, password=os.environ.get(sign.ENV_SIGN_PASSWORD) or None)
+    click.echo(f"private key: {private} (keep it secret)\npublic key:  {public}\nkey id:      sha256:{key_id}")
+
+
+@cli.command("verify")
+@click.argument("ref")
+@click.option("--key", "key", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="PUB",
+              envvar="OLIVE_BUILDER_VERIFY_KEY", help="The signer's public key. Env: OLIVE_BUILDER_VERIFY_KEY.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_option
+@insecure_option
+def verify_cmd(ref: str, key: Path, as_json: bool, store: Path | None, insecure: bool) -> None:
+    """Check that REF is signed by KEY (cosign's format), that its signed SLSA provenance names this
+    manifest, and that a signed SBOM and a passing evaluation are attached. Exit 5 if not."""
+    from . import oci, sign
+
+    v = sign.verify_reference(ref, key, oci.open_store(store), insecure=insecure or None)
+    if as_json:
+        click.echo(json.dumps({"reference": ref, "digest": v.digest, "signature": v.signature,
+                               "predicates": sorted(v.predicates), "evaluation": v.evaluation_result,
+                               "modelSignature": v.model_bundle is not None, "referrers": list(v.referrers)},
+                              indent=2))
+        return
+    click.echo(f"verified {ref}@{v.digest}")
+    click.echo(f"  signature          cosign simple signing, key {key}")
+    for ptype in sorted(v.predicates):
+        click.echo(f"  attestation        {ptype}")
+    click.echo(f"  evaluation         {v.evaluation_result}"
+               + ("  (not evaluated)" if v.evaluation_result == "WARNED" else ""))
+    click.echo(f"  model signature    {'attached (OpenSSF model signing)' if v.model_bundle else 'none'}")
 
 
 @cli.command("inspect")
 @click.argument("ref", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--sbom", "document", flag_value="sbom", default=None, help="Print REF's CycloneDX SBOM.")
+@click.option("--provenance", "document", flag_value="provenance", help="Print REF's SLSA provenance statement.")
+@click.option("--evaluation", "document", flag_value="evaluation", help="Print REF's evaluation statement.")
 @store_option
 @insecure_option
-def inspect_cmd(ref: str | None, as_json: bool, store: Path | None, insecure: bool) -> None:
-    """Show what REF is: its digest, annotations and layers (a registry ref, or <name>:<tag> in the
-    local store). Without REF, list what the local store holds."""
-    from . import distribute, oci
+def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Path | None, insecure: bool) -> None:
+    """Show what REF is: its digest, annotations, layers and referrers (SBOM, provenance, evaluation,
+    signatures), a registry ref or <name>:<tag> in the local store. Without REF, list what the
+    local store holds."""
+    from . import distribute, oci, referrers
 
+    if ref is not None and document is not None:
+        with referrers.open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
+            doc = referrers.document(content, digest, document)
+        if doc is None:
+            raise UsageError(f"{ref} has no {document} attached.",
+                             hint="Packaging attaches one; `build inspect REF` lists what is attached.")
+        click.echo(json.dumps(json.loads(doc), indent=2, sort_keys=True))
+        return
     if ref is None:
         st = oci.open_store(store)
         rows = [{"reference": name, "digest": d.digest,
                  "kind": "model artifact" if d.artifact_type == oci.MODEL_ARTIFACT else "image"}
-                for name, d in sorted(st.refs().items())]
+                for name, d in sorted(st.refs().items())
+                if not referrers.is_referrer_tag(name.rpartition(":")[2])]  # attestation bookkeeping
         if as_json:
             click.echo(json.dumps(rows, indent=2))
             return
@@ -353,10 +432,16 @@ def inspect_cmd(ref: str | None, as_json: bool, store: Path | None, insecure: bo
             click.echo(f"{r['reference'].ljust(width)}  {r['kind']:<14}  {r['digest']}")
         return
     info = distribute.describe(ref, oci.open_store(store), insecure=insecure or None)
+    with referrers.open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
+        info["referrers"] = referrers.describe(content, digest)
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
     console.show_description(info)
+    click.echo(f"referrers ({len(info['referrers'])}):" if info["referrers"] else "referrers: none")
+    for r in info["referrers"]:
+        click.echo(f"  {r['kind']:<16} {r['digest'][:19]}  {r['artifactType']}"
+                   + (f"  {r['predicateType']}" if r.get("predicateType") else ""))
     from .evaluate import table_from_annotations
 
     click.echo("evaluation:")
