@@ -352,6 +352,21 @@ def pull_cmd(ref: str, directory: Path, force: bool, verify_key: Path | None, si
     click.echo(f"Pulled {pulled.ref}@{pulled.digest} -> {dest}")
 
 
+@cli.command("gc")
+@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
+              help="Keep unreferenced blobs younger than this (a running build may be about to tag them).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@store_option
+def gc_cmd(grace: float, dry_run: bool, store: Path | None) -> None:
+    """Remove blobs of the local store that no tag reaches, and ingest files of dead writers."""
+    from . import oci
+
+    st = oci.open_store(store)
+    report = oci.gc(st, grace_seconds=grace, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {report.removed} blob(s), {report.freed_bytes} bytes freed; {report.kept} kept ({st.root})")
+
+
 @cli.command("keygen")
 @click.argument("prefix", default="olive-builder", type=click.Path(dir_okay=False, path_type=Path))
 def keygen_cmd(prefix: Path) -> None:

@@ -166,7 +166,7 @@ def _human(n: float) -> str:
 def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, layers: bool = True,
           on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
           on_start: Callable[[int], None] = lambda total: None,
-          verify: Callable[[Any, str], None] | None = None,
+          verify: Callable[[Any, str], None] | None = None, name_it: bool = True,
           ) -> tuple[str, oci.Descriptor, dict[str, Any]]:
     """Make ``ref``'s manifest (and, with ``layers``, its blobs) present and verified in ``store``.
     ``verify(content, digest)`` (see ``referrers.LocalContent``) runs once the manifest's digest is
@@ -208,7 +208,7 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
         registry.close()
     desc = store.put_bytes(data, oci.MANIFEST, artifact_type=manifest.get("artifactType"))
     name = str(ref)
-    if layers:  # only complete content gets a name in the store
+    if layers and name_it:  # only complete content gets a name in the store
         store.tag(name, desc)
     return name, desc, manifest
 
@@ -377,8 +377,9 @@ def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, in
         raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
     guard = signing.PullGuard(str(ref), verify_key, signature_out)
     name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
-                                 on_start=on_start, verify=guard.verify if guard.active else None)
+                                 on_start=on_start, verify=guard.verify if guard.active else None, name_it=False)
     materialize(store, manifest, dest, force=force, shown=str(ref), check=guard.check_folder if guard.active else None)
+    store.tag(name, desc)  # named only once it unpacked: content that does not is left to `build gc`
     guard.write_signature()
     return name, desc, dest
 
