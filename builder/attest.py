@@ -403,7 +403,7 @@ def _add_model_card(doc: dict[str, Any], info: Mapping[str, Any], facts: BuildFa
 # ---- what an image's layers hold ---------------------------------------------------------------
 
 _DPKG_STATUS = "var/lib/dpkg/status"
-_DIST_INFO = re.compile(r"^(?:.*/)?(?:site|dist)-packages/([^/]+)\.dist-info/METADATA$")
+_DIST_INFO = re.compile(r"^(?:.*/)?([^/]+)\.dist-info/METADATA$")  # site-packages, or a pip --target folder
 
 
 def _open_layer(f: BinaryIO, media_type: str) -> BinaryIO:

@@ -286,3 +286,31 @@ def test_serve_verify_refuses_an_unsigned_reference_before_unpacking(registry, t
     assert not (cache_dir() / "models").exists()
     code, out, err = run_cli(capsys, "serve", str(model), "--verify", str(tmp_path / "k.pub"))
     assert code == 2 and "is a folder" in err
+
+
+@pytest.mark.docker
+def test_the_runnable_images_sbom_lists_what_its_layers_hold(tmp_path, runtime_image, docker_client):  # type: ignore[no-untyped-def]
+    """The runtime's Python packages (dist-info METADATA) and the base image's Debian packages
+    (var/lib/dpkg/status), read from the image's own layers; validated against CycloneDX 1.6."""
+    from test_supply_chain import assert_cyclonedx_16
+
+    model = fake_model(tmp_path / "m")
+    store = oci.Store(tmp_path / "store")
+    runtime = package.import_runtime(docker_client, runtime_image, store)
+    p = package.package(model, store, created=T0, runtime=runtime)
+    assert p.image is not None
+    content = referrers.LocalContent(store, "tiny")
+    doc = referrers.document(content, p.image.digest, "sbom")
+    assert doc is not None
+    assert_cyclonedx_16(doc)
+    components = json.loads(doc)["components"]
+    purls = {c.get("purl", "") for c in components}
+    assert any(u.startswith("pkg:pypi/onnxruntime-genai@0.18") for u in purls), sorted(purls)[:20]
+    assert any(u.startswith("pkg:deb/debian/libc6@") for u in purls)
+    assert any(u.startswith("pkg:deb/debian/python3") for u in purls)
+    # the model artifact's SBOM has no runtime packages
+    artifact_doc = referrers.document(content, p.artifact.digest, "sbom")
+    assert artifact_doc is not None and "pkg:deb/" not in artifact_doc.decode()
+    # provenance names both manifests
+    prov = json.loads(referrers.document(content, p.image.digest, "provenance") or b"{}")
+    assert {s["digest"]["sha256"] for s in prov["subject"]} == {p.artifact.digest[7:], p.image.digest[7:]}
