@@ -385,3 +385,13 @@ def test_key_from_the_environment_signs_without_leaving_a_file(tmp_path, keys, m
     assert list((tmp_path / "tmp").iterdir()) == []
     assert run_model_signing(tmp_path / "e.pub", tmp_path / "sig", model).returncode == 0
     assert os.environ.get(sign.ENV_SIGN_KEY) is None
+
+
+def test_the_workflow_signs_when_a_key_secret_is_configured():  # type: ignore[no-untyped-def]
+    import yaml
+
+    workflow = yaml.safe_load((Path(__file__).resolve().parent.parent / ".github" / "workflows" / "models.yml").read_text())
+    step = next(s for s in workflow["jobs"]["build"]["steps"] if s.get("name") == "Build ${{ matrix.id }}")
+    assert "secrets.MODEL_SIGNING_KEY" in step["env"]["OLIVE_BUILDER_SIGN_KEY"]
+    assert "pull_request" in step["env"]["OLIVE_BUILDER_SIGN_KEY"]  # never on pull requests
+    assert step["env"]["OLIVE_BUILDER_SIGN_KEY_PASSWORD"] == "${{ secrets.MODEL_SIGNING_KEY_PASSWORD }}"
