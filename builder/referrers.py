@@ -168,8 +168,18 @@ def replace_local_tagged(store: oci.Store, name: str, subject: oci.Descriptor, s
     merged: dict[tuple[str, str], tuple[bytes, str, dict[str, str]]] = {}
     for data, media, ann in kept + layers:
         merged.setdefault((oci.digest_bytes(data), json.dumps(ann, sort_keys=True)), (data, media, ann))
-    return attach(store, name, subject, artifact_type, list(merged.values()), annotations=annotations,
-                  tag=index_tag(subject.digest) + suffix)
+    layers = list(merged.values())
+    return attach(store, name, subject, artifact_type, layers, annotations=annotations,
+                  tag=index_tag(subject.digest) + suffix, config=(cosign_config(layers), oci.IMAGE_CONFIG))
+
+
+def cosign_config(layers: list[tuple[bytes, str, dict[str, str]]]) -> bytes:
+    """The image config cosign gives its signature manifests (its layers are uncompressed, so the
+    diff ids are the layer digests): tools that read them as images find what they expect."""
+    zero = "0001-01-01T00:00:00Z"
+    return oci.canonical_json({"architecture": "", "config": {}, "created": zero, "history": [{"created": zero}],
+                               "os": "", "rootfs": {"type": "layers",
+                                                    "diff_ids": [oci.digest_bytes(data) for data, _, _ in layers]}})
 
 
 # ---- registries ----------------------------------------------------------------------------
@@ -315,7 +325,7 @@ def push_referrers(store: oci.Store, registry: Registry, repo: str, name: str, s
         data = store.read_bytes(desc.digest)
         api = put_referrer(registry, repo, data, referrer_tag(subject.digest, desc.digest)) or api
         if desc.digest in tagged:
-            merged = _merge_cosign_tag(registry, repo, tagged[desc.digest], manifest)
+            merged = _merge_cosign_tag(store, registry, repo, tagged[desc.digest], manifest)
             if merged is not None:  # another signer's layers were there: keep them beside ours
                 data = oci.canonical_json(merged)
                 merged_desc = oci.Descriptor(oci.MANIFEST, oci.digest_bytes(data), len(data),
@@ -331,7 +341,8 @@ def push_referrers(store: oci.Store, registry: Registry, repo: str, name: str, s
     return report
 
 
-def _merge_cosign_tag(registry: Registry, repo: str, tag: str, ours: dict[str, Any]) -> dict[str, Any] | None:
+def _merge_cosign_tag(store: oci.Store, registry: Registry, repo: str, tag: str,
+                      ours: dict[str, Any]) -> dict[str, Any] | None:
     """Cosign keeps one manifest per subject under ``.sig``/``.att``, every signature a layer: if the
     registry's holds layers ours lacks, our manifest with both sets of layers; else None."""
     got = _get_json(registry, repo, tag)
@@ -343,7 +354,12 @@ def _merge_cosign_tag(registry: Registry, repo: str, tag: str, ours: dict[str, A
     missing = [d for d in theirs.get("layers", []) if key(d) not in have]
     if not missing:
         return None
-    return {**ours, "layers": list(ours.get("layers", [])) + missing}
+    layers = list(ours.get("layers", [])) + missing
+    config = store.put_bytes(oci.canonical_json(json.loads(cosign_config([]))
+                                                | {"rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layers]}}),
+                             oci.IMAGE_CONFIG)
+    registry.push_blob(repo, config, store.blob_path(config.digest))
+    return {**ours, "config": config.to_json(), "layers": layers}
 
 
 def fetch_referrer(registry: Registry, repo: str, desc: oci.Descriptor, store: oci.Store) -> dict[str, Any]:

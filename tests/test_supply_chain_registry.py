@@ -314,3 +314,30 @@ def test_the_runnable_images_sbom_lists_what_its_layers_hold(tmp_path, runtime_i
     # provenance names both manifests
     prov = json.loads(referrers.document(content, p.image.digest, "provenance") or b"{}")
     assert {s["digest"]["sha256"] for s in prov["subject"]} == {p.artifact.digest[7:], p.image.digest[7:]}
+
+
+def test_a_second_signer_keeps_the_first_signers_signature_on_the_registry(registry, tmp_path):  # type: ignore[no-untyped-def]
+    """cosign keeps one `.sig` manifest per image with one layer per signature: a push by another
+    signer merges its layers with those already there instead of replacing them."""
+    model = fake_model(tmp_path / "m", evaluation={"passed": True})
+    pubs = []
+    for name in ("a", "b"):
+        sign.keygen(tmp_path / f"{name}.pem", tmp_path / f"{name}.pub")
+        store = oci.Store(tmp_path / f"store-{name}")
+        key = sign.load_signing_key(str(tmp_path / f"{name}.pem"), env={})
+        p = package.package(model, store, created=T0, sign_key=key)
+        distribute.push(store, [p.artifact_ref], registry.host, "two")
+        pubs.append(tmp_path / f"{name}.pub")
+    reg = Registry(registry.host)
+    try:
+        content = referrers.RemoteContent(reg, "two/tiny")
+        for pub in pubs:
+            sign.verify_subject(content, p.artifact.digest, sign.load_public_key(pub), p.artifact_ref)
+        sig = reg.get_manifest("two/tiny", referrers.index_tag(p.artifact.digest) + ".sig")
+        assert sig is not None
+        manifest = json.loads(sig[0])
+        assert len(manifest["layers"]) == 2
+        config = json.loads(content.blob(oci.Descriptor.from_json(manifest["config"])))
+        assert config["rootfs"]["diff_ids"] == [d["digest"] for d in manifest["layers"]]
+    finally:
+        reg.close()
