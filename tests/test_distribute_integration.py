@@ -286,11 +286,11 @@ def test_pull_and_push_mistakes_get_clear_errors(capsys, tmp_path, model_copy, r
     code, out, err = cli(capsys, "pull", f"{registry.host}/nothing/here:1.0", str(tmp_path / "x"))
     assert code == 5 and "does not exist" in err and not (tmp_path / "x").exists()
     code, out, err = cli(capsys, "pull", "Not A Ref", str(tmp_path / "x"))
-    assert code == 5 and "is not a valid reference" in err
+    assert code == 2 and "is not a valid reference" in err  # the user's mistake: a usage error
     code, out, err = cli(capsys, "push", "tiny-qwen2:nope", "--to", f"{registry.host}/x")
     assert code == 5 and "is not in the local store" in err and "The local store is empty" in err
     code, out, err = cli(capsys, "push", "tiny-qwen2:nope", "--to", "no-registry-here")
-    assert code == 5 and "does not start with a registry host" in err
+    assert code == 2 and "does not start with a registry host" in err
     (tmp_path / "exists").mkdir()
     model = model_copy()
     assert cli(capsys, "package", str(model), "--no-image", "--push", f"{registry.host}/e")[0] == 0
