@@ -94,7 +94,7 @@ def file_digests(model_dir: Path, files: Iterable[str]) -> tuple[FileDigest, ...
 
 
 def rfc3339(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def statement(subjects: Iterable[Subject], predicate_type: str, predicate: Mapping[str, Any]) -> dict[str, Any]:
@@ -225,8 +225,8 @@ def evaluation(facts: BuildFacts, subjects: Iterable[Subject]) -> dict[str, Any]
     section = evaluation_results(info)
     passed = evaluation_passed(section)
     check = info.get("check") or {}
-    passed_tests = []
-    failed_tests = []
+    passed_tests: list[str] = []
+    failed_tests: list[str] = []
     if check:
         (passed_tests if check.get("ok", True) else failed_tests).append("check: loads and generates")
     for gate, value in sorted(((section or {}).get("gates") or {}).items()):
@@ -238,20 +238,20 @@ def evaluation(facts: BuildFacts, subjects: Iterable[Subject]) -> dict[str, Any]
     else:
         result = "PASSED" if passed and not failed_tests else "FAILED"
         warned = []
+    # test-result v0.1 has no field for figures: they travel as the configuration's annotations.
+    notes: dict[str, Any] = {"target": info.get("id"), "evaluated": section is not None and passed is not None}
+    if section is not None:
+        notes["results"] = section
+    if check:
+        notes["check"] = dict(check)
     predicate = {
         "result": result,
-        "configuration": [{"name": "olive-builder evaluation", "annotations": {
-            "target": info.get("id"), "evaluated": section is not None and passed is not None}}],
+        "configuration": [{"name": "olive-builder evaluation", "annotations": notes}],
         "url": "https://github.com/olive-builder/olive-builder#evaluation",
         "passedTests": passed_tests,
         "warnedTests": warned,
         "failedTests": failed_tests,
     }
-    # test-result v0.1 has no field for figures: they travel as the configuration's annotations.
-    if section is not None:
-        predicate["configuration"][0]["annotations"]["results"] = section
-    if check:
-        predicate["configuration"][0]["annotations"]["check"] = dict(check)
     return statement(subjects, TEST_RESULT_V01, predicate)
 
 
@@ -284,8 +284,8 @@ def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (
         from cyclonedx.contrib.license.factories import LicenseFactory
         from cyclonedx.contrib.this.builders import this_component
     except ImportError:  # pragma: no cover
-        from cyclonedx.builder.this import this_component  # type: ignore[no-redef]
-        from cyclonedx.factory.license import LicenseFactory  # type: ignore[no-redef]
+        from cyclonedx.builder.this import this_component
+        from cyclonedx.factory.license import LicenseFactory
     from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, Property, XsUri
     from cyclonedx.model.bom import Bom, BomMetaData
     from cyclonedx.model.component import Component, ComponentType, Pedigree
@@ -308,10 +308,10 @@ def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (
     hub = source.get("hub")
     commit = source.get("resolved_revision")
     if hub:
-        org, _, model = str(hub).rpartition("/")
-        src = Component(type=ComponentType.MACHINE_LEARNING_MODEL, name=model, group=org or None,
+        org, _, repo_name = str(hub).rpartition("/")
+        src = Component(type=ComponentType.MACHINE_LEARNING_MODEL, name=repo_name, group=org or None,
                         version=commit or source.get("revision"), bom_ref=f"source:{hub}",
-                        purl=PackageURL(type="huggingface", namespace=org or None, name=model, version=commit)
+                        purl=PackageURL(type="huggingface", namespace=org or None, name=repo_name, version=commit)
                         if commit else None,
                         licenses=[licenses.make_from_string(str(info["license"]))] if info.get("license") else [],
                         external_references=[ExternalReference(type=ExternalReferenceType.DISTRIBUTION,
@@ -368,13 +368,13 @@ def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (
                                     version=base.get("digest"), bom_ref="base-image"))
     bom = Bom(
         serial_number=uuid.uuid5(_SERIAL_NS, subject.digest),
-        metadata=BomMetaData(timestamp=facts.created.astimezone(dt.timezone.utc), component=subject_component,
+        metadata=BomMetaData(timestamp=facts.created.astimezone(dt.UTC), component=subject_component,
                              tools=ToolRepository(components=tools)),
         components=components,
     )
     bom.register_dependency(subject_component, [model] + [c for c in components if c.bom_ref.value in runtime_refs]
                             + [c for c in components if c.bom_ref.value == "base-image"])
-    doc = json.loads(JsonV1Dot6(bom).output_as_string())
+    doc: dict[str, Any] = json.loads(JsonV1Dot6(bom).output_as_string())
     _add_model_card(doc, info, facts)
     return doc
 
@@ -421,7 +421,7 @@ def layer_packages(store: oci.Store, layers: Iterable[oci.Descriptor]) -> list[P
         if layer.media_type not in (oci.IMAGE_LAYER, oci.IMAGE_LAYER_GZIP, oci.DOCKER_LAYER_GZIP):
             continue
         with store.open_blob(layer.digest) as raw, tarfile.open(fileobj=_open_layer(raw, layer.media_type),
-                                                                 mode="r|") as tar:  # type: ignore[call-overload]
+                                                                 mode="r|") as tar:
             for member in tar:
                 name = member.name.lstrip("./")
                 base = PurePosixPath(name).name
@@ -679,9 +679,7 @@ def attach_stored(store: oci.Store, artifact_ref: str, *, key: Any = None, image
     (the build record travels inside the artifact), attested and, with ``key``, signed."""
     import tempfile
 
-    from . import distribute
-
-    from . import referrers
+    from . import distribute, referrers
 
     desc, manifest = distribute.local_manifest(store, artifact_ref)
     if manifest.get("artifactType") != oci.MODEL_ARTIFACT:
@@ -699,8 +697,8 @@ def attach_stored(store: oci.Store, artifact_ref: str, *, key: Any = None, image
     if done:
         return Attached((), key is not None)
     created_text = (manifest.get("annotations") or {}).get("org.opencontainers.image.created")
-    created = (dt.datetime.strptime(created_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-               if created_text else dt.datetime.fromtimestamp(0, dt.timezone.utc))
+    created = (dt.datetime.strptime(created_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+               if created_text else dt.datetime.fromtimestamp(0, dt.UTC))
     with tempfile.TemporaryDirectory(prefix="olive-builder-attest-") as tmp:
         folder = distribute.materialize(store, manifest, Path(tmp) / "model", force=False, shown=artifact_ref)
         info = json.loads((folder / "olive-builder.json").read_text(encoding="utf-8"))

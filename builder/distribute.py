@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import oci, package, referrers
-from . import sign as signing
+from . import oci, package, referrers, sign
 from .contract import key_tag
 from .errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
 from .contract import KEY_ANNOTATION, SERVE_SUFFIX
@@ -375,7 +374,7 @@ def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, in
     dest = dest.absolute()
     if dest.exists() and not force:  # before any download
         raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
-    guard = signing.PullGuard(str(ref), verify_key, signature_out)
+    guard = sign.PullGuard(str(ref), verify_key, signature_out)
     name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
                                  on_start=on_start, verify=guard.verify if guard.active else None, name_it=False)
     materialize(store, manifest, dest, force=force, shown=str(ref), check=guard.check_folder if guard.active else None)

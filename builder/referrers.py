@@ -349,7 +349,10 @@ def _merge_cosign_tag(store: oci.Store, registry: Registry, repo: str, tag: str,
     if got is None:
         return None
     theirs = got[0]
-    key = lambda d: (d.get("digest"), json.dumps(d.get("annotations") or {}, sort_keys=True))  # noqa: E731
+
+    def key(d: dict[str, Any]) -> tuple[str, str]:
+        return str(d.get("digest")), json.dumps(d.get("annotations") or {}, sort_keys=True)
+
     have = {key(d) for d in ours.get("layers", [])}
     missing = [d for d in theirs.get("layers", []) if key(d) not in have]
     if not missing:

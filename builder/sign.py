@@ -292,7 +292,8 @@ def sign_model(key: SigningKey, model_dir: Path, out: Path) -> bytes:
 
     with key.pem_file() as (path, password):
         try:
-            signing.Config().use_elliptic_key_signer(private_key=path, password=password).sign(model_dir, out)
+            signing.Config().use_elliptic_key_signer(  # type: ignore[no-untyped-call]
+                private_key=path, password=password).sign(model_dir, out)
         except (ValueError, OSError) as e:
             raise SigningError(f"Signing the model folder {model_dir} failed: {type(e).__name__}: {e}") from None
     return out.read_bytes()
@@ -303,7 +304,8 @@ def verify_model(public_key: Path, model_dir: Path, signature: Path) -> None:
     from model_signing import verifying
 
     try:
-        verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(model_dir, signature)
+        verifying.Config().use_elliptic_key_verifier(  # type: ignore[no-untyped-call]
+            public_key=public_key).verify(model_dir, signature)
     except Exception as e:  # noqa: BLE001 - model_signing raises ValueError, protobuf and crypto errors alike
         raise VerificationError(f"The model files do not match their signature: {e}",
                                 hint="Do not use this content: it was changed after it was signed, "

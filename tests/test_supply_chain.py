@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from builder import attest, oci, package, referrers, sign
 from builder.errors import SigningError, VerificationError
 
-T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
 
 def fake_model(folder: Path, *, evaluation: dict | None = None) -> Path:  # type: ignore[type-arg]
