@@ -191,7 +191,8 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
                                 hint=f"Check the name and tag; `build inspect {ref.name}:TAG` shows one.")
         data, media, digest = got
         if media != oci.MANIFEST:
-            raise ContentError(f"{ref} is a {media}, not an OCI image manifest: it is not a model built by olive-builder.")
+            raise ContentError(f"{ref} is a {media or 'document without a media type'}, not an OCI image manifest: "
+                               "it is not a model built by olive-builder.")
         manifest = oci.parse_manifest(data, str(ref))  # shape and size, before anything is downloaded
         if verify is not None:
             verify(referrers.RemoteContent(registry, ref.repository), digest)
