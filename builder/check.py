@@ -4,17 +4,25 @@ Olive exits 0 when a pass fails, so its exit code proves nothing. A folder is ac
 if it holds every file its genai_config.json names and a tokenizer, loads with
 onnxruntime-genai, and generates tokens from a chat-templated prompt.
 
+The check is native where the target's hardware is (its execution provider is installed and
+a device is visible). Elsewhere it is a CPU cross-check of the very same graph: a copy of the
+folder (links to the same weight files) whose genai_config.json names no provider, which
+onnxruntime-genai then runs on the CPU. The report says which (``mode``), never silently.
+
 Stdlib only at import time: this module runs inside builder and runtime images, where
 neither click nor pydantic need be installed. onnxruntime_genai is imported when needed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contract import CHECK_CPU_CROSS, CHECK_NATIVE, GENAI_CONFIG, write_json
 from .errors import CheckError
 
 # Every model folder holds these, besides the files genai_config.json names...
@@ -30,14 +38,20 @@ class CheckReport:
     prompt_tokens: int = 0
     generated_ids: list[int] = field(default_factory=list)
     genai_version: str = ""
+    mode: str = CHECK_NATIVE  # or CHECK_CPU_CROSS
+    reason: str | None = None  # why the check was not native
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "files": self.files,
             "prompt_tokens": self.prompt_tokens,
             "generated_ids": self.generated_ids,
             "onnxruntime_genai": self.genai_version,
+            "mode": self.mode,
         }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
 
 def named_files(genai_config: Any) -> list[str]:
@@ -121,3 +135,104 @@ def check_generates(folder: str | Path, *, new_tokens: int = 8) -> CheckReport:
     if not generated:
         raise CheckError("The model loaded but generated no token.")
     return CheckReport(files=files, prompt_tokens=len(ids), generated_ids=generated, genai_version=og.__version__)
+
+
+# ---------------------------------------------------------------------------- per target
+
+# The execution provider onnxruntime lists when it can run each device's graphs.
+_PROVIDER = {"cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider", "webgpu": "WebGpuExecutionProvider"}
+
+
+def _cuda_devices() -> int:
+    """NVIDIA GPUs the driver shows this process (0 without a driver): libcuda, no toolkit."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1" if sys.platform != "win32" else "nvcuda.dll")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def hardware_missing(device: str) -> str | None:
+    """Why this machine cannot run ``device`` models on their own execution provider; None if it can.
+
+    onnxruntime-genai's ``is_*_available`` only says what it was compiled with (the CPU
+    package reports WebGPU), so the provider must also be in onnxruntime's list and, for
+    CUDA, a GPU must be visible (onnxruntime-gpu lists CUDA without one)."""
+    if device == "cpu":
+        return None
+    provider = _PROVIDER.get(device)
+    if provider is None:
+        return f"olive-builder does not know device {device!r}"
+    if device == "dml" and sys.platform != "win32":
+        return "DirectML runs on Windows only"
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed here"
+    if provider not in onnxruntime.get_available_providers():
+        return f"this onnxruntime {onnxruntime.__version__} ({_distribution()}) has no {provider}"
+    if device == "cuda" and _cuda_devices() == 0:
+        return "no NVIDIA GPU is visible (no driver, or the container was started without --gpus)"
+    return None
+
+
+def _distribution() -> str:
+    from importlib import metadata
+
+    for name in ("onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-webgpu", "onnxruntime"):
+        try:
+            metadata.version(name)
+            return name
+        except metadata.PackageNotFoundError:
+            continue
+    return "onnxruntime"
+
+
+def _clear_providers(node: Any) -> None:
+    """Empty every ``session_options.provider_options`` (decoder, and any other component)."""
+    if isinstance(node, dict):
+        options = node.get("session_options")
+        if isinstance(options, dict) and "provider_options" in options:
+            options["provider_options"] = []
+        for value in node.values():
+            _clear_providers(value)
+    elif isinstance(node, list):
+        for item in node:
+            _clear_providers(item)
+
+
+def cpu_copy(folder: str | Path, dest: str | Path) -> Path:
+    """A copy of the model in ``folder`` that onnxruntime-genai runs on the CPU: links to the very
+    same files, and a genai_config.json whose provider options are emptied. ``dest`` must not exist."""
+    folder, dest = Path(folder).resolve(), Path(dest)
+    dest.mkdir(parents=True)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != GENAI_CONFIG:
+            (dest / path.name).symlink_to(path)
+    try:
+        config = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckError(f"{folder / GENAI_CONFIG} is not readable JSON: {e}") from None
+    _clear_providers(config)
+    write_json(dest / GENAI_CONFIG, config)
+    return dest
+
+
+def check_target(folder: str | Path, device: str, *, scratch: str | Path, new_tokens: int = 8) -> tuple[CheckReport, Path]:
+    """Check ``folder`` for its target ``device``: natively where the hardware is, else by a CPU
+    cross-check of the same graph (a ``cpu_copy`` made at ``scratch``, which must not exist).
+
+    Returns the report and the folder that was run: ``folder`` itself, or the CPU copy, which
+    later stages (the evaluation) run on too."""
+    folder = Path(folder)
+    reason = hardware_missing(device)
+    if reason is None:
+        return check_generates(folder, new_tokens=new_tokens), folder
+    files = check_files(folder)
+    copy = cpu_copy(folder, scratch)
+    report = check_generates(copy, new_tokens=new_tokens)
+    report.files, report.mode, report.reason = files, CHECK_CPU_CROSS, reason
+    return report, copy

@@ -114,11 +114,15 @@ def cli() -> None:
               help="The lock file [default: the first olive-builder.lock in the recipe's folder or above].")
 @click.option("--require-locked", is_flag=True, envvar="OLIVE_BUILDER_REQUIRE_LOCKED",
               help="Refuse a Hub recipe whose revision is neither a commit nor in the lock file (for CI).")
+@click.option("--require-native-check", is_flag=True, envvar="OLIVE_BUILDER_REQUIRE_NATIVE_CHECK",
+              help="Publish only builds checked on their target's own hardware: a build checked by a CPU "
+                   "cross-check (no GPU here) stays unpublished in the output folder and exits 4. "
+                   "Env: OLIVE_BUILDER_REQUIRE_NATIVE_CHECK.")
 @with_image_options
 @with_package_options
 def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: Path | None, force: bool,
                dry_run: bool, image: str | None, quiet: bool, no_cache: bool, lock_file: Path | None,
-               require_locked: bool, **kw: Any) -> None:
+               require_locked: bool, require_native_check: bool, **kw: Any) -> None:
     """Build RECIPE_FILE into a checked ONNX Runtime GenAI model folder, then package it.
 
     The model is packaged into the local OCI store as a ModelPack artifact
@@ -131,7 +135,8 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
     no_push = kw["no_push"]
     options = pipeline.BuildOptions(engine=engine, output=output, force=force, builder_image=image,
                                     use_cache=not no_cache, lock_file=lock_file, require_locked=require_locked,
-                                    package=_package_options(kw), recipe_registry=not no_push)
+                                    package=_package_options(kw), recipe_registry=not no_push,
+                                    require_native_check=require_native_check)
     loaded = pipeline.select(recipe_file, only)
     if dry_run:
         click.echo(json.dumps(pipeline.dry_run(loaded, options).to_json(), indent=2))
@@ -177,22 +182,28 @@ def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
 @click.option("--changed-since", default=None, metavar="GIT_REF",
               help="Only recipes/targets whose build inputs changed since GIT_REF (the recipe, its lock entry, "
                    "its local model files, the builder Dockerfile, the runtime Dockerfile, olive-builder's version).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Only targets of this device.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "dml", "webgpu"]), default=None,
+              help="Only targets of this device.")
 @click.option("--runner-cpu", envvar="OLIVE_BUILDER_RUNNER_CPU", default="ubuntu-latest", show_default=True,
               help="Runner label(s) for cpu targets, comma-separated. Env: OLIVE_BUILDER_RUNNER_CPU.")
 @click.option("--runner-cuda", envvar="OLIVE_BUILDER_RUNNER_CUDA", default="self-hosted,gpu", show_default=True,
               help="Runner label(s) for cuda targets, comma-separated. Env: OLIVE_BUILDER_RUNNER_CUDA.")
+@click.option("--runner-dml", envvar="OLIVE_BUILDER_RUNNER_DML", default="ubuntu-latest", show_default=True,
+              help="Runner label(s) for dml targets (built and CPU-cross-checked on Linux; a Windows GPU runner "
+                   "checks them natively). Env: OLIVE_BUILDER_RUNNER_DML.")
+@click.option("--runner-webgpu", envvar="OLIVE_BUILDER_RUNNER_WEBGPU", default="ubuntu-latest", show_default=True,
+              help="Runner label(s) for webgpu targets. Env: OLIVE_BUILDER_RUNNER_WEBGPU.")
 @click.option("--github-output", is_flag=True,
               help="Also append matrix=... and count=... to the file $GITHUB_OUTPUT names (for a workflow step).")
 def matrix_cmd(paths: tuple[Path, ...], changed_since: str | None, device: str | None, runner_cpu: str,
-               runner_cuda: str, github_output: bool) -> None:
+               runner_cuda: str, runner_dml: str, runner_webgpu: str, github_output: bool) -> None:
     """Print the GitHub Actions matrix ({"include": [...]}) of the recipes under PATHS (default: recipes/)."""
     import os
 
     from . import matrix
 
-    runners = {"cpu": [r.strip() for r in runner_cpu.split(",") if r.strip()],
-               "cuda": [r.strip() for r in runner_cuda.split(",") if r.strip()]}
+    labels = {"cpu": runner_cpu, "cuda": runner_cuda, "dml": runner_dml, "webgpu": runner_webgpu}
+    runners = {device: [r.strip() for r in text.split(",") if r.strip()] for device, text in labels.items()}
     include = matrix.entries(list(paths), device=device, runners=runners, changed_since=changed_since)
     text = json.dumps({"include": include}, separators=(",", ":"), sort_keys=True)
     click.echo(text)

@@ -50,6 +50,22 @@ def key_tag(key: str) -> str:
     return KEY_TAG_PREFIX + key.split(":", 1)[1]
 
 
+# ---- targets ----------------------------------------------------------------------------------
+
+# The builder image flavour (Dockerfile.<flavour>) that builds each target device. The model
+# builder converts for DirectML and WebGPU on any machine, and Linux has neither provider, so
+# the CPU builder builds those (and cross-checks them on the CPU).
+BUILDER_FLAVOUR = {"cpu": "cpu", "cuda": "cuda", "dml": "cpu", "webgpu": "cpu"}
+# The runtime image flavour that serves each device; DirectML (Windows) and WebGPU have no
+# server image: their artifacts are the model files alone.
+RUNTIME_FLAVOUR = {"cpu": "runtime-cpu", "cuda": "runtime-cuda"}
+# How a build was checked (`check.mode` in the build record, and the CHECK_ANNOTATION):
+# natively on the target's own execution provider, or, where its hardware is missing, by
+# loading and generating with the very same graph on the CPU provider.
+CHECK_NATIVE = "native"
+CHECK_CPU_CROSS = "cpu-cross-check"
+CHECK_ANNOTATION = NS + "check"
+
 # The tools whose versions decide a build's output: in the cache key, the annotations and the labels.
 TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
 # Distributions whose versions a build records; alternatives for the same tool come later.

@@ -247,8 +247,9 @@ class DockerEngine:
         env = dict(job.env)
         env["PYTHONPATH"] = CONTAINER_PACKAGE_ROOT
         container = None
-        try:
-            container = self.client.containers.create(
+
+        def create(requests: list[Any] | None) -> Any:
+            return self.client.containers.create(
                 job.image,
                 command=["python", "-m", job.module, *job.args],
                 name=name,
@@ -256,11 +257,26 @@ class DockerEngine:
                 volumes=volumes,
                 # Files written to mounted folders belong to the user who runs the build.
                 user=f"{os.getuid()}:{os.getgid()}",
-                device_requests=device_requests,
+                device_requests=requests,
                 labels={"org.olive-builder.job": job.module},
                 detach=True,
             )
-            container.start()
+
+        try:
+            try:
+                container = create(device_requests)
+                container.start()
+            except docker.errors.APIError as e:
+                if not (job.gpus and _no_gpu(e)):
+                    raise
+                # No GPU on this Docker host: build anyway; the worker finds no GPU and checks
+                # the graph by a CPU cross-check, which the build record and annotations say.
+                if container is not None:
+                    container.remove(force=True)
+                on_line(f"[olive-builder] this Docker host gives containers no GPU ({_short(e)}); "
+                        "building without one: the check will be a CPU cross-check")
+                container = create(None)
+                container.start()
             for line in split_lines(container.logs(stream=True, follow=True)):
                 on_line(line)
             status = container.wait()
@@ -279,6 +295,14 @@ class DockerEngine:
                     container.remove(force=True)
                 except docker.errors.APIError:
                     pass
+
+
+def _no_gpu(e: Exception) -> bool:
+    """Docker's answer when a GPU was requested and the host has no GPU runtime to give one."""
+    text = str(getattr(e, "explanation", None) or e).lower()
+    # No NVIDIA runtime registered ("could not select device driver ... [[gpu]]"), or one that
+    # finds no driver (nvidia-container-cli: initialization error).
+    return "could not select device driver" in text or "nvidia-container-cli" in text
 
 
 def connect() -> Any:

@@ -12,7 +12,8 @@
     ├── BuildError                the build ran and failed (exit 4)
     │   ├── ModelNotFoundError    the model source does not exist or is not accessible
     │   ├── CheckError            Olive produced an output that is not a usable model
-    │   └── EvaluationError       the model is outside its accuracy gates (or cannot be evaluated)
+    │   ├── EvaluationError       the model is outside its accuracy gates (or cannot be evaluated)
+    │   └── NativeCheckError      --require-native-check, but the build was checked by a CPU cross-check
     └── DistributionError         packaging, pushing or pulling OCI content failed (exit 5)
         ├── PackageError          a folder cannot be packaged (not a build's output, links, odd files)
         ├── StoreError            the local OCI store cannot be used or lacks content
@@ -95,6 +96,10 @@ class ModelNotFoundError(BuildError):
 
 class CheckError(BuildError):
     pass
+
+
+class NativeCheckError(BuildError):
+    """The build passed a CPU cross-check, but only a check on the target's hardware may publish it."""
 
 
 class EvaluationError(BuildError):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cache, lock, recipe
+from .contract import BUILDER_FLAVOUR, RUNTIME_FLAVOUR
 from .errors import PlanError, RecipeError
 
 
@@ -103,7 +104,10 @@ def entries(paths: list[Path], *, device: str | None, runners: dict[str, list[st
         kept = []
         for loaded in loaded_all:
             dev = loaded.recipe.target.device
-            if {f"Dockerfile.{dev}", f"images/runtime-{dev}/Dockerfile", "builder/__init__.py"} & changed:
+            inputs = {f"Dockerfile.{BUILDER_FLAVOUR[dev]}", "builder/__init__.py"}
+            if dev in RUNTIME_FLAVOUR:
+                inputs.add(f"images/{RUNTIME_FLAVOUR[dev]}/Dockerfile")
+            if inputs & changed:
                 kept.append(loaded)
                 continue
             path = loaded.path.resolve()

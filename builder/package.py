@@ -32,7 +32,7 @@ from typing import Any
 
 from . import oci
 from .errors import ImageError, PackageError, UsageError
-from .contract import INFO_FILE, KEY_ANNOTATION, NS, SERVE_SUFFIX, TOOLS, BuildRecord, RecordError
+from .contract import CHECK_NATIVE, INFO_FILE, KEY_ANNOTATION, NS, SERVE_SUFFIX, TOOLS, BuildRecord, RecordError
 
 MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
 WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin", ".safetensors", ".pb", ".ort")
@@ -204,6 +204,8 @@ def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str
         "builder.image-digest": builder.get("image_id"),
         # Models are written by the builder's onnxruntime-genai; older runtimes cannot read them.
         "runtime.min-onnxruntime-genai": tools.get("onnxruntime-genai"),
+        # native, or cpu-cross-check: how the check ran (builds from before the field were native).
+        "check": (info.get("check") or {}).get("mode") or CHECK_NATIVE,
     }
     for tool in TOOLS:
         ours[f"tools.{tool}"] = tools.get(tool)

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import attest, cache, distribute, images, lock, oci, package, plan, recipe, sign
-from .contract import SERVE_SUFFIX, cache_dir
+from .contract import BUILDER_FLAVOUR, CHECK_NATIVE, RUNTIME_FLAVOUR, SERVE_SUFFIX, cache_dir
 from .engine import Engine, make_engine
-from .errors import EngineError, PlanError, RecipeError
+from .errors import EngineError, NativeCheckError, PlanError, RecipeError
 from .execute import BuildResult, default_output, execute, preflight_model
 from .plan import BuildStep
 from .recipe import LoadedRecipe
@@ -125,6 +125,9 @@ class BuildOptions:
     require_locked: bool = False
     package: PackageOptions = field(default_factory=PackageOptions)
     recipe_registry: bool = True  # push to the recipe's `registry` when package.push_to is not set
+    # Publish (package, push) only builds checked on their target's own hardware, not by a CPU
+    # cross-check; a cross-checked build stays in the output folder, unpublished.
+    require_native_check: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,8 @@ def plan_build(loaded: LoadedRecipe, options: BuildOptions) -> tuple[BuildStep, 
     image = options.builder_image
     if image is None:
         s = options.package.images
-        spec = images.image_spec(loaded.recipe.target.device, base_image=s.base_image, wheels_dir=s.wheels)
+        spec = images.image_spec(BUILDER_FLAVOUR[loaded.recipe.target.device], base_image=s.base_image,
+                                 wheels_dir=s.wheels)
         image = spec.tag
     return plan.plan(loaded, image), spec
 
@@ -270,6 +274,8 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
 
     result = execute(step, engine, out_dir, force=options.force, on_stage=reporter.stage, on_log=reporter.log,
                      image_id=env.image_id)
+    if options.require_native_check:
+        require_native(step.id, result.record.check, where=result.output)
     packaging = package_folder(result.output, pkg, reporter, recipe_path=loaded.path, docker=engine.docker())
     return BuildOutcome(step.id, result.output, pinned.key, result, None, packaging,
                         packaging.pushed if packaging else None)
@@ -283,13 +289,15 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
     tag = step.tags[0]
 
     def runtime() -> package.RuntimeImage | None:
-        docker = engine.docker() if pkg.runnable_image else None
+        docker = engine.docker() if pkg.runnable_image and step.device in RUNTIME_FLAVOUR else None
         if docker is None:
             return None
         return package.import_runtime(docker, runtime_image(docker, step.device, pkg.images, reporter), store)
 
     hit = cache.reuse_local(store, key, tag, out_dir, force=options.force, runtime=runtime)
     if hit is not None:
+        if options.require_native_check:  # the hit's own record says how it was checked
+            require_native(step.id, package.read_record(out_dir).check, where=out_dir.absolute())
         reporter.stage("cache", f"{key[:19]}... was built before ({hit.found_as}): Olive does not run")
         if hit.output_current:
             reporter.stage("cache", f"{out_dir} is already this build")
@@ -303,7 +311,9 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
             pushed = push([r.ref for r in (artifact, image) if r], pkg.push_to, reporter,
                           store=store, insecure=pkg.insecure)
         return BuildOutcome(step.id, out_dir.absolute(), key, None, hit, Packaging(artifact, image, pushed), pushed)
-    if not pkg.push_to:
+    if not pkg.push_to or options.require_native_check:
+        # A registry hit is tagged there before anything is downloaded, so how it was checked
+        # cannot be known first: with --require-native-check, build (and check) here instead.
         return None
     host, namespace = parse_destination(pkg.push_to)
     hit = cache.reuse_remote(host, namespace, key, tag, with_image=pkg.runnable_image, insecure=pkg.insecure or None)
@@ -316,11 +326,26 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
 
 # ---- package and push ----------------------------------------------------------------------------
 
+def require_native(build_id: str, check: dict[str, Any], *, where: Path | None) -> None:
+    """Refuse to publish a build whose check was not native (``--require-native-check``)."""
+    mode = check.get("mode") or CHECK_NATIVE
+    if mode == CHECK_NATIVE:
+        return
+    why = f" ({check['reason']})" if check.get("reason") else ""
+    kept = f" The checked model is in {where}, unpublished." if where is not None else ""
+    raise NativeCheckError(
+        f"{build_id} was checked by a {mode}{why}, not on its target's hardware; "
+        f"--require-native-check publishes only natively checked builds.{kept}",
+        hint="Build it on a machine with the target's hardware (for cuda: an NVIDIA GPU and "
+             "nvidia-container-toolkit), or drop --require-native-check to publish the cross-checked build.",
+    )
+
+
 def runtime_image(docker: Any, device: str, settings: ImageSettings, reporter: Reporter) -> str:
     """The runtime image's tag for ``device``, built once if the engine lacks it."""
     import docker.errors as docker_errors
 
-    spec = images.image_spec(f"runtime-{device}", base_image=settings.base_image, wheels_dir=settings.wheels,
+    spec = images.image_spec(RUNTIME_FLAVOUR[device], base_image=settings.base_image, wheels_dir=settings.wheels,
                              runtime_base_image=settings.runtime_base_image)
     try:
         docker.images.get(spec.tag)
@@ -343,7 +368,10 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
     record = package.read_record(model_dir)
     key = sign.load_signing_key(options.sign_key) if options.sign_key else None
     runtime = None
-    if options.runnable_image:
+    if options.runnable_image and record.target.device not in RUNTIME_FLAVOUR:
+        reporter.warn(f"no runnable image: there is no server image for {record.target.device} targets "
+                      f"(runtime images: {', '.join(RUNTIME_FLAVOUR)}); the model artifact is packaged alone")
+    elif options.runnable_image:
         if docker is None:
             try:
                 eng = DockerEngine()

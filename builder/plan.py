@@ -17,9 +17,10 @@ from .contract import CACHE_DIR, MODEL_DIR, OUTPUT_DIR
 from .errors import PlanError
 from .recipe import LoadedRecipe, evaluation_text
 
-
-
-_OLIVE_DEVICE = {"cpu": "cpu", "cuda": "gpu"}
+# Olive's accelerator type per target device. Olive's ModelBuilder pass takes the model
+# builder's `-e` from the execution provider (cuda, dml, webgpu) and builds fp16 only for a
+# GPU accelerator, so every GPU provider's target is a "gpu" accelerator, whatever the host has.
+_OLIVE_DEVICE = {"cpu": "cpu", "cuda": "gpu", "dml": "gpu", "webgpu": "gpu"}
 
 
 @dataclass(frozen=True)

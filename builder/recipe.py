@@ -19,11 +19,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import _yaml
 from .errors import RecipeError
 
-Device = Literal["cpu", "cuda"]
+Device = Literal["cpu", "cuda", "dml", "webgpu"]
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
-Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider"]
+Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider", "WebGpuExecutionProvider"]
 
-DEFAULT_PROVIDER: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Each device's execution provider (the only one a recipe may name for it).
+DEFAULT_PROVIDER: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+# The precisions each device is built at: what onnxruntime-genai 0.14's model builder offers
+# for its `-e cpu|cuda|dml|webgpu` (bf16 is CUDA only, fp16 needs a GPU provider), plus int8 on
+# the CPU (ModelBuilder fp32 then dynamic quantization, whose kernels are the CPU's).
+DEVICE_PRECISIONS: dict[str, tuple[str, ...]] = {
+    "cpu": ("int4", "int8", "fp32"),
+    "cuda": ("int4", "fp16", "bf16", "fp32"),
+    "dml": ("int4", "fp16", "fp32"),
+    "webgpu": ("int4", "fp16", "fp32"),
+}
 
 # OCI distribution-spec grammar for a repository path component and for a tag.
 _NAME_RE = r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$"
@@ -60,7 +75,9 @@ class ModelSource(_Strict):
 
 
 class Target(_Strict):
-    device: Device = Field(description="Where the model will run: cpu or cuda.")
+    device: Device = Field(description="Where the model will run: cpu, cuda (NVIDIA GPUs), dml (DirectML on "
+                           "Windows GPUs) or webgpu. Built anywhere; checked natively where its hardware is, "
+                           "else by a CPU cross-check of the same graph.")
     provider: Provider | None = Field(
         default=None, description="ONNX Runtime execution provider; defaults to the device's own."
     )
@@ -373,19 +390,18 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
         out.append((("model",), "give exactly one of `hub` (a Hugging Face repo id) or `path` (a local folder)"))
     if m.path is not None and m.revision is not None:
         out.append((("model", "revision"), "`revision` applies to `hub` models only; a local `path` has none"))
-    provider = t.execution_provider
-    if t.device == "cpu" and provider != "CPUExecutionProvider":
-        out.append((("target", "provider"), f"{provider} cannot run on device cpu; use CPUExecutionProvider"))
-    if t.device == "cuda" and provider != "CUDAExecutionProvider":
-        out.append((("target", "provider"), f"{provider} on device cuda would not use the GPU; use CUDAExecutionProvider"))
-    if t.precision in ("fp16", "bf16") and t.device != "cuda":
-        out.append(
-            (("target", "precision"), f"{t.precision} needs device cuda (ONNX Runtime's CPU kernels are fp32/int8/int4)")
-        )
-    if t.precision == "int8" and t.device != "cpu":
-        out.append(
-            (("target", "precision"), "int8 is built by dynamic quantization, which targets the CPU; use int4 or fp16 on cuda")
-        )
+    provider, own = t.execution_provider, DEFAULT_PROVIDER[t.device]
+    if provider != own:
+        out.append((("target", "provider"), f"{provider} cannot run on device {t.device}; use {own} "
+                                            "(or leave `provider` out)"))
+    allowed = DEVICE_PRECISIONS[t.device]
+    if t.precision not in allowed:
+        why = {
+            "fp16": "fp16 needs device cuda, dml or webgpu (ONNX Runtime's CPU kernels are fp32/int8/int4)",
+            "bf16": "bf16 is built for CUDA only",
+            "int8": "int8 is built by dynamic quantization, whose kernels are the CPU's",
+        }.get(t.precision, f"{t.precision} is not built for {t.device}")
+        out.append((("target", "precision"), f"{why}; device {t.device} takes {', '.join(allowed)}"))
     olive = recipe.olive
     if olive is not None and olive.passes is not None:
         if olive.extra_options is not None:

@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .check import check_generates
+from .check import check_target
 from .contract import (
     CACHE_DIR,
     EVENT_PREFIX,
@@ -207,13 +207,16 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         if (output / name).exists():
             shutil.move(str(output / name), str(meta / name))
 
+    device = step.get("device") or "cpu"
     event("check", "loading the model with onnxruntime-genai and generating tokens")
     try:
-        report = check_generates(output)
+        # Without the target's hardware: the same graph on the CPU, from a copy outside the model folder.
+        report, checked = check_target(output, device, scratch=meta / "cpu-cross-check")
     except CheckError as e:
         raise WorkerFailure("check_failed", e.message, e.hint or "") from None
-    event("check", f"generated {len(report.generated_ids)} tokens from a {report.prompt_tokens}-token prompt")
-    evaluation = evaluate_build(step, output, model_dir)
+    how = "natively" if report.reason is None else f"by a CPU cross-check ({report.reason})"
+    event("check", f"generated {len(report.generated_ids)} tokens from a {report.prompt_tokens}-token prompt, {how}")
+    evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
     return {
         "ok": True,
         "resolved_revision": resolved,
@@ -224,11 +227,20 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     }
 
 
-def evaluate_build(step: dict[str, Any], output: Path, source_dir: str) -> dict[str, Any]:
-    """The evaluation stage: the checked model against its source; a gate failure fails the build."""
+def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross_check: str | None = None) -> dict[str, Any]:
+    """The evaluation stage: the checked model against its source; a gate failure fails the build.
+
+    With ``cross_check`` (why the target's hardware is missing) ``output`` is the CPU copy the
+    check ran: accuracy is measured on the same graph, speed is not (CPU figures would not
+    describe the target)."""
+    import dataclasses
+
     from .evaluate import Settings, evaluate, not_evaluated, raise_for_gates
 
     settings = Settings.from_json(step.get("evaluate"))
+    wanted_speed = settings.speed
+    if cross_check is not None:
+        settings = dataclasses.replace(settings, speed=False)
     if not settings.enabled:
         event("evaluate", "not evaluated: `evaluate: false` in the recipe")
         return not_evaluated("turned off in the recipe (`evaluate: false`)")
@@ -242,6 +254,8 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str) -> dict[
             trust_remote_code=bool(step["model"].get("trust_remote_code")),
             on_progress=lambda message: event("evaluate", message),
         )
+        if cross_check is not None and wanted_speed:
+            result.speed = {"measured": False, "reason": f"speed not measured: cpu-cross-check ({cross_check})"}
         raise_for_gates(result)
     except BuilderError as e:  # EvaluationError (a gate), CheckError (the model would not load)
         raise WorkerFailure("evaluation_failed", e.message, e.hint or "") from None

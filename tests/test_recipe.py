@@ -41,7 +41,7 @@ CASES: dict[str, list[str]] = {
     "many-problems.yaml": [
         "has 3 problems",
         ":5: model.revison: unknown key. Perhaps you meant `revision`?",
-        ":7: target.device: 'tpu' is not one of 'cpu' or 'cuda'",
+        ":7: target.device: 'tpu' is not one of 'cpu', 'cuda', 'dml' or 'webgpu'",
         ":10: generation.top_p:",
     ],
 }
