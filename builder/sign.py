@@ -173,8 +173,10 @@ def load_signing_key(spec: str | None = None, *, env: dict[str, str] | None = No
     password_text = environ.get(ENV_SIGN_PASSWORD) or None
     password = password_text.encode() if password_text else None
     path: Path | None
-    if source.lstrip().startswith("-----BEGIN"):
-        data, path, shown = source.encode(), None, f"${ENV_SIGN_KEY}"
+    # Key material given as text (a CI secret) is never echoed: anything that does not look like
+    # a plain path is treated as the key itself.
+    if source.lstrip().startswith("-----BEGIN") or "\n" in source or len(source) > 1024:
+        data, path, shown = source.encode(), None, "given as text" if spec else f"in ${ENV_SIGN_KEY}"
     else:
         path = Path(source).expanduser()
         shown = str(path)

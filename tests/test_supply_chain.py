@@ -205,7 +205,11 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
     # the key may come from the environment as PEM text (a CI secret)
     sign.keygen(tmp_path / "e.pem", tmp_path / "e.pub")
     env_key = sign.load_signing_key(None, env={sign.ENV_SIGN_KEY: (tmp_path / "e.pem").read_text()})
-    assert env_key is not None and env_key.source == "$OLIVE_BUILDER_SIGN_KEY"
+    assert env_key is not None and env_key.source == "in $OLIVE_BUILDER_SIGN_KEY"
+    secretish = "c2VjcmV0LWtleS1tYXRlcmlhbA==\nnot-a-pem-Zq7"
+    with pytest.raises(SigningError) as info:
+        sign.load_signing_key(None, env={sign.ENV_SIGN_KEY: secretish})
+    assert "Zq7" not in str(info.value) and "c2Vj" not in str(info.value)
     assert sign.load_signing_key(None, env={}) is None
     with pytest.raises(SigningError, match="Cannot read the signing key"):
         sign.load_signing_key(str(tmp_path / "missing.pem"), env={})
