@@ -703,6 +703,10 @@ class Registry:
                     if stream:
                         kept = True
                         return r
+                    if method == "HEAD":  # no body; Content-Length is the blob's size
+                        r._content = b""
+                        r.close()
+                        return r
                     try:
                         r._content = _read_capped(r, MAX_BODY_BYTES, f"The answer of {self.host} to {method}")
                     except requests.RequestException:
