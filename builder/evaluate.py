@@ -474,6 +474,7 @@ class Evaluation:
     gates: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per part: source, built, speed
     reason: str | None = None  # why not evaluated
 
     @property
@@ -535,6 +536,7 @@ def evaluate(
             prompts.append(tok(prompt, add_special_tokens=True)["input_ids"])
         say(f"source model (transformers, fp32): {len(windows)} window(s) of up to {len(windows[0])} tokens")
         ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code)
+        result.timings["source_s"] = round(time.monotonic() - started, 2)
     else:
         import onnxruntime_genai as og
 
@@ -554,6 +556,7 @@ def evaluate(
     built = _built_pass(model, windows, prompts, ref)
     del model
     gc.collect()
+    result.timings["built_s"] = round(time.monotonic() - started - sum(result.timings.values()), 2)
     acc: dict[str, Any] = {"perplexity": round(_mean_ppl(built.nll), 4)}
     if ref is not None:
         src_ppl = _mean_ppl(ref.nll)
@@ -574,7 +577,9 @@ def evaluate(
     result.accuracy = acc
     if settings.speed:
         say("speed: load, 512-token prompt, 128-token decode, 3 runs")
+        before = time.monotonic()
         result.speed = measure_speed(model_dir, device=device)
+        result.timings["speed_s"] = round(time.monotonic() - before, 2)
     else:
         result.speed = {"measured": False, "reason": "speed not measured: `evaluate.speed: false` in the recipe"}
     result.gates = gates_for(precision, settings.gates) if ref is not None else {}

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from builder import evaluate as ev
 from builder.errors import BuildError, EvaluationError, RecipeError
+
 from conftest import write_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_package_annotations_carry_the_evaluation() -> None:
 
     info = {"name": "m", "version": "1", "tags": ["m:1-cpu-int4"], "target": {"precision": "int4"},
             "evaluation": record()}
-    ann = annotations(info, dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    ann = annotations(info, dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert ann["org.olive-builder.eval.perplexity-ratio"] == "1.1"
     assert "org.olive-builder.bench.ttft-s" in ann
 

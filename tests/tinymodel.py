@@ -21,11 +21,7 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-_WORDS = (
-    "the a model build onnx runtime olive token cache layer image container recipe target "
-    "cpu cuda quantize weight tensor python docker registry artifact digest hello world "
-    "answer question small fast check output folder config chat user assistant system"
-).split()
+_WORDS = ["the", "a", "model", "build", "onnx", "runtime", "olive", "token", "cache", "layer", "image", "container", "recipe", "target", "cpu", "cuda", "quantize", "weight", "tensor", "python", "docker", "registry", "artifact", "digest", "hello", "world", "answer", "question", "small", "fast", "check", "output", "folder", "config", "chat", "user", "assistant", "system"]
 
 
 def _corpus(n_lines: int, seed: int) -> list[str]:
@@ -45,15 +41,18 @@ def make_tiny_model(
     max_position_embeddings: int = 512,
     seed: int = 0,
     train_text: str | None = None,
-    train_seconds: float = 0.0,
+    train_steps: int = 0,
+    model_vocab_size: int | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Write a tiny Qwen2ForCausalLM plus tokenizer into ``out_dir`` and return it.
 
-    With ``train_text`` the tokenizer is trained on that text and, for ``train_seconds``,
+    With ``train_text`` the tokenizer is trained on that text and, for ``train_steps`` steps,
     the model too: its next-token distributions become peaked like a real model's, so
     quantization error shows in perplexity and agreement as it would on a real model
     (a random model's distributions are near uniform, where quantization changes nothing
-    measurable).
+    measurable). ``model_vocab_size`` gives the model a real model's vocabulary size (its cost
+    lies in the embedding and the LM head) while the tokenizer keeps its small vocabulary.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -87,8 +86,9 @@ def make_tiny_model(
     fast.save_pretrained(out)
 
     config = Qwen2Config(
-        # The trained vocabulary can be smaller than asked for: every model id must be a token.
-        vocab_size=len(fast),
+        # The trained vocabulary can be smaller than asked for: every model id must be a token
+        # (unless model_vocab_size asks for a real model's size, for benchmarks).
+        vocab_size=max(model_vocab_size or 0, len(fast)),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -98,22 +98,21 @@ def make_tiny_model(
         eos_token_id=fast.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=fast.convert_tokens_to_ids("<|endoftext|>"),
         bos_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         torch_dtype="float32",
     )
     model = Qwen2ForCausalLM(config)
-    if train_text and train_seconds > 0:
-        _train(model, fast(train_text)["input_ids"], train_seconds, seed)
+    if train_text and train_steps > 0:
+        _train(model, fast(train_text)["input_ids"], train_steps, seed)
     model.eval()
     model.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     return out
 
 
-def _train(model: object, ids: list[int], seconds: float, seed: int) -> None:
-    """Next-token training on random windows of ``ids`` until ``seconds`` have passed."""
-    import time
-
+def _train(model: object, ids: list[int], steps: int, seed: int) -> None:
+    """Next-token training on random windows of ``ids``: a fixed number of steps, so the model
+    (and its figures) are the same on every machine, however busy."""
     import torch
 
     rng = random.Random(seed)
@@ -121,14 +120,16 @@ def _train(model: object, ids: list[int], seconds: float, seed: int) -> None:
     seq, batch = 64, 16
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)  # type: ignore[attr-defined]
     model.train()  # type: ignore[attr-defined]
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other, slower on a busy machine
+    for _ in range(steps):
         starts = [rng.randrange(0, len(ids) - seq - 1) for _ in range(batch)]
         x = torch.stack([data[s : s + seq] for s in starts])
         loss = model(input_ids=x, labels=x).loss  # type: ignore[operator]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    torch.set_num_threads(threads)
 
 
 def eval_text() -> str:
@@ -136,11 +137,12 @@ def eval_text() -> str:
     return (Path(__file__).resolve().parents[1] / "builder" / "data" / "eval-text.txt").read_text(encoding="utf-8")
 
 
-def make_trained_tiny_model(out_dir: str | Path, *, seconds: float = 8.0, **kwargs: object) -> Path:
-    """A tiny model trained for a few seconds on the evaluation text (its distributions are peaked)."""
+def make_trained_tiny_model(out_dir: str | Path, *, steps: int = 200, **kwargs: object) -> Path:
+    """A tiny model trained for a few seconds (200 steps) on the evaluation text: its next-token
+    distributions are peaked."""
     # A 1024-token context fits the speed measurement's 512-token prompt and 128 new tokens.
     kwargs.setdefault("max_position_embeddings", 1024)
-    return make_tiny_model(out_dir, train_text=eval_text(), train_seconds=seconds, **kwargs)  # type: ignore[arg-type]
+    return make_tiny_model(out_dir, train_text=eval_text(), train_steps=steps, **kwargs)  # type: ignore[arg-type]
 
 
 def main() -> None:
@@ -152,8 +154,8 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--intermediate", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--train-seconds", type=float, default=0.0,
-                        help="train this long on the committed evaluation text (peaked distributions)")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="train this many steps on the committed evaluation text (peaked distributions)")
     args = parser.parse_args()
     path = make_tiny_model(
         args.out_dir,
@@ -163,8 +165,8 @@ def main() -> None:
         num_kv_heads=args.kv_heads,
         intermediate_size=args.intermediate,
         vocab_size=args.vocab,
-        train_text=eval_text() if args.train_seconds > 0 else None,
-        train_seconds=args.train_seconds,
+        train_text=eval_text() if args.train_steps > 0 else None,
+        train_steps=args.train_steps,
     )
     print(path)
 

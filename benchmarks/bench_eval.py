@@ -1,0 +1,104 @@
+"""What the evaluation stage adds to a build: its time against the rest of `build recipe`.
+
+    python benchmarks/bench_eval.py [--models tiny,bench,qwen0.5b] [--precision int4] [--max-tokens N]
+
+For each model, one real `build recipe --engine local` (the evaluation on, packaging into a
+fresh store, no runnable image); the build record says how long the evaluation took, and the
+rest of the wall time is the build without it. Printed per model: build time without the
+evaluation, the evaluation's time (accuracy part and speed part), their ratio (the target is at
+most 0.25), and the figures.
+
+Models (made here; nothing is downloaded):
+  tiny      the tiny model of the tests, trained 200 steps on the evaluation text
+  bench     ~360 MB of random fp32 weights: Qwen2, hidden 1024, 8 layers (bench_server's model)
+  qwen0.5b  random weights in Qwen2.5-0.5B's full architecture: 24 layers, hidden 896,
+            14 heads, 2 KV heads, intermediate 4864, vocabulary 151936, tied embeddings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from tinymodel import make_tiny_model, make_trained_tiny_model  # noqa: E402
+
+MODELS = ("tiny", "bench", "qwen0.5b")
+
+
+def make(kind: str, folder: Path) -> Path:
+    if kind == "tiny":
+        return make_trained_tiny_model(folder)
+    if kind == "bench":
+        return make_tiny_model(folder, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=4,
+                               intermediate_size=2816, max_position_embeddings=2048)
+    return make_tiny_model(folder, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                           intermediate_size=4864, max_position_embeddings=32768, model_vocab_size=151936,
+                           tie_word_embeddings=True)
+
+
+def run(kind: str, root: Path, precision: str, max_tokens: int | None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    hf = make(kind, root / "hf")
+    made = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in hf.iterdir())
+    recipe = root / "recipes" / f"bench-{kind.replace('.', '')}" / f"cpu-{precision}.yaml"
+    recipe.parent.mkdir(parents=True)
+    evaluate = f"evaluate:\n  max_tokens: {max_tokens}\n" if max_tokens else ""
+    recipe.write_text(f"name: bench-{kind.replace('.', '')}\nversion: 0.1.0\nmodel:\n  path: {hf}\n"
+                      f"target:\n  device: cpu\n  precision: {precision}\n{evaluate}")
+    out = root / "out"
+    env = {**os.environ, "XDG_STATE_HOME": str(root / "state"), "XDG_DATA_HOME": str(root / "data"),
+           "XDG_CACHE_HOME": str(root / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "builder", "recipe", str(recipe), "--engine", "local", "-q",
+                           "-o", str(out), "--no-image", "--no-cache"], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{kind}: build recipe exited {proc.returncode}")
+    record = json.loads((out / "olive-builder.json").read_text())
+    ev = record["evaluation"]
+    build_s = wall - ev["seconds"]
+    return {"model": kind, "weights_mb": round(size / 2**20), "made_s": round(made, 1), "build_s": round(build_s, 1),
+            "eval_s": ev["seconds"], "ratio": round(ev["seconds"] / build_s, 3), "accuracy": ev["accuracy"],
+            "text": ev["text"], "speed": ev["speed"], "timings": ev.get("timings")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--precision", default="int4", choices=["int4", "int8", "fp32"])
+    parser.add_argument("--max-tokens", type=int, default=None, help="evaluate.max_tokens [default: the default]")
+    args = parser.parse_args()
+    for kind in args.models.split(","):
+        if kind not in MODELS:
+            raise SystemExit(f"unknown model {kind!r}; choose from {', '.join(MODELS)}")
+        with tempfile.TemporaryDirectory(prefix=f"bench-eval-{kind}-") as tmp:
+            r = run(kind, Path(tmp), args.precision, args.max_tokens)
+        acc, sp = r["accuracy"], r["speed"]
+        print(f"{kind}: {r['weights_mb']} MB fp32 -> {args.precision}; build without evaluation {r['build_s']} s, "
+              f"evaluation {r['eval_s']} s {r['timings']}: ratio {r['ratio']:.2f} (target <= 0.25)")
+        print(f"  accuracy: ppl {acc.get('source_perplexity')} -> {acc.get('perplexity')} "
+              f"(ratio {acc.get('perplexity_ratio')}), top-1 {acc.get('top1_agreement')}, KL {acc.get('mean_kl')}, "
+              f"greedy prefix {acc.get('greedy_prefix_mean')}/{acc.get('greedy_tokens')}; "
+              f"{r['text']['tokens']} tokens in {r['text']['windows']} window(s)")
+        if sp.get("measured"):
+            print(f"  speed: load {sp['load_s']} s, TTFT {sp['ttft_s']} s ({sp['prompt_tokens']}-token prompt, "
+                  f"{sp['prompt_tokens_per_s']} tok/s), decode {sp['decode_tokens_per_s']} tok/s, "
+                  f"peak RSS {sp['peak_rss_mb']} MB; {sp['cpu']}")
+        print(json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The evaluation stage with real models: a tiny model trained here for a few seconds on the
+committed text (peaked next-token distributions, like a real model's), built by `build recipe`
+with the local engine at fp32, int8 and int4, and a copy whose weights were damaged after
+conversion."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from builder import evaluate as ev
+from builder.errors import EvaluationError
+
+from conftest import need, no_partials, run_cli, tiny_recipe
+from tinymodel import make_trained_tiny_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    need(importlib.util.find_spec("torch") is not None, "torch and transformers are not installed")
+    return make_trained_tiny_model(tmp_path_factory.mktemp("models") / "tiny-trained")
+
+
+@pytest.fixture(scope="session")
+def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    """Output folder and `build recipe` stderr of each precision, built once per session."""
+    return {}
+
+
+def build(capsys: pytest.CaptureFixture[str], root: Path, model: Path, precision: str, extra: str = "",
+          ) -> tuple[int, str, Path]:
+    out = root / "out" / precision
+    # tiny_recipe's body ends indented: the extra lines take that indentation
+    recipe = tiny_recipe(root, model, precision, textwrap.indent(extra, " " * 8).lstrip())
+    code, _, err = run_cli(capsys, "recipe", str(recipe), "--engine", "local", "-o", str(out), "--no-image")
+    return code, err, out
+
+
+def built(capsys: pytest.CaptureFixture[str], builds: dict[str, tuple[Path, str]], trained: Path,
+          tmp_path_factory: pytest.TempPathFactory, precision: str) -> tuple[Path, str]:
+    if precision not in builds:
+        code, err, out = build(capsys, tmp_path_factory.mktemp(f"build-{precision}"), trained, precision)
+        assert code == 0, err
+        builds[precision] = (out, err)
+    return builds[precision]
+
+
+def damage_weights(folder: Path, strength: float, seed: int = 0) -> None:
+    """Add noise to every float weight of the converted model (as a bad conversion or a flipped
+    bit would), in place."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    path = folder / "model.onnx"
+    model = onnx.load(str(path), load_external_data=True)
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype in (np.float32, np.float16) and a.size >= 256:
+            noise = rng.standard_normal(a.shape).astype(np.float32) * float(np.abs(a).mean()) * strength
+            init.CopyFrom(numpy_helper.from_array((a.astype(np.float32) + noise).astype(a.dtype), init.name))
+    for old in folder.glob("model.onnx*"):
+        old.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_build_recipe_evaluates_and_annotates(capsys, builds, trained_model, tmp_path_factory, local_engine_ready,
+                                              precision):  # type: ignore[no-untyped-def]
+    out, err = built(capsys, builds, trained_model, tmp_path_factory, precision)
+    assert "==> evaluate:" in err and "within the gates" in err
+    record = json.loads((out / "olive-builder.json").read_text())
+    data = record["evaluation"]
+    acc = data["accuracy"]
+    assert data["evaluated"] and data["passed"] and data["gates"] == ev.gates_for(precision)
+    assert data["text"]["digest"] == ev.load_text().digest and data["text"]["tokens"] >= 2000
+    if precision == "fp32":
+        assert abs(acc["perplexity_ratio"] - 1.0) <= 1e-3
+        assert acc["top1_agreement"] >= 0.99 and acc["greedy_prefix_min"] == ev.GREEDY_TOKENS
+    # trained, so peaked: far from the uniform distribution's perplexity (the vocabulary size)
+    assert acc["source_perplexity"] < 150
+    speed = data["speed"]
+    assert speed["measured"] and speed["prompt_tokens"] == 512 and speed["decode_tokens"] == 128
+    assert speed["decode_tokens_per_s"] > 0 and speed["peak_rss_mb"] > 0 and speed["cpu"]["usable_cores"] >= 1
+    # the annotations of the packaged artifact, as `build inspect` shows them
+    tag = record["tags"][0]
+    code, _, err = run_cli(capsys, "package", str(out), "--no-image")  # into this test's own store
+    assert code == 0, err
+    code, shown, err = run_cli(capsys, "inspect", tag)
+    assert code == 0, err
+    assert re.search(rf"org\.olive-builder\.eval\.perplexity-ratio +{re.escape(format(acc['perplexity_ratio'], '.6g'))}\n",
+                     shown), shown
+    for key in ("eval.top1-agreement", "eval.mean-kl", "eval.text-digest", "eval.gates", "bench.decode-tokens-per-s",
+                "bench.ttft-s", "bench.peak-rss-mb", "bench.cpu"):
+        assert f"org.olive-builder.{key}" in shown
+    assert "evaluation:" in shown
+
+
+def test_evaluate_false_records_not_evaluated(capsys, tmp_path, trained_model, local_engine_ready):  # type: ignore[no-untyped-def]
+    code, err, out = build(capsys, tmp_path, trained_model, "int4", "evaluate: false\n")
+    assert code == 0, err
+    assert "not evaluated" in err
+    record = json.loads((out / "olive-builder.json").read_text())
+    assert record["evaluation"] == {**record["evaluation"], "evaluated": False}
+    code, shown, _ = run_cli(capsys, "inspect", record["tags"][0])
+    assert re.search(r"org\.olive-builder\.eval +not evaluated\n", shown), shown
+
+
+def test_evaluation_refuses_damaged_weights(capsys, builds, trained_model, tmp_path_factory, tmp_path,
+                                            local_engine_ready):  # type: ignore[no-untyped-def]
+    good, _ = built(capsys, builds, trained_model, tmp_path_factory, "fp32")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(good, damaged)
+    damage_weights(damaged, strength=0.2)
+    result = ev.evaluate(damaged, trained_model, precision="fp32", settings=ev.Settings(speed=False))
+    assert not result.passed and any("perplexity ratio" in f for f in result.failures)
+    assert result.accuracy["top1_agreement"] < 0.95
+    with pytest.raises(EvaluationError) as info:
+        ev.raise_for_gates(result)
+    assert info.value.exit_code == 4 and "An fp32 conversion should match its source" in str(info.value)
+
+    # `build eval` on the folder: the table, and exit 4
+    code, shown, err = run_cli(capsys, "eval", str(damaged), "--against", str(trained_model), "--no-speed")
+    assert code == 4, err
+    assert "perplexity_ratio" in shown and "FAILED" in shown
+    assert "failed its evaluation gates" in err
+    code, shown, err = run_cli(capsys, "eval", str(good), "--against", str(trained_model), "--no-speed")
+    assert code == 0, err
+    assert "verdict" in shown and "passed" in shown
+
+
+def test_build_recipe_refuses_a_model_outside_its_gates_and_publishes_nothing(capsys, tmp_path, trained_model,
+                                                                             local_engine_ready):  # type: ignore[no-untyped-def]
+    # The escape hatch swaps the conversion for an int4 one while the recipe promises fp32: the
+    # weights that come out are not the fp32 weights the gates are for.
+    extra = "olive:\n  passes:\n    builder:\n      type: ModelBuilder\n      precision: int4\n"
+    code, err, out = build(capsys, tmp_path, trained_model, "fp32", extra)
+    assert code == 4, err
+    assert "failed its evaluation gates (fp32)" in err
+    assert "is below the limit 0.98 (min_top1_agreement)" in err  # the figure and the limit
+    assert "perplexity_ratio" in err  # the table of figures
+    assert "An fp32 conversion should match its source" in err  # what to try
+    assert not out.exists() and not no_partials(out.parent)
+    code, listing, listed = run_cli(capsys, "inspect")
+    assert "tiny-qwen2" not in listing, "nothing may be packaged"
+
+
+def test_eval_without_a_source_measures_the_model_alone(capsys, builds, trained_model, tmp_path_factory,
+                                                        local_engine_ready):  # type: ignore[no-untyped-def]
+    out, _ = built(capsys, builds, trained_model, tmp_path_factory, "int4")
+    result = ev.evaluate(out, None, precision="int4", settings=ev.Settings(speed=False, max_tokens=512))
+    assert result.passed and result.gates == {} and result.accuracy["perplexity"] > 1
+    assert "perplexity_ratio" not in result.accuracy
