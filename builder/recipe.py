@@ -273,7 +273,7 @@ def load(path: str | Path) -> LoadedRecipe:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         if mark is None and isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
-            mark = yaml.Mark("", e.position, text.count("\n", 0, e.position), 0, None, None)
+            mark = yaml.Mark("", e.position, text.count("\n", 0, e.position), 0, "", 0)
         where = f"{shown}:{mark.line + 1}" if mark is not None else shown
         problem = getattr(e, "problem", None) or str(e)
         raise RecipeError(

@@ -11,7 +11,6 @@ whether an Authorization header came. SECRET (e.g. an HF token) is echoed by ``e
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 import tarfile
@@ -230,17 +229,14 @@ class Handler(BaseHTTPRequestHandler):
             body = json.dumps({"errors": [{"code": "DENIED", "message":
                                            f"you sent {auth}; hf token {self.secret}; \x1b[31mred\x1b[0m"}]})
             return self._send(400, body.encode())
-        if mode == "realm-plain":  # a token service on another host, over plain HTTP
-            if not auth:
-                return self._send(401, headers={"WWW-Authenticate":
-                                                'Bearer realm="http://tokens.example.com/token",service="x"'})
-        if mode == "realm-loopback":
-            if not auth:
-                return self._send(401, headers={"WWW-Authenticate":
-                                                f'Bearer realm="http://127.0.0.1:{port}/token",service="x"'})
-        if mode == "basic":  # asks for a login; any login will do
-            if not auth:
-                return self._send(401, headers={"WWW-Authenticate": 'Basic realm="basic"'})
+        if mode == "realm-plain" and not auth:  # a token service on another host, over plain HTTP
+            return self._send(401, headers={"WWW-Authenticate":
+                                            'Bearer realm="http://tokens.example.com/token",service="x"'})
+        if mode == "realm-loopback" and not auth:
+            return self._send(401, headers={"WWW-Authenticate":
+                                            f'Bearer realm="http://127.0.0.1:{port}/token",service="x"'})
+        if mode == "basic" and not auth:  # asks for a login; any login will do
+            return self._send(401, headers={"WWW-Authenticate": 'Basic realm="basic"'})
         if mode == "away":  # a login here, then the manifest is served from another host
             host = (self.headers.get("Host") or "").split(":")[0]
             if host == "127.0.0.1":

@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from builder import recipe
 from builder.errors import RecipeError
 

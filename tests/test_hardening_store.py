@@ -17,13 +17,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import run_cli  # noqa: E402
-from test_package import fake_model  # noqa: E402
-
 from builder import execute, oci, package  # noqa: E402
 from builder.errors import OutputExistsError  # noqa: E402
 
-T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+from conftest import run_cli  # noqa: E402
+from test_package import fake_model  # noqa: E402
+
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 
 _WRITER = textwrap.dedent("""
     import sys, time
@@ -184,5 +184,5 @@ def test_creation_time_comes_from_the_inputs_without_settings_or_git(tmp_path: P
     hub_recipe = recipe_file.with_name("cpu-fp32.yaml")
     hub_recipe.write_text("name: tiny\nversion: 1.0.0\nmodel:\n  hub: a/b\ntarget:\n  device: cpu\n  precision: fp32\n")
     assert package.created_time(hub_recipe, tmp_path / "out0").timestamp() == 0
-    commit_time = dt.datetime(2025, 5, 5, tzinfo=dt.timezone.utc)
+    commit_time = dt.datetime(2025, 5, 5, tzinfo=dt.UTC)
     assert package.created_time(hub_recipe, tmp_path / "out0", source_time=commit_time) == commit_time
