@@ -323,14 +323,20 @@ def push_referrers(store: oci.Store, registry: Registry, repo: str, name: str, s
                 report.uploaded += 1
                 report.uploaded_bytes += b.size
         data = store.read_bytes(desc.digest)
-        api = put_referrer(registry, repo, data, referrer_tag(subject.digest, desc.digest)) or api
+        if put_referrer(registry, repo, data):
+            api = True
+        else:  # the tag schema: the referrer's own tag makes it findable by a later merge
+            put_referrer(registry, repo, data, referrer_tag(subject.digest, desc.digest))
         if desc.digest in tagged:
             merged = _merge_cosign_tag(store, registry, repo, tagged[desc.digest], manifest)
             if merged is not None:  # another signer's layers were there: keep them beside ours
                 data = oci.canonical_json(merged)
                 merged_desc = oci.Descriptor(oci.MANIFEST, oci.digest_bytes(data), len(data),
                                              artifact_type=merged.get("artifactType"))
-                api = put_referrer(registry, repo, data, referrer_tag(subject.digest, merged_desc.digest)) or api
+                if put_referrer(registry, repo, data):
+                    api = True
+                else:
+                    put_referrer(registry, repo, data, referrer_tag(subject.digest, merged_desc.digest))
                 extra.append(merged_desc)
             registry.put_manifest(repo, tagged[desc.digest], data, oci.MANIFEST)
         report.manifests += 1
@@ -363,21 +369,6 @@ def _merge_cosign_tag(store: oci.Store, registry: Registry, repo: str, tag: str,
                              oci.IMAGE_CONFIG)
     registry.push_blob(repo, config, store.blob_path(config.digest))
     return {**ours, "config": config.to_json(), "layers": layers}
-
-
-def fetch_referrer(registry: Registry, repo: str, desc: oci.Descriptor, store: oci.Store) -> dict[str, Any]:
-    """Fetch a referrer manifest and its layers into ``store`` (verified); returns the manifest."""
-    got = registry.get_manifest(repo, desc.digest)
-    if got is None:
-        raise RegistryError(f"{registry.host}/{repo} lists the referrer {desc.digest} but does not have it.")
-    data, _media, _digest = got
-    manifest: dict[str, Any] = json.loads(data)
-    for blob in manifest.get("layers", []):
-        b = oci.Descriptor.from_json(blob)
-        if not store.has(b.digest):
-            registry.fetch_blob(repo, b, store)
-    store.put_bytes(data, oci.MANIFEST, artifact_type=manifest.get("artifactType"))
-    return manifest
 
 
 # ---- reading a subject's signatures and attestations, locally or from a registry ------------

@@ -398,3 +398,74 @@ def test_the_workflow_signs_when_a_key_secret_is_configured():  # type: ignore[n
     assert "secrets.MODEL_SIGNING_KEY" in step["env"]["OLIVE_BUILDER_SIGN_KEY"]
     assert "pull_request" in step["env"]["OLIVE_BUILDER_SIGN_KEY"]  # never on pull requests
     assert step["env"]["OLIVE_BUILDER_SIGN_KEY_PASSWORD"] == "${{ secrets.MODEL_SIGNING_KEY_PASSWORD }}"
+
+
+class FakeReferrersRegistry:
+    """An in-memory registry with the OCI 1.1 referrers API (answers manifest PUTs with OCI-Subject)."""
+
+    host = "fake.example"
+    base = "https://fake.example/v2/"
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.manifests: dict[str, bytes] = {}  # digest -> bytes
+        self.tags: dict[str, str] = {}  # tag -> digest
+
+    class _Response:
+        def __init__(self, status: int, headers: dict[str, str], body: bytes = b""):
+            self.status_code, self.headers, self.content = status, headers, body
+
+        def json(self):  # type: ignore[no-untyped-def]
+            return json.loads(self.content)
+
+    def push_blob(self, repo, desc, path, **kw):  # type: ignore[no-untyped-def]
+        if desc.digest in self.blobs:
+            return "exists"
+        self.blobs[desc.digest] = Path(path).read_bytes()
+        return "uploaded"
+
+    def put_manifest(self, repo, reference, data, media_type):  # type: ignore[no-untyped-def]
+        digest = oci.digest_bytes(data)
+        self.manifests[digest] = data
+        if not reference.startswith("sha256:"):
+            self.tags[reference] = digest
+        return digest
+
+    def get_manifest(self, repo, reference):  # type: ignore[no-untyped-def]
+        digest = reference if reference.startswith("sha256:") else self.tags.get(reference)
+        if digest is None or digest not in self.manifests:
+            return None
+        data = self.manifests[digest]
+        return data, json.loads(data).get("mediaType", oci.MANIFEST), digest
+
+    def request(self, method, path, **kw):  # type: ignore[no-untyped-def]
+        if method == "PUT" and "/manifests/" in path:
+            data = kw["body"]()
+            reference = path.rsplit("/", 1)[1]
+            self.put_manifest("", reference, data, oci.MANIFEST)
+            subject = (json.loads(data).get("subject") or {}).get("digest")
+            return self._Response(201, {"OCI-Subject": subject} if subject else {})
+        if method == "GET" and "/referrers/" in path:
+            subject = path.rsplit("/", 1)[1]
+            found = []
+            for digest, data in self.manifests.items():
+                m = json.loads(data)
+                if (m.get("subject") or {}).get("digest") == subject:
+                    found.append({"mediaType": oci.MANIFEST, "digest": digest, "size": len(data),
+                                  "artifactType": m.get("artifactType"), "annotations": m.get("annotations") or {}})
+            return self._Response(200, {}, json.dumps({"schemaVersion": 2, "mediaType": oci.INDEX,
+                                                       "manifests": found}).encode())
+        raise AssertionError(f"unexpected {method} {path}")
+
+
+def test_a_registry_with_the_referrers_api_indexes_them_itself(tmp_path, keys):  # type: ignore[no-untyped-def]
+    model = fake_model(tmp_path / "m")
+    store = oci.Store(tmp_path / "store")
+    p = package.package(model, store, created=T0, sign_key=keys["a"][0])
+    reg = FakeReferrersRegistry()
+    report = referrers.push_referrers(store, reg, "models/tiny", "tiny", p.artifact)  # type: ignore[arg-type]
+    assert report.api and report.manifests == 6
+    # no tag-schema index and no per-referrer tags: only cosign's own .sig/.att tags
+    assert sorted(t.rpartition(".")[2] for t in reg.tags) == ["att", "sig"]
+    listed = referrers.list_remote(reg, "models/tiny", p.artifact.digest)  # type: ignore[arg-type]
+    assert {d.digest for d in listed} == {d.digest for d in referrers.list_local(store, "tiny", p.artifact.digest)}
