@@ -56,7 +56,10 @@ def build_model(root: Path, precision: str) -> Path:
     out = root / "out"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "builder", "recipe", str(recipe), "--engine", "local", "-q", "-o", str(out)],
-                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, "XDG_STATE_HOME": str(root / "state")})
+                   check=True, stdout=subprocess.DEVNULL,
+                   # logs, the local store and caches stay in this run's folder, never the user's
+                   env={**os.environ, "XDG_STATE_HOME": str(root / "state"), "XDG_DATA_HOME": str(root / "data"),
+                        "XDG_CACHE_HOME": str(root / "cache"), "OLIVE_BUILDER_STORE": str(root / "store")})
     built = sum(p.stat().st_size for p in out.iterdir())
     print(f"model: {size / 2**20:.0f} MB of fp32 weights -> {built / 2**20:.0f} MB {precision} "
           f"(built in {time.perf_counter() - t0:.1f}s)")
