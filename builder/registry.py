@@ -12,9 +12,10 @@
   whole operation (retries, redirects and the token included) a deadline
   (``OLIVE_BUILDER_REGISTRY_TIMEOUT``, 60 s); a blob transfer must move 64 kB per such
   period. Only http(s) redirects are followed, at most 5, and credentials go to the
-  registry's own host only. Bodies are read with a cap (manifests 4 MiB, anything else
-  1 MiB), and whatever a server says is cut short, stripped of control characters and
-  redacted for every secret we hold before it is put in a message.
+  registry's own host only. Bodies are read with a cap (manifests 4 MiB, token answers 1 MiB,
+  error answers 64 kB, anything else read whole 64 MiB; blobs stream to disk within their
+  declared size), and whatever a server says is cut short, stripped of control characters
+  and redacted for every secret we hold before it is put in a message.
 - Plain HTTP only for loopback registries or those named in ``OLIVE_BUILDER_INSECURE_REGISTRIES``
   (comma-separated hosts) or with ``insecure=True``.
 - Transient failures (connection resets, timeouts, 408/429/5xx: decided on
@@ -65,7 +66,9 @@ DEFAULT_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 MAX_REDIRECTS = 5
 MAX_MANIFEST_BYTES = 4 << 20  # what the distribution spec asks registries to accept at least
-MAX_BODY_BYTES = 1 << 20  # error bodies, token answers
+MAX_BODY_BYTES = 1 << 20  # token answers
+MAX_ANSWER_BYTES = 64 << 20  # any other answer read whole (tag lists, referrer indexes, signatures, SBOMs)
+MAX_ERROR_BYTES = 64 << 10  # what an error answer may say
 MIN_PROGRESS = 64 << 10  # bytes a blob transfer must move per timeout period
 MAX_REFERENCE = 512
 MANIFEST_ACCEPT = ", ".join([oci.MANIFEST, oci.INDEX, oci.DOCKER_MANIFEST])
@@ -708,7 +711,7 @@ class Registry:
                         r.close()
                         return r
                     try:
-                        r._content = _read_capped(r, MAX_BODY_BYTES, f"The answer of {self.host} to {method}")
+                        r._content = _read_capped(r, MAX_ANSWER_BYTES, f"The answer of {self.host} to {method}")
                     except requests.RequestException:
                         if self._watch.expired:
                             raise self._timed_out(method, url) from None
@@ -727,7 +730,7 @@ class Registry:
 
     def _error_text(self, r: requests.Response) -> str:
         try:
-            raw = _read_capped(r, 64 << 10, "An error answer")
+            raw = _read_capped(r, MAX_ERROR_BYTES, "An error answer")
         except (ContentError, requests.RequestException):
             return r.reason or ""
         finally:
