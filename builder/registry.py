@@ -116,6 +116,12 @@ def hf_tokens() -> list[str]:
     return [t for t in out if t]
 
 
+def known_secrets() -> list[str]:
+    """Every secret this process holds from its environment: the registry password and the HF
+    tokens. For whoever prints text that might echo them (the CLI's error printer)."""
+    return [s for s in (os.environ.get(ENV_PASSWORD, ""), *hf_tokens()) if s]
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
     """``text`` with every secret (and its URL- and base64-encoded forms) replaced by ***."""
     forms: set[str] = set()
