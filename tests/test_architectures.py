@@ -215,3 +215,29 @@ def test_shipped_recipe_builds_at_its_real_architecture(recipe_id: str, tmp_path
         assert any({"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}[target.device] in p for p in providers), providers
     if loaded.recipe.generation and loaded.recipe.generation.max_length:
         assert genai["search"]["max_length"] == loaded.recipe.generation.max_length
+
+
+def test_gemma3_is_not_convertible_by_the_pinned_builder(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """recipes/README.md says why no Gemma 3 recipe ships; this keeps that true. When it fails,
+    the pinned builder converts Gemma 3: add recipes/gemma-3-1b-it/cpu-int4.yaml."""
+    from builder import pipeline
+    from builder.errors import BuildError
+    from conftest import write_recipe
+
+    model = make_model("google/gemma-3-1b-it", tmp_path / "model", tokenizer_dir)
+    recipe_file = write_recipe(tmp_path / "recipes" / "gemma-3-1b-it", "cpu-int4", f"""
+        name: gemma-3-1b-it
+        version: 1.0.0
+        model:
+          path: {model}
+        target:
+          device: cpu
+          precision: int4
+        evaluate: false
+        """)
+    options = pipeline.BuildOptions(engine="local", output=tmp_path / "out", use_cache=False,
+                                    package=pipeline.PackageOptions(store=tmp_path / "store", runnable_image=False))
+    with pytest.raises(BuildError) as info:
+        pipeline.build(recipe_file, options)
+    assert "rope_local_base_freq" in info.value.message
+    assert not (tmp_path / "out").exists()
