@@ -98,6 +98,9 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
         items.append((ref, repo, tag, desc, manifest))
     registry = Registry(host, insecure=insecure)
     known = _locations(store).get(host, {})
+    # The referrers' blobs (SBOMs, statements, signatures: kilobytes) go up on a second connection
+    # while the model's layers upload, so attaching them adds almost nothing to a push's time.
+    side = _ReferrerBlobs(store, host, insecure, [(repo, ref.rpartition(":")[0], desc) for ref, repo, _t, desc, _m in items])
     try:
         done: set[tuple[str, str]] = set()
         for ref, repo, _tag, _desc, manifest in items:
@@ -134,14 +137,48 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
             if key:
                 suffix = "" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else SERVE_SUFFIX
                 registry.put_manifest(repo, key_tag(key) + suffix, data, desc.media_type)
-        # Referrers last: a registry lists a referrer only once its subject is there.
+        # Referrer manifests last: a registry lists a referrer only once its subject is there.
+        blobs_pushed = side.join()
         for ref, repo, _tag, desc, _manifest in items:
-            attached = referrers.push_referrers(store, registry, repo, ref.rpartition(":")[0], desc, on_event=on_event)
+            attached = referrers.push_referrers(store, registry, repo, ref.rpartition(":")[0], desc, on_event=on_event,
+                                                blobs_pushed=blobs_pushed[desc.digest])
             report.referrers += attached.manifests
             report.referrer_uploaded_bytes += attached.uploaded_bytes
     finally:
+        side.join(raise_errors=False)
         registry.close()
     return report
+
+
+class _ReferrerBlobs:
+    """``referrers.push_referrer_blobs`` for every pushed manifest, on a thread of its own."""
+
+    def __init__(self, store: oci.Store, host: str, insecure: bool | None,
+                 subjects: list[tuple[str, str, oci.Descriptor]]):
+        import threading
+
+        self._results: dict[str, referrers.ReferrerPush] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(store, host, insecure, subjects), daemon=True,
+                                        name="referrer-blobs")
+        self._thread.start()
+
+    def _run(self, store: oci.Store, host: str, insecure: bool | None,
+             subjects: list[tuple[str, str, oci.Descriptor]]) -> None:
+        registry = Registry(host, insecure=insecure)
+        try:
+            for repo, name, desc in subjects:
+                self._results[desc.digest] = referrers.push_referrer_blobs(store, registry, repo, name, desc)
+        except BaseException as e:  # noqa: BLE001 - handed to the pushing thread, which raises it
+            self._error = e
+        finally:
+            registry.close()
+
+    def join(self, raise_errors: bool = True) -> dict[str, referrers.ReferrerPush]:
+        self._thread.join()
+        if self._error is not None and raise_errors:
+            raise self._error
+        return self._results
 
 
 def _label(blob: oci.Descriptor) -> str:

@@ -287,7 +287,7 @@ def update_tag_index(registry: Registry, repo: str, subject_digest: str, ours: l
         on_event("push", f"referrers {tag[:19]}... lists {len(wanted)}")
         # Another pusher may have written between our read and our write: read again (after a
         # short random pause, so two pushers do not keep overwriting in lock step) until stable.
-        time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
+        time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
     raise RegistryError(f"The referrers index {repo}:{tag} on {registry.host} kept changing; "
                         f"gave up after {attempts} attempts.", hint="Push again: nothing is lost by it.")
 
@@ -300,10 +300,30 @@ class ReferrerPush:
     api: bool = False
 
 
+def push_referrer_blobs(store: oci.Store, registry: Registry, repo: str, name: str, subject: oci.Descriptor,
+                        report: ReferrerPush | None = None) -> ReferrerPush:
+    """Upload the blobs (configs, documents) of ``subject``'s referrers. They are small and do not
+    depend on the subject being there, so a push runs this beside its large uploads."""
+    report = report or ReferrerPush()
+    done: set[str] = set()
+    for desc in list_local(store, name, subject.digest):
+        manifest = store.read_json(desc.digest)
+        for blob in [manifest["config"], *manifest.get("layers", [])]:
+            b = oci.Descriptor.from_json(blob)
+            if b.digest in done:
+                continue
+            done.add(b.digest)
+            if registry.push_blob(repo, b, store.blob_path(b.digest)) == "uploaded":
+                report.uploaded += 1
+                report.uploaded_bytes += b.size
+    return report
+
+
 def push_referrers(store: oci.Store, registry: Registry, repo: str, name: str, subject: oci.Descriptor, *,
-                   on_event: Event = lambda s, m: None) -> ReferrerPush:
-    """Push every referrer of ``subject`` in the local store (and cosign's tags) to ``repo``."""
-    report = ReferrerPush()
+                   on_event: Event = lambda s, m: None, blobs_pushed: ReferrerPush | None = None) -> ReferrerPush:
+    """Push every referrer of ``subject`` in the local store (and cosign's tags) to ``repo``; with
+    ``blobs_pushed`` (what ``push_referrer_blobs`` did) only the manifests and the index."""
+    report = blobs_pushed or push_referrer_blobs(store, registry, repo, name, subject)
     entries = list_local(store, name, subject.digest)
     if not entries:
         return report
@@ -312,36 +332,33 @@ def push_referrers(store: oci.Store, registry: Registry, repo: str, name: str, s
         d = local_tagged(store, name, subject.digest, suffix)
         if d is not None:
             tagged[d.digest] = index_tag(subject.digest) + suffix
-    api = False
+    api: bool | None = None  # unknown until the first referrer's PUT answers
     extra: list[oci.Descriptor] = []
+
+    def put(data: bytes, digest: str) -> None:
+        nonlocal api
+        if api is False:  # a registry without the API: straight to the referrer's own tag
+            put_referrer(registry, repo, data, referrer_tag(subject.digest, digest))
+            return
+        api = put_referrer(registry, repo, data)
+        if not api:  # the tag schema: the referrer's own tag makes it findable by a later merge
+            put_referrer(registry, repo, data, referrer_tag(subject.digest, digest))
+
     for desc in entries:
-        manifest = store.read_json(desc.digest)
-        for blob in [manifest["config"], *manifest.get("layers", [])]:
-            b = oci.Descriptor.from_json(blob)
-            status = registry.push_blob(repo, b, store.blob_path(b.digest))
-            if status == "uploaded":
-                report.uploaded += 1
-                report.uploaded_bytes += b.size
         data = store.read_bytes(desc.digest)
-        if put_referrer(registry, repo, data):
-            api = True
-        else:  # the tag schema: the referrer's own tag makes it findable by a later merge
-            put_referrer(registry, repo, data, referrer_tag(subject.digest, desc.digest))
+        put(data, desc.digest)
         if desc.digest in tagged:
-            merged = _merge_cosign_tag(store, registry, repo, tagged[desc.digest], manifest)
+            merged = _merge_cosign_tag(store, registry, repo, tagged[desc.digest], json.loads(data))
             if merged is not None:  # another signer's layers were there: keep them beside ours
                 data = oci.canonical_json(merged)
                 merged_desc = oci.Descriptor(oci.MANIFEST, oci.digest_bytes(data), len(data),
                                              artifact_type=merged.get("artifactType"))
-                if put_referrer(registry, repo, data):
-                    api = True
-                else:
-                    put_referrer(registry, repo, data, referrer_tag(subject.digest, merged_desc.digest))
+                put(data, merged_desc.digest)
                 extra.append(merged_desc)
             registry.put_manifest(repo, tagged[desc.digest], data, oci.MANIFEST)
         report.manifests += 1
         on_event("push", f"referrer {desc.digest[:19]} {desc.artifact_type or ''}")
-    report.api = api
+    report.api = bool(api)
     if not api:
         update_tag_index(registry, repo, subject.digest, entries + extra, on_event=on_event)
     return report
