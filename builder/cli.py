@@ -482,7 +482,7 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
               help="Apply this precision's default gates [default: the build record's].")
 @click.option("--text", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Measure on this UTF-8 text file instead of the committed one.")
-@click.option("--max-tokens", type=click.IntRange(64, 65536), default=2048, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(64, 65536), default=1024, show_default=True)
 @click.option("--no-speed", is_flag=True, help="Do not measure speed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
 @store_option

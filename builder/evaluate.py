@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -50,7 +51,7 @@ from typing import Any
 
 from .errors import BuilderError, CheckError, EvaluationError
 
-DEFAULT_MAX_TOKENS = 2048
+DEFAULT_MAX_TOKENS = 1024  # ~5% of the committed text: cheap, and enough to move a perplexity ratio
 CHUNK = 128  # tokens appended at a time: a chunk's logits are CHUNK x vocab floats (78 MB at 152k vocab)
 TOP_K = 256  # source log-probabilities kept per position for the KL divergence
 GREEDY_TOKENS = 32
@@ -204,6 +205,7 @@ class _Reference:
     topk_ids: list[Any] = field(default_factory=list)  # one tensor [k] per position
     topk_logp: list[Any] = field(default_factory=list)
     greedy: list[list[int]] = field(default_factory=list)
+    dtype_note: str | None = None
 
 
 def _windows(ids: list[int], max_tokens: int, window: int, bos: int | None) -> list[list[int]]:
@@ -238,7 +240,76 @@ def _step(model: Any, ids: list[int], cache: Any) -> tuple[Any, Any]:
     return out.logits[0], out.get(name)
 
 
-def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[int]], trust_remote_code: bool) -> _Reference:
+def _window_logits(model: Any, window: list[int], split: bool) -> Iterator[tuple[int, Any]]:
+    """(start, logits [n, vocab]) for each CHUNK of positions of ``window``.
+
+    ``split``: one pass of the decoder over the whole window, then the LM head a chunk at a
+    time, so the full window's logits (window x vocab floats: 1.2 GB at 2048 x 152k) never exist
+    at once. Otherwise chunk by chunk with the KV cache (slower: the attention is recomputed
+    per chunk)."""
+    import torch
+
+    if split:
+        hidden = model.get_decoder()(input_ids=torch.tensor([window])).last_hidden_state[0]
+        head = model.get_output_embeddings()
+        for s in range(0, len(window) - 1, CHUNK):
+            yield s, head(hidden[s : s + CHUNK])
+        return
+    cache = None
+    for s in range(0, len(window) - 1, CHUNK):
+        logits, cache = _step(model, window[s : s + CHUNK], cache)
+        yield s, logits
+
+
+def _can_split(model: Any, window: list[int]) -> bool:
+    """Whether decoder + LM head give the model's own logits (some models scale or cap logits
+    after the head: those take the slower path)."""
+    import torch
+
+    try:
+        probe = window[:8]
+        whole = model(input_ids=torch.tensor([probe])).logits[0]
+        hidden = model.get_decoder()(input_ids=torch.tensor([probe])).last_hidden_state[0]
+        split = model.get_output_embeddings()(hidden)
+        return bool(torch.allclose(whole, split, rtol=1e-4, atol=1e-4))
+    except Exception:  # noqa: BLE001 - no decoder/head accessors: the generic path
+        return False
+
+
+def _source_dtype(source_dir: Path) -> tuple[Any, str | None]:
+    """fp32, unless the fp32 weights would not fit in the memory available now: then the
+    checkpoint's own dtype (the conversion loaded it that way too), and why."""
+    import torch
+
+    stored = sum(p.stat().st_size for p in source_dir.glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in source_dir.glob("*.bin"))
+    try:
+        config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(name, 4)
+    fp32_bytes = stored * 4 // width
+    available = _available_memory()
+    if width < 4 and available is not None and fp32_bytes > 0.7 * available:
+        why = (f"source run in {name}: its fp32 weights ({fp32_bytes >> 20} MiB) would not fit in the "
+               f"{available >> 20} MiB available")
+        return getattr(torch, name), why
+    return torch.float32, None
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[int]], trust_remote_code: bool,
+                 ) -> _Reference:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -247,18 +318,17 @@ def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[
     hf_logging.set_verbosity_error()  # the build log is not the place for loading progress bars
     hf_logging.disable_progress_bar()
     ref = _Reference()
-    model: Any = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=torch.float32,
+    dtype, ref.dtype_note = _source_dtype(source_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype,
                                                       trust_remote_code=trust_remote_code)
     model.eval()
     vocab = int(model.config.vocab_size)
     k = min(TOP_K, vocab)
     with torch.inference_mode():
+        split = _can_split(model, windows[0])
         for window in windows:
-            cache = None
-            for s in range(0, len(window) - 1, CHUNK):
-                piece = window[s : s + CHUNK]
-                logits, cache = _step(model, piece, cache)
-                targets = window[s + 1 : s + 1 + len(piece)]
+            for s, logits in _window_logits(model, window, split):
+                targets = window[s + 1 : s + 1 + CHUNK]
                 nll, arg, ids, lp = _chunk_stats(logits[: len(targets), :vocab], targets, k)
                 ref.nll.extend(nll.tolist())
                 ref.argmax.extend(arg.tolist())
@@ -574,6 +644,8 @@ def evaluate(
                 "greedy_prefix_min": min(prefixes),
             }
         )
+        if ref.dtype_note:
+            acc["source_dtype"] = ref.dtype_note
     result.accuracy = acc
     if settings.speed:
         say("speed: load, 512-token prompt, 128-token decode, 3 runs")

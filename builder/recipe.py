@@ -157,7 +157,7 @@ class Evaluation(_Strict):
         description="A local UTF-8 text file to measure on, relative to the recipe; defaults to the committed text.",
     )
     max_tokens: Annotated[int, Field(ge=64, le=65536)] | None = Field(
-        default=None, description="Tokens of the text to measure on (default 2048), windowed to the model's context."
+        default=None, description="Tokens of the text to measure on (default 1024), windowed to the model's context."
     )
     speed: bool = Field(default=True, description="Measure load time, time to first token and tokens/s.")
 
