@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -53,6 +54,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+
+from .contract import INFO_FILE
 
 log = logging.getLogger("olive-builder.server")
 
@@ -214,14 +217,17 @@ class ModelRunner:
         while produced < max_tokens and not generator.is_done():
             if cancel.is_set():
                 return Finished("cancelled", produced)
+            # The logits that choose the next token: get_logits after generate_next_token would
+            # already be those of the token after it.
+            logits = generator.get_logits() if want_logits else None
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             if token in self.eos_ids and not sampling.ignore_eos:
                 return Finished("stop", produced)
             produced += 1
             piece = Piece(stream.decode(token), token)
-            if want_logits:
-                piece.logprob, piece.top = _logprobs(generator.get_logits(), token, sampling.top_logprobs)
+            if logits is not None:
+                piece.logprob, piece.top = _logprobs(logits, token, sampling.top_logprobs)
             emit(piece)
         return Finished("length", produced)
 
@@ -306,11 +312,14 @@ class EngineWorker:
             return
         self.ready.set()
         active: dict[int, _Handle] = {}
+        # The engine's static batch size sizes its persistent buffers, but a step may still take
+        # more requests (eagerly): hold the rest here, so that batch_size is the real bound.
+        pending: collections.deque[_Handle] = collections.deque()
         while True:
             # Block only when nothing is generating; otherwise take what arrived and step.
             items: list[Any] = []
             try:
-                items.append(self.inbox.get(block=not active))
+                items.append(self.inbox.get(block=not active and not pending))
                 while True:
                     items.append(self.inbox.get_nowait())
             except queue.Empty:
@@ -318,12 +327,19 @@ class EngineWorker:
             out: list[tuple[_Handle, Any]] = []
             for item in items:
                 if item is _STOP:
-                    for handle in active.values():
+                    for handle in [*active.values(), *pending]:
                         out.append((handle, RuntimeError("the server is shutting down")))
                     self._hand_off(out)
                     return
                 if isinstance(item, _Handle):
-                    self._begin(engine, item, active, out)
+                    pending.append(item)
+            if any(h.cancel.is_set() for h in pending):  # clients that left while their request waited
+                for handle in [h for h in pending if h.cancel.is_set()]:
+                    pending.remove(handle)
+                    self.metrics.cancelled.inc()
+                    out.append((handle, Finished("cancelled", 0)))
+            while pending and len(active) < self.runner.batch_size:
+                self._begin(engine, pending.popleft(), active, out)
             for handle in active.values():
                 if handle.cancel.is_set() and not handle.cancel_sent:
                     handle.cancel_sent = True
@@ -366,10 +382,6 @@ class EngineWorker:
         import numpy as np
 
         og, s = self.runner.og, handle.sampling
-        if handle.cancel.is_set():  # the client left while the request waited
-            self.metrics.cancelled.inc()
-            out.append((handle, Finished("cancelled", 0)))
-            return
         try:
             request = engine.create_request()
             options = og.TurnOptions(request)
@@ -839,7 +851,10 @@ def _completion_logprobs(runner: ModelRunner, pieces: list[Piece]) -> dict[str, 
     for p in pieces:
         tokens.append(runner.token_text(p.token))
         logprobs.append(p.logprob)
-        tops.append({runner.token_text(t): lp for t, lp in p.top or []})
+        top: dict[str, float] = {}
+        for t, lp in p.top or []:
+            top.setdefault(runner.token_text(t), lp)  # best first: tokens that decode alike keep the best
+        tops.append(top)
         offsets.append(offset)
         offset += len(p.text)
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
@@ -1345,7 +1360,7 @@ def _prompt(body: dict[str, Any]) -> str:
 
 
 def _default_model_id(folder: Path) -> str:
-    info = folder / "olive-builder.json"
+    info = folder / INFO_FILE
     try:
         data = json.loads(info.read_text())
         return str(data["tags"][0])
@@ -1472,13 +1487,18 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV}); prefer the "
                              "variable: a command line is visible to other users")
     parser.add_argument("--metrics-need-key", action="store_true", help="/metrics needs the API key too")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT,
+                        help="seconds a connection may take to send a request's headers")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT,
+                        help="seconds a request may take to send its body (408 after)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     raise SystemExit(run(args.model, host=args.host, port=args.port, model_id=args.model_id,
                          max_concurrency=args.max_concurrency, queue_size=args.queue_size,
                          drain_seconds=args.drain_seconds, batch_size=args.batch_size,
                          api_key=args.api_key or env(API_KEY_ENV) or None, metrics_need_key=args.metrics_need_key,
-                         use_engine=not args.no_engine))
+                         use_engine=not args.no_engine, header_timeout=args.header_timeout,
+                         body_timeout=args.body_timeout))
 
 
 if __name__ == "__main__":

@@ -456,3 +456,331 @@ def test_runtime_image_adds_little_to_its_base(runtime_image: str, docker_client
     added = docker_client.images.get(runtime_image).attrs["Size"] - docker_client.images.get(base_name).attrs["Size"]
     # onnxruntime-genai + onnxruntime's library + numpy + the server: ~102 MB. Guard against creep.
     assert added < 120 * 1024 * 1024, f"the runtime layers weigh {added / 2**20:.0f} MB"
+
+
+# ----------------------------------------------------------------------------- the engine path
+
+
+def _histogram(server: Running, name: str) -> dict[str, float]:
+    """Bucket upper bound -> cumulative count, plus `count`."""
+    _, _, body = server.request("GET", "/metrics")
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line.startswith(name + "_bucket{"):
+            out[line.split('le="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(name + "_count "):
+            out["count"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_four_streams_are_batched_by_the_engine(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path, "--batch-size", "4") as s:
+        assert "engine, batch size 4" in s.log.read_text()
+        before = _histogram(s, "olive_server_engine_step_requests")
+        payload = {**LONG, "max_tokens": 300, "stream_options": {"include_usage": True}}
+        socks = [_stream_first_event(s.port, payload) for _ in range(4)]
+        datas = []
+        for sock in socks:
+            data = b""
+            while b"[DONE]" not in data:
+                chunk = sock.recv(65536)
+                assert chunk
+                data += chunk
+            sock.close()
+            datas.append(data)
+        assert all(b'"completion_tokens": 300' in d for d in datas)
+        after = _histogram(s, "olive_server_engine_step_requests")
+        steps = after["count"] - before["count"]
+        single = after["1.0"] - before["1.0"]
+        # Most steps carried more than one request: the four streams really overlapped.
+        assert steps - single > 150, (steps, single)
+        assert s.metric('olive_server_generations_total{path="engine"}') >= 4
+        assert s.metric("olive_server_requests_generating") == 0
+
+
+def test_batch_size_bounds_the_engine_step(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path, "--batch-size", "2", "--max-concurrency", "4") as s:
+        assert "engine, batch size 2" in s.log.read_text()
+        payload = {**LONG, "max_tokens": 100, "stream": False}
+        threads = [threading.Thread(target=lambda: s.post("/v1/chat/completions", payload)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        hist = _histogram(s, "olive_server_engine_step_requests")
+        assert hist["2.0"] == hist["count"] and hist["count"] > hist["1.0"]  # never more than 2, often 2
+
+
+def test_queue_bound_holds_exactly(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path, "--max-concurrency", "1", "--queue-size", "2") as s:
+        payload = {**LONG, "stream": False}
+        answers: list[int] = []
+        peak = [0.0]
+        threads = [threading.Thread(target=lambda: answers.append(s.post("/v1/chat/completions", payload)[0]))
+                   for _ in range(10)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            peak[0] = max(peak[0], s.metric("olive_server_requests_waiting"))
+            time.sleep(0.02)
+        assert sorted(answers) == [200] * 3 + [429] * 7  # 1 generating + 2 waiting, exactly
+        assert peak[0] <= 2
+
+
+# ----------------------------------------------------------------------------- structured output and tools
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "enum": ["bob", "al"]},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_json_schema_output_validates(client) -> None:  # type: ignore[no-untyped-def]
+    import jsonschema
+
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    text = r.choices[0].message.content
+    jsonschema.validate(json.loads(text), PERSON)
+    assert " " not in text and r.choices[0].finish_reason == "stop"  # compact, and the model finished it
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=60, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}) if c.choices)
+    assert streamed == text
+
+
+def test_json_object_and_regex(client) -> None:  # type: ignore[no-untyped-def]
+    import re
+
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=40, temperature=0,
+                                       response_format={"type": "json_object"})
+    text = r.choices[0].message.content
+    assert text.startswith("{") and "\n" not in text  # a compact object (it may hit the limit)
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=10, temperature=0,
+                                       extra_body={"guided_regex": "(red|green|blue)"})
+    assert re.fullmatch("red|green|blue", r.choices[0].message.content)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+                   "required": ["city"], "additionalProperties": False}}}
+# Bounded schemas: a random-weight model fills an open object (or string) until the token limit.
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_a_required_tool_call_comes_back_as_tool_calls(client, choice) -> None:  # type: ignore[no-untyped-def]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    r = client.chat.completions.create(model=MODEL_ID, messages=ask, max_tokens=60, temperature=0,
+                                       tools=[WEATHER, TIME], tool_choice=choice)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    (call,) = r.choices[0].message.tool_calls
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather"
+    assert call.function.name in ("get_weather", "get_time") and call.type == "function" and call.id
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        assert args["city"] in ("Paris", "Oslo")
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=ask, max_tokens=60, temperature=0,
+                                                 tools=[WEATHER, TIME], tool_choice=choice, stream=True))
+    deltas = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas if d.function.name] == [call.function.name]
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == args
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
+def test_tool_choice_none_answers_in_text(client) -> None:  # type: ignore[no-untyped-def]
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=8, temperature=0,
+                                       tools=[WEATHER], tool_choice="none")
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_an_assistant_tool_call_and_its_result_can_be_sent_back(client) -> None:  # type: ignore[no-untyped-def]
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = client.chat.completions.create(model=MODEL_ID, messages=history, max_tokens=5, temperature=0, tools=[WEATHER])
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+# ----------------------------------------------------------------------------- logprobs
+
+
+def reference_logprobs(model: Path, prompt_ids: list[int], n: int, top: int) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """Greedy tokens with log-softmax of the raw logits, computed here with numpy."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    m = og.Model(str(model))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(prompt_ids) + n, min_length=len(prompt_ids) + n, do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(prompt_ids)
+    out = []
+    while not gen.is_done():
+        logits = np.asarray(gen.get_logits(), dtype=np.float64).reshape(-1)  # those that choose the next token
+        gen.generate_next_token()
+        token = int(gen.get_next_tokens()[0])
+        assert token == int(logits.argmax())  # greedy: the reference reads the right logits
+        logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        best = np.argsort(-logp, kind="stable")[:top]
+        out.append((token, float(logp[token]), [(int(i), float(logp[i])) for i in best]))
+    return out
+
+
+def test_chat_logprobs_equal_the_reference(client, served_model) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(og.Model(str(served_model)))
+    ref = reference_logprobs(served_model, chat_ids(served_model, MESSAGES), 6, 3)
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for got, (token, logprob, best) in zip(content, ref):
+        assert got.token == tok.decode([token])
+        assert got.logprob == pytest.approx(logprob, abs=1e-4)
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([lp for _, lp in best], abs=1e-4)
+        assert [t.token for t in got.top_logprobs] == [tok.decode([t]) for t, _ in best]
+    streamed = [e for c in client.chat.completions.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-6)
+
+
+def test_completions_logprobs_equal_the_reference(client, served_model) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime_genai as og
+
+    prompt = "the model build"
+    ids = [int(t) for t in og.Tokenizer(og.Model(str(served_model))).encode(prompt)]
+    ref = reference_logprobs(served_model, ids, 5, 2)
+    r = client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5, temperature=0, logprobs=2,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([x[1] for x in ref], abs=1e-4)
+    for got, (_, _, best) in zip(lp.top_logprobs, ref, strict=True):
+        # Keyed by token text: tokens that decode alike (partial UTF-8) share a key, the best one shown.
+        assert max(got.values()) == pytest.approx(best[0][1], abs=1e-4)
+        assert all(any(v == pytest.approx(b, abs=1e-4) for _, b in best) for v in got.values())
+
+
+# ----------------------------------------------------------------------------- hostile traffic
+
+HOSTILE = [
+    ({**GOOD, "top_k": 2**70}, "top_k"),
+    ({**GOOD, "top_k": 2**31}, "top_k"),
+    ({**GOOD, "seed": 2**64}, "seed"),
+    ({**GOOD, "seed": -(2**63) - 1}, "seed"),
+    ({**GOOD, "max_tokens": 2**70}, "max_tokens"),
+    ({**GOOD, "n": 2**70}, "n"),
+    ({**GOOD, "min_tokens": -1}, "min_tokens"),
+    ({**GOOD, "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+    ({**GOOD, "logprobs": "yes"}, "logprobs"),
+    ({**GOOD, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({**GOOD, "logit_bias": {"5": 10}}, "logit_bias"),
+    ({**GOOD, "functions": [{"name": "f"}]}, "functions"),
+    ({**GOOD, "max_tokns": 3}, "max_tokns"),
+    ({**GOOD, "response_format": {"type": "yaml"}}, "response_format.type"),
+    ({**GOOD, "tool_choice": "required"}, "tool_choice"),
+    ({**GOOD, "tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({**GOOD, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({**GOOD, "messages": [{"role": "user", "content": "hi", "audio": {}}]}, "messages[0].audio"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), HOSTILE, ids=[p for _, p in HOSTILE])
+def test_out_of_range_and_unsupported_fields_get_400(server: Running, body, param) -> None:  # type: ignore[no-untyped-def]
+    code, _, raw = server.request("POST", "/v1/chat/completions", json.dumps(body))
+    error = json.loads(raw)["error"]
+    assert code == 400 and error["param"] == param, (code, error)
+    assert param.split(".")[0].split("[")[0] in error["message"]
+
+
+def test_completions_refuses_chat_only_fields(server: Running) -> None:
+    code, _, body = server.post("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "echo": True})
+    assert code == 400 and body["error"]["param"] == "echo"
+    code, _, body = server.post("/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2,
+                                                    "echo": False, "frequency_penalty": 0, "logit_bias": {}})
+    assert code == 200  # the values that mean "off" are accepted: clients send their defaults
+
+
+@pytest.mark.parametrize("raw", [
+    '{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    '{"model": "m", "messages": [{"role": "user", "content": "a\\udfff b"}]}',
+    '{"model": "m", "x": ' + "[" * 100000 + "]" * 100000 + "}",
+    '{"model": "m", "x": ' + '{"a":' * 40 + "1" + "}" * 40 + "}",
+    '{"model": "m", "temperature": NaN}',
+    '{"model": "m", "temperature": 1e999}',
+])
+def test_invalid_unicode_and_pathological_json_get_400(server: Running, raw: str) -> None:
+    code, _, body = server.request("POST", "/v1/chat/completions", raw)
+    assert code == 400, body[:300]
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_server_is_healthy_after_hostile_input(server: Running) -> None:
+    assert server.request("GET", "/health")[0] == 200
+    assert server.metric('olive_server_requests_total{endpoint="/v1/chat/completions",status="500"}') == 0
+    assert server.post("/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_idle_and_slow_connections_are_reaped(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path, "--header-timeout", "1", "--body-timeout", "1") as s:
+        idle = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(50)]
+        slow_headers = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        slow_headers.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        slow_body = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        slow_body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"model\"")
+        time.sleep(2.5)
+        for sock in [*idle, slow_headers]:
+            assert sock.recv(100) == b""  # closed by the server
+            sock.close()
+        answer = slow_body.recv(4096)
+        slow_body.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer
+        assert s.request("GET", "/health")[0] == 200
+
+
+# ----------------------------------------------------------------------------- access
+
+
+def test_api_key_guards_v1_but_not_health(served_model: Path, tmp_path: Path) -> None:
+    need(_has("openai"), "the openai package is not installed")
+    import openai
+
+    key = "sk-test-" + "x" * 24
+    port = free_port()
+    log = tmp_path / "keyed.log"
+    env = {**server_env(), "OLIVE_BUILDER_API_KEY": key}
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([serve_python(), "-m", "builder.server", "--model", str(served_model), "--port",
+                                 str(port), "--metrics-need-key"], stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(port, lambda: proc.poll() is None, log.read_text)
+        s = Running(proc, port, log)
+        assert s.request("GET", "/health")[0] == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}, {"Authorization": "Basic " + key}):
+            code, h, body = s.request("POST", "/v1/chat/completions", json.dumps(GOOD),
+                                      headers={"Content-Type": "application/json", **headers})
+            assert code == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+            assert h["www-authenticate"] == "Bearer"
+        assert s.request("GET", "/v1/models")[0] == 401
+        assert s.request("GET", "/metrics")[0] == 401
+        assert s.request("GET", "/metrics", headers={"Authorization": f"Bearer {key}"})[0] == 200
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0)
+        assert client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=2).usage.completion_tokens
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert key not in log.read_text()
+
+
+def test_listening_beyond_loopback_without_a_key_warns(served_model: Path, tmp_path: Path) -> None:
+    with serve(served_model, tmp_path, "--host", "0.0.0.0") as s:
+        assert "without an API key" in s.log.read_text()
