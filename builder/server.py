@@ -356,9 +356,10 @@ class EngineWorker:
                     events = []
                 stepped: set[int] = set()
                 for event in events:
-                    handle = active.get(id(event.request))
-                    if handle is None:
+                    found = active.get(id(event.request))
+                    if found is None:
                         continue
+                    handle = found
                     flags = event.flags.value
                     if flags & token_flag:
                         stepped.add(id(handle))
@@ -943,7 +944,8 @@ class _Job:
         server.metrics.prompt_tokens.inc(len(self.ids))
         first = True
         stops = self.sampling.stop
-        held, held_pieces = "", []
+        held = ""
+        held_pieces: list[Piece] = []
         consumed = 0
         try:
             credits = self._start(loop, queue_)
@@ -1291,7 +1293,7 @@ def _tools(body: dict[str, Any]) -> ToolPlan | None:
         name = fn.get("name") if isinstance(fn, dict) else None
         if name not in names:
             raise ApiError(400, "`tool_choice` names a function that is not in `tools`.", param="tool_choice")
-        wanted = [name]
+        wanted: list[str] = [str(name)]
         kind = "function"
     elif choice in ("auto", "none", "required"):
         wanted, kind = names, choice
@@ -1329,7 +1331,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
                 raise ApiError(400, f"`messages[{i}].content` may hold only text parts.", param=f"messages[{i}].content")
-            content = "".join(texts)
+            content = "".join(str(t) for t in texts)
         calls = message.get("tool_calls")
         if content is None and role == "assistant" and calls:
             content = ""

@@ -45,6 +45,7 @@ def server_env() -> dict[str, str]:
 def served_model(tmp_path_factory: pytest.TempPathFactory, local_engine_ready: None) -> Path:
     """A tiny model with a 4096-token context, built by `build recipe --engine local`."""
     from builder.cli import main
+
     from tinymodel import make_tiny_model
 
     root = tmp_path_factory.mktemp("served")
@@ -640,7 +641,7 @@ def test_chat_logprobs_equal_the_reference(client, served_model) -> None:  # typ
                                        top_logprobs=3, extra_body={"ignore_eos": True})
     content = r.choices[0].logprobs.content
     assert len(content) == 6
-    for got, (token, logprob, best) in zip(content, ref):
+    for got, (token, logprob, best) in zip(content, ref, strict=True):
         assert got.token == tok.decode([token])
         assert got.logprob == pytest.approx(logprob, abs=1e-4)
         assert [t.logprob for t in got.top_logprobs] == pytest.approx([lp for _, lp in best], abs=1e-4)
