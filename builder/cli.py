@@ -273,15 +273,23 @@ def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_t
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 for all).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--model-id", default=None, help="The id clients name in `model` [default: the build's tag].")
-@click.option("--max-concurrency", default=4, show_default=True, type=click.IntRange(1), help="Generations at once.")
+@click.option("--max-concurrency", default=None, type=click.IntRange(1, 256),
+              help="Generations at once [default: the batch size].")
 @click.option("--queue-size", default=16, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; more get 429.")
+@click.option("--batch-size", default=None, type=click.IntRange(1, 256),
+              help="Requests the engine batches at once [default: the model's genai_config, else 4].")
+@click.option("--api-key", default=None, envvar="OLIVE_BUILDER_API_KEY", show_envvar=False,
+              help="Require `Authorization: Bearer KEY` on /v1 (/health stays open). Env: OLIVE_BUILDER_API_KEY "
+                   "(preferred: a command line is visible to other users).")
+@click.option("--metrics-need-key", is_flag=True, help="/metrics needs the API key too.")
 @click.option("--verify", "verify_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PUB",
               envvar="OLIVE_BUILDER_VERIFY_KEY",
               help="Serve a reference only if it is signed by this public key. Env: OLIVE_BUILDER_VERIFY_KEY.")
 @store_option
 @insecure_option
-def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concurrency: int, queue_size: int,
+def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concurrency: int | None, queue_size: int,
+              batch_size: int | None, api_key: str | None, metrics_need_key: bool,
               verify_key: Path | None, store: Path | None, insecure: bool) -> None:
     """Serve MODEL with an OpenAI-compatible API (as the runtime image does), on this host.
 
@@ -304,8 +312,11 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
     except ImportError as e:
         raise BuilderError(f"The server's dependencies are not installed: {e}",
                            hint="pip install -e '.[serve]' (and onnxruntime-genai).") from None
+    if metrics_need_key and not api_key:
+        raise UsageError("--metrics-need-key needs an API key.", hint="Set --api-key or OLIVE_BUILDER_API_KEY.")
     code = server.run(model_dir, host=host, port=port, model_id=model_id, max_concurrency=max_concurrency,
-                      queue_size=queue_size)
+                      queue_size=queue_size, batch_size=batch_size, api_key=api_key or None,
+                      metrics_need_key=metrics_need_key)
     if code:
         raise BuilderError(f"The server stopped: the model in {model_dir} could not be loaded (see above).")
 

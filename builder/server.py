@@ -1429,6 +1429,8 @@ def run(folder: str | Path, *, host: str = "127.0.0.1", port: int = 8000, model_
         use_engine: bool = True, header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT) -> int:
     import uvicorn
 
+    if not logging.getLogger().handlers:  # `build serve` calls this without main(): still show the log
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folder = Path(folder)
     if not (folder / "genai_config.json").is_file():
         print(f"error: {folder} is not an ONNX Runtime GenAI model folder (no genai_config.json).", flush=True)
