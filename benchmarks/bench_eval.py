@@ -1,6 +1,12 @@
 """What the evaluation stage adds to a build: its time against the rest of `build recipe`.
 
     python benchmarks/bench_eval.py [--models tiny,bench,qwen0.5b] [--precision int4] [--max-tokens N]
+    python benchmarks/bench_eval.py --calibrate
+
+--calibrate prints what the default gates (builder/evaluate.py DEFAULT_GATES) rest on: the
+trained tiny model built at fp32, int8 and int4, each measured as built and after noise of
+5 %, 20 % and 100 % of the mean absolute weight was added to every float weight of the
+converted model (tests/test_evaluate_integration.py damages weights the same way).
 
 For each model, one real `build recipe --engine local` (the evaluation on, packaging into a
 fresh store, no runnable image); the build record says how long the evaluation took, and the
@@ -75,12 +81,48 @@ def run(kind: str, root: Path, precision: str, max_tokens: int | None) -> dict[s
             "text": ev["text"], "speed": ev["speed"], "timings": ev.get("timings")}
 
 
+def calibrate(root: Path) -> None:
+    import shutil
+
+    from builder import evaluate
+
+    from tinymodel import damage_weights
+
+    hf = make_trained_tiny_model(root / "hf")
+    env = {**os.environ, "XDG_STATE_HOME": str(root / "state"), "XDG_DATA_HOME": str(root / "data"),
+           "XDG_CACHE_HOME": str(root / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    print("precision  damage  ppl_ratio  top1    mean_kl   greedy_prefix  verdict(default gates)")
+    for precision in ("fp32", "int8", "int4"):
+        recipe = root / "recipes" / "calib" / f"cpu-{precision}.yaml"
+        recipe.parent.mkdir(parents=True, exist_ok=True)
+        recipe.write_text(f"name: calib\nversion: 0.1.0\nmodel:\n  path: {hf}\n"
+                          f"target:\n  device: cpu\n  precision: {precision}\nevaluate: false\n")
+        out = root / "out" / precision
+        subprocess.run([sys.executable, "-m", "builder", "recipe", str(recipe), "--engine", "local", "-q", "-o",
+                        str(out), "--no-image", "--no-cache"], env=env, check=True, capture_output=True)
+        for strength in (0.0, 0.05, 0.2, 1.0):
+            folder = out
+            if strength:
+                folder = root / "damaged" / f"{precision}-{strength}"
+                shutil.copytree(out, folder)
+                damage_weights(folder, strength)
+            r = evaluate.evaluate(folder, hf, precision=precision, settings=evaluate.Settings(speed=False))
+            a = r.accuracy
+            print(f"{precision:<9}  {strength:<6}  {a['perplexity_ratio']:<9}  {a['top1_agreement']:<6}  "
+                  f"{a['mean_kl']:<8}  {a['greedy_prefix_mean']:<13}  {'pass' if r.passed else 'FAIL'}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--precision", default="int4", choices=["int4", "int8", "fp32"])
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate.max_tokens [default: the default]")
+    parser.add_argument("--calibrate", action="store_true", help="the figures behind the default gates")
     args = parser.parse_args()
+    if args.calibrate:
+        with tempfile.TemporaryDirectory(prefix="bench-eval-calibrate-") as tmp:
+            calibrate(Path(tmp))
+        return
     for kind in args.models.split(","):
         if kind not in MODELS:
             raise SystemExit(f"unknown model {kind!r}; choose from {', '.join(MODELS)}")

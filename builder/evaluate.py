@@ -589,7 +589,15 @@ def evaluate(
     ref: _Reference | None = None
     prompts: list[list[int]] = []
     if source_dir is not None:
+        # Build machines are often busy (CI runners, parallel builds): spinning OpenMP threads then
+        # make torch several times slower (measured 2-10x on 2 busy cores); passive waiting costs
+        # nothing on an idle machine. Takes effect only if torch is not loaded yet (the worker's case).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from transformers import AutoConfig, AutoTokenizer
+        from transformers.utils import logging
+
+        hf_logging: Any = logging
+        hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum": we window it
 
         tok = AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)
         src_config = AutoConfig.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)

@@ -128,11 +128,11 @@ def test_not_evaluated_and_not_measured_say_why() -> None:
 def test_package_annotations_carry_the_evaluation() -> None:
     import datetime as dt
 
-    from builder.package import annotations
+    from builder.package import manifest_annotations
 
     info = {"name": "m", "version": "1", "tags": ["m:1-cpu-int4"], "target": {"precision": "int4"},
             "evaluation": record()}
-    ann = annotations(info, dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    ann = manifest_annotations(info, dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     assert ann["org.olive-builder.eval.perplexity-ratio"] == "1.1"
     assert "org.olive-builder.bench.ttft-s" in ann
 

@@ -17,7 +17,7 @@ from builder import evaluate as ev
 from builder.errors import EvaluationError
 
 from conftest import need, no_partials, run_cli, tiny_recipe
-from tinymodel import make_trained_tiny_model
+from tinymodel import damage_weights, make_trained_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -50,26 +50,6 @@ def built(capsys: pytest.CaptureFixture[str], builds: dict[str, tuple[Path, str]
         assert code == 0, err
         builds[precision] = (out, err)
     return builds[precision]
-
-
-def damage_weights(folder: Path, strength: float, seed: int = 0) -> None:
-    """Add noise to every float weight of the converted model (as a bad conversion or a flipped
-    bit would), in place."""
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    path = folder / "model.onnx"
-    model = onnx.load(str(path), load_external_data=True)
-    rng = np.random.default_rng(seed)
-    for init in model.graph.initializer:
-        a = numpy_helper.to_array(init)
-        if a.dtype in (np.float32, np.float16) and a.size >= 256:
-            noise = rng.standard_normal(a.shape).astype(np.float32) * float(np.abs(a).mean()) * strength
-            init.CopyFrom(numpy_helper.from_array((a.astype(np.float32) + noise).astype(a.dtype), init.name))
-    for old in folder.glob("model.onnx*"):
-        old.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])

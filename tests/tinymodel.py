@@ -145,6 +145,26 @@ def make_trained_tiny_model(out_dir: str | Path, *, steps: int = 200, **kwargs: 
     return make_tiny_model(out_dir, train_text=eval_text(), train_steps=steps, **kwargs)  # type: ignore[arg-type]
 
 
+def damage_weights(folder: Path, strength: float, seed: int = 0) -> None:
+    """Add noise to every float weight of the converted model (as a bad conversion or a flipped
+    bit would), in place."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    path = folder / "model.onnx"
+    model = onnx.load(str(path), load_external_data=True)
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype in (np.float32, np.float16) and a.size >= 256:
+            noise = rng.standard_normal(a.shape).astype(np.float32) * float(np.abs(a).mean()) * strength
+            init.CopyFrom(numpy_helper.from_array((a.astype(np.float32) + noise).astype(a.dtype), init.name))
+    for old in folder.glob("model.onnx*"):
+        old.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
