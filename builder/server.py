@@ -1362,11 +1362,16 @@ def _prompt(body: dict[str, Any]) -> str:
 
 
 def _default_model_id(folder: Path) -> str:
+    """The build's first tag from its record; the folder's name for a folder not made by a build."""
     info = folder / INFO_FILE
     try:
         data = json.loads(info.read_text())
         return str(data["tags"][0])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except FileNotFoundError:
+        return folder.resolve().name
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        log.warning("cannot read the model id from %s (%s: %s); serving as `%s` (set --model-id)",
+                    info, type(e).__name__, e, folder.resolve().name)
         return folder.resolve().name
 
 
