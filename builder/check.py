@@ -204,6 +204,17 @@ def _clear_providers(node: Any) -> None:
             _clear_providers(item)
 
 
+def target_device(folder: str | Path) -> str:
+    """The device a model folder was built for, from the provider its genai_config.json names."""
+    try:
+        config = json.loads((Path(folder) / GENAI_CONFIG).read_text(encoding="utf-8"))
+        entries = config["model"]["decoder"]["session_options"].get("provider_options") or []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "cpu"
+    named = {key for entry in entries if isinstance(entry, dict) for key in entry}
+    return next((device for device in _PROVIDER if device in named), "cpu")
+
+
 def cpu_copy(folder: str | Path, dest: str | Path) -> Path:
     """A copy of the model in ``folder`` that onnxruntime-genai runs on the CPU: links to the very
     same files, and a genai_config.json whose provider options are emptied. ``dest`` must not exist."""

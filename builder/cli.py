@@ -543,12 +543,19 @@ def schema_cmd() -> None:
 @cli.command("check")
 @click.argument("folder", type=click.Path(path_type=Path))
 def check_cmd(folder: Path) -> None:
-    """Check that FOLDER is a usable ONNX Runtime GenAI model (needs onnxruntime-genai here)."""
-    from .check import check_generates
+    """Check that FOLDER is a usable ONNX Runtime GenAI model (needs onnxruntime-genai here).
 
-    report = check_generates(folder)
+    Natively where the hardware of the model's target is; otherwise by a CPU cross-check of
+    the same graph (a linked copy with the provider cleared, in a temporary folder)."""
+    import tempfile
+
+    from .check import check_target, target_device
+
+    with tempfile.TemporaryDirectory(prefix="olive-builder-check-") as scratch:
+        report, _ = check_target(folder, target_device(folder), scratch=Path(scratch) / "cpu")
+    how = "natively" if report.reason is None else f"by a CPU cross-check ({report.reason})"
     click.echo(f"ok: {folder} loads and generated {len(report.generated_ids)} tokens "
-               f"(onnxruntime-genai {report.genai_version})")
+               f"(onnxruntime-genai {report.genai_version}), {how}")
 
 
 def main(argv: list[str] | None = None) -> None:

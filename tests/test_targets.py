@@ -131,6 +131,13 @@ def test_cpu_copy_links_the_same_files_and_clears_only_the_providers(tmp_path: P
     assert original["model"]["decoder"]["session_options"]["provider_options"] == [{"cuda": {"enable_cuda_graph": "0"}}]
 
 
+@pytest.mark.parametrize(("options", "device"), [([], "cpu"), ([{"cuda": {}}], "cuda"), ([{"dml": {}}], "dml"),
+                                                  ([{"webgpu": {"validationMode": "basic"}}], "webgpu")])
+def test_a_folders_target_device_is_read_from_its_provider(tmp_path: Path, options: list[dict[str, object]],
+                                                           device: str) -> None:
+    assert check.target_device(_model_folder(tmp_path / "m", options)) == device
+
+
 def test_hardware_is_missing_here_for_every_gpu_target() -> None:
     assert check.hardware_missing("cpu") is None
     assert check.hardware_missing("dml") == "DirectML runs on Windows only"
@@ -196,6 +203,8 @@ def test_gpu_target_is_built_here_and_cross_checked_on_the_cpu(capsys, tmp_path,
         assert evaluation["accuracy"]["perplexity_ratio"] > 0
         assert evaluation["speed"] == {"measured": False,
                                        "reason": f"speed not measured: cpu-cross-check ({info['check']['reason']})"}
+    code, stdout, err = run_cli(capsys, "check", str(out))  # `build check` cross-checks too
+    assert code == 0 and stdout.strip().endswith(f"by a CPU cross-check ({info['check']['reason']})"), err
     ann = _annotations(store, f"tiny-qwen2:0.1.0-{device}-{precision}")
     assert ann[CHECK_ANNOTATION] == CHECK_CPU_CROSS
     assert ann["org.olive-builder.device"] == device
