@@ -469,6 +469,9 @@ class Metrics:
         self.waiting = Gauge("olive_server_requests_waiting", "Requests waiting for a generation slot", registry=r)
         self.paths = Counter("olive_server_generations", "Generations by path (engine: batched; generator: "
                              "what the engine cannot serve)", ["path"], registry=r)
+        self.loop_lag = Histogram("olive_server_event_loop_lag_seconds", "How late the event loop woke up (sampled "
+                                  "every 20 ms)", buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02,
+                                                           0.05, 0.1, 0.25, 1), registry=r)
         self.batch_occupancy = Gauge("olive_server_batch_occupancy", "Requests in the engine's last step", registry=r)
         self.engine_step_batch = Histogram("olive_server_engine_step_requests", "Requests that got a token in one "
                                            "engine step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
@@ -578,11 +581,21 @@ class Server:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.slots = asyncio.Semaphore(self.max_concurrency)
         threading.Thread(target=self.load, name="load-model", daemon=True).start()
+        watch = asyncio.ensure_future(self._watch_loop_lag())
         yield
+        watch.cancel()
         if self.engine is not None:
             self.engine.stop()
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch_loop_lag(self, interval: float = 0.02) -> None:
+        """How late the event loop wakes up: what any blocking work on it costs every client."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - due))
 
     # -- plain endpoints
 
