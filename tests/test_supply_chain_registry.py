@@ -342,3 +342,28 @@ def test_a_second_signer_keeps_the_first_signers_signature_on_the_registry(regis
         assert config["rootfs"]["diff_ids"] == [d["digest"] for d in manifest["layers"]]
     finally:
         reg.close()
+
+
+def test_a_real_build_signed_pushed_verified_and_pulled(capsys, tmp_path, tiny_model, local_engine_ready, registry):  # type: ignore[no-untyped-def]
+    """`build recipe --sign-key --push` with real Olive; `build verify`; `build pull --verify
+    --signature-out`; the model_signing CLI on the pulled folder; the provenance names the recipe."""
+    from conftest import run_cli, tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, tiny_model)
+    run_cli(capsys, "keygen", str(tmp_path / "k"))
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--engine", "local", "-q", "--no-image",
+                             "-o", str(tmp_path / "out"), "--sign-key", str(tmp_path / "k.key"),
+                             "--push", f"{registry.host}/models")
+    assert code == 0, err
+    ref = f"{registry.host}/models/tiny-qwen2:0.1.0-cpu-int4"
+    code, out, err = run_cli(capsys, "verify", ref, "--key", str(tmp_path / "k.pub"))
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "inspect", ref, "--provenance")
+    assert code == 0, err
+    recipe_param = json.loads(out)["predicate"]["buildDefinition"]["externalParameters"]["recipe"]
+    assert recipe_param["content"] == recipe.read_text() and recipe_param["digest"].startswith("sha256:")
+    code, out, err = run_cli(capsys, "pull", ref, str(tmp_path / "pulled"), "--verify", str(tmp_path / "k.pub"),
+                             "--signature-out", str(tmp_path / "model.sig"), "--store", str(tmp_path / "s2"))
+    assert code == 0, err
+    ok = run_model_signing(tmp_path / "k.pub", tmp_path / "model.sig", tmp_path / "pulled")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
