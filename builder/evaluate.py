@@ -58,6 +58,7 @@ GREEDY_TOKENS = 32
 SPEED_PROMPT = 512
 SPEED_DECODE = 128
 SPEED_RUNS = 3
+UNINFORMED = 0.25  # a source perplexity above this share of the vocabulary: agreement gates are not applied
 BUILTIN_TEXT = "eval-text.txt"
 BUILTIN_TEXT_SOURCE = (
     "Shakespeare, Coriolanus (public domain), from karpathy/char-rnn data/tinyshakespeare/input.txt"
@@ -206,6 +207,7 @@ class _Reference:
     topk_logp: list[Any] = field(default_factory=list)
     greedy: list[list[int]] = field(default_factory=list)
     dtype_note: str | None = None
+    vocab: int = 0
 
 
 def _windows(ids: list[int], max_tokens: int, window: int, bos: int | None) -> list[list[int]]:
@@ -322,7 +324,7 @@ def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[
     model: Any = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype,
                                                       trust_remote_code=trust_remote_code)
     model.eval()
-    vocab = int(model.config.vocab_size)
+    vocab = ref.vocab = int(model.config.vocab_size)
     k = min(TOP_K, vocab)
     with torch.inference_mode():
         split = _can_split(model, windows[0])
@@ -662,10 +664,28 @@ def evaluate(
         result.timings["speed_s"] = round(time.monotonic() - before, 2)
     else:
         result.speed = {"measured": False, "reason": "speed not measured: `evaluate.speed: false` in the recipe"}
-    result.gates = gates_for(precision, settings.gates) if ref is not None else {}
+    result.gates = applicable_gates(acc, precision, settings.gates, ref.vocab) if ref is not None else {}
     result.failures = check_gates(acc, result.gates)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def applicable_gates(acc: dict[str, Any], precision: str | None, overrides: dict[str, float] | None,
+                     vocab: int) -> dict[str, float]:
+    """The gates for ``precision`` (with the recipe's overrides) that mean something for these figures.
+
+    A source that predicts the text barely better than uniformly (random weights, or a text in
+    a script it never saw) has no meaningful top-1 token: its argmax is noise, so agreement
+    gates would fail any conversion. Those are dropped (and ``acc`` says so); the perplexity
+    and KL gates still apply."""
+    gates = gates_for(precision, overrides)
+    if vocab and acc.get("source_perplexity", 0) > UNINFORMED * vocab:
+        skipped = [g for g in ("min_top1_agreement", "min_greedy_prefix") if g in gates]
+        for gate in skipped:
+            del gates[gate]
+        acc["gates_skipped"] = (f"{', '.join(skipped)}: the source's perplexity {acc['source_perplexity']:g} is "
+                                f"over {UNINFORMED:g} x its vocabulary ({vocab}); its top-1 choices are noise")
+    return gates
 
 
 def check_gates(acc: dict[str, Any], gates: dict[str, float]) -> list[str]:

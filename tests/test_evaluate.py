@@ -203,3 +203,15 @@ def test_recipe_evaluate_mistakes_are_named(tmp_path: Path, extra: str, message:
         load(tmp_path, extra)
     assert message in str(info.value)
     assert "cpu-int4.yaml:" in str(info.value)
+
+
+def test_agreement_gates_are_not_applied_to_a_source_that_knows_nothing() -> None:
+    """A near-uniform source (random weights): its argmax is noise, so only the other gates apply."""
+    acc = {"source_perplexity": 900.0, "perplexity_ratio": 1.01, "top1_agreement": 0.07}
+    gates = ev.applicable_gates(acc, "int4", {"min_greedy_prefix": 4}, vocab=1024)
+    assert gates == {"max_perplexity_ratio": 1.15}
+    assert ev.check_gates(acc, gates) == []
+    assert "its top-1 choices are noise" in acc["gates_skipped"]
+    acc = {"source_perplexity": 60.0, "perplexity_ratio": 1.01, "top1_agreement": 0.07}
+    assert "min_top1_agreement" in ev.applicable_gates(acc, "int4", None, vocab=1024)
+    assert ev.check_gates(acc, ev.applicable_gates(acc, "int4", None, vocab=1024))
