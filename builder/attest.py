@@ -650,16 +650,32 @@ def recipe_inputs(recipe_path: Path | None) -> tuple[str | None, str | None, dic
     from . import lock, recipe
     from .errors import BuilderError
 
+    shown = _recipe_shown(Path(recipe_path))
     try:
         text = Path(recipe_path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return str(recipe_path), None, None
+        return shown, None, None
     try:
         loaded = recipe.load(Path(recipe_path))
         found = lock.entry(loaded, lock.find(Path(recipe_path).parent))
     except BuilderError:
         found = None
-    return str(recipe_path), text, (found.to_json() if found is not None else None)
+    return shown, text, (found.to_json() if found is not None else None)
+
+
+def _recipe_shown(path: Path) -> str:
+    """The recipe's path within its git repository (as a workflow names it), else its file name:
+    the provenance does not publish where a build machine keeps its files."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path.resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return path.resolve().relative_to(Path(out.stdout.strip()).resolve()).as_posix()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return path.name
 
 
 def attach_packaged(store: oci.Store, model_dir: Path, packaged: Any, *, info: Mapping[str, Any],

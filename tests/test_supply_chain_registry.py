@@ -362,6 +362,7 @@ def test_a_real_build_signed_pushed_verified_and_pulled(capsys, tmp_path, tiny_m
     assert code == 0, err
     recipe_param = json.loads(out)["predicate"]["buildDefinition"]["externalParameters"]["recipe"]
     assert recipe_param["content"] == recipe.read_text() and recipe_param["digest"].startswith("sha256:")
+    assert recipe_param["path"] == recipe.name  # not where this machine keeps it (not in a git repository here)
     code, out, err = run_cli(capsys, "pull", ref, str(tmp_path / "pulled"), "--verify", str(tmp_path / "k.pub"),
                              "--signature-out", str(tmp_path / "model.sig"), "--store", str(tmp_path / "s2"))
     assert code == 0, err
