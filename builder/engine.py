@@ -123,7 +123,9 @@ class LocalEngine:
         return None
 
     def run(self, job: Job, on_line: LineSink) -> int:
-        env = dict(os.environ)
+        # The signing key and its passphrase stay with the driver: the worker and Olive never need them.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OLIVE_BUILDER_SIGN_KEY", "OLIVE_BUILDER_SIGN_KEY_PASSWORD")}
         env.update(job.env)
         package_root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
