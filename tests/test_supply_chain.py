@@ -469,3 +469,23 @@ def test_a_registry_with_the_referrers_api_indexes_them_itself(tmp_path, keys): 
     assert sorted(t.rpartition(".")[2] for t in reg.tags) == ["att", "sig"]
     listed = referrers.list_remote(reg, "models/tiny", p.artifact.digest)  # type: ignore[arg-type]
     assert {d.digest for d in listed} == {d.digest for d in referrers.list_local(store, "tiny", p.artifact.digest)}
+
+
+def test_the_local_engine_keeps_the_signing_key_from_the_worker(monkeypatch):  # type: ignore[no-untyped-def]
+    from builder import engine
+
+    seen: dict[str, str] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_popen(args, **kw):  # type: ignore[no-untyped-def]
+        seen.update(kw["env"])
+        raise Stop
+
+    monkeypatch.setattr(engine.subprocess, "Popen", fake_popen)
+    monkeypatch.setenv(sign.ENV_SIGN_KEY, "/keys/ci.key")
+    monkeypatch.setenv(sign.ENV_SIGN_PASSWORD, "pass")
+    with pytest.raises(Stop):
+        engine.LocalEngine().run(engine.Job("image", "builder.worker", (), {}, ()), lambda line: None)
+    assert seen and sign.ENV_SIGN_KEY not in seen and sign.ENV_SIGN_PASSWORD not in seen
