@@ -476,16 +476,16 @@ def test_the_local_engine_keeps_the_signing_key_from_the_worker(monkeypatch):  #
 
     seen: dict[str, str] = {}
 
-    class Stop(Exception):
+    class StopError(Exception):
         pass
 
     def fake_popen(args, **kw):  # type: ignore[no-untyped-def]
         seen.update(kw["env"])
-        raise Stop
+        raise StopError
 
     monkeypatch.setattr(engine.subprocess, "Popen", fake_popen)
     monkeypatch.setenv(sign.ENV_SIGN_KEY, "/keys/ci.key")
     monkeypatch.setenv(sign.ENV_SIGN_PASSWORD, "pass")
-    with pytest.raises(Stop):
+    with pytest.raises(StopError):
         engine.LocalEngine().run(engine.Job("image", "builder.worker", (), {}, ()), lambda line: None)
     assert seen and sign.ENV_SIGN_KEY not in seen and sign.ENV_SIGN_PASSWORD not in seen
