@@ -21,13 +21,18 @@ def stage(stage: str, message: str) -> None:
 
 
 def fail(error: BuilderError) -> None:
+    """An error for a person: the log tail that explains it, then what failed and what to do.
+    Whatever a server, the Hub or a build printed may echo a secret we hold: it is redacted."""
+    from .registry import known_secrets, redact
+
+    secrets = known_secrets()
     if error.log_tail:
         click.secho(f"--- last {len(error.log_tail)} lines of the log ---", fg="yellow", err=True)
         for line in error.log_tail:
-            click.echo(f"    {line}", err=True)
+            click.echo(f"    {redact(line, secrets)}", err=True)
         click.secho("---", fg="yellow", err=True)
     click.secho("error: ", fg="red", bold=True, nl=False, err=True)
-    click.echo(str(error), err=True)
+    click.echo(redact(str(error), secrets), err=True)
 
 
 class ByteProgress:

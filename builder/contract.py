@@ -66,6 +66,12 @@ CHECK_NATIVE = "native"
 CHECK_CPU_CROSS = "cpu-cross-check"
 CHECK_ANNOTATION = NS + "check"
 
+# OCI distribution naming rules (distribution-spec "Pulling manifests"): a repository path
+# component, a whole repository path, and a tag.
+OCI_COMPONENT_RULE = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+OCI_REPOSITORY_RULE = rf"{OCI_COMPONENT_RULE}(?:/{OCI_COMPONENT_RULE})*"
+OCI_TAG_RULE = "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}"
+
 # The tools whose versions decide a build's output: in the cache key, the annotations and the labels.
 TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
 # Distributions whose versions a build records; alternatives for the same tool come later.
@@ -230,6 +236,7 @@ class BuildRecord:
     builder: BuilderInfo
     recipe_digest: str | None = None
     cache_key: str | None = None
+    created: str | None = None  # RFC 3339, from the inputs (see package.created_time): what manifests record
     description: str | None = None
     license: str | None = None
     tools: dict[str, str] = field(default_factory=dict)
@@ -269,6 +276,7 @@ class BuildRecord:
                                 image_id=_str(b, "image_id")),
             recipe_digest=_str(data, "recipe_digest"),
             cache_key=_str(data, "cache_key"),
+            created=_str(data, "created"),
             description=_str(data, "description"),
             license=_str(data, "license"),
             tools={str(k): str(v) for k, v in _dict(data, "tools").items()},

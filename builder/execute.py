@@ -9,6 +9,7 @@ log goes to a log file; a failure carries its last lines.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -95,6 +96,7 @@ def execute(
     on_stage: StageSink = lambda stage, msg: None,
     on_log: LineSink = lambda line: None,
     image_id: str | None = None,
+    created: str | None = None,
 ) -> BuildResult:
     output = output.absolute()
     preflight_output(output, force)
@@ -151,7 +153,7 @@ def execute(
         except CheckError as e:
             e.log_tail = list(tail)
             raise
-        record = _record(step, result, engine.name, image_id)
+        record = dataclasses.replace(_record(step, result, engine.name, image_id), created=created)
         record.write(model)
         _replace(model, output, work, force)
         on_stage("done", f"{output}")

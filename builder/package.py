@@ -117,13 +117,16 @@ def read_info(model_dir: Path) -> dict[str, Any]:
 
 
 def created_time(recipe_path: Path | None = None, model_dir: Path | None = None, *,
-                 source_dir: Path | None = None, source_time: dt.datetime | None = None) -> dt.datetime:
+                 source_dir: Path | None = None, source_time: dt.datetime | None = None,
+                 recorded: str | None = None) -> dt.datetime:
     """The creation time recorded in manifests, from the build's inputs only, so the same inputs
     give the same digests with no settings: ``SOURCE_DATE_EPOCH`` if set, else the newest of
     the recipe's last git commit, the source model's commit time (``source_time``, for Hub
     models) and the newest file of a local source model (``source_dir``, else the recipe's
     ``model.path``); 1970-01-01 when none is known. Never the clock and never the output:
-    ``model_dir`` (what was built) is not looked at, since its files are as new as the build."""
+    ``model_dir`` (what was built) is not looked at, since its files are as new as the build.
+    ``recorded``: the time the build record holds (computed from the inputs at build time),
+    used when no SOURCE_DATE_EPOCH overrides it, so a folder packaged again keeps its digests."""
     del model_dir  # kept for callers: the output folder's times are the build's, not the inputs'
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch:
@@ -132,6 +135,8 @@ def created_time(recipe_path: Path | None = None, model_dir: Path | None = None,
         except (ValueError, OverflowError, OSError):
             raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds.",
                              hint="Set it to a Unix time (e.g. `git log -1 --format=%ct`) or unset it.") from None
+    if recorded:
+        return parse_rfc3339(recorded)
     times: list[float] = []
     if source_time is not None:
         times.append(source_time.timestamp())
@@ -169,6 +174,15 @@ RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
 
 def rfc3339(when: dt.datetime) -> str:
     return when.astimezone(dt.timezone.utc).strftime(RFC3339)
+
+
+def parse_rfc3339(text: str) -> dt.datetime:
+    """A time ``rfc3339`` wrote (a build record's ``created``)."""
+    try:
+        return dt.datetime.strptime(text, RFC3339).replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        raise PackageError(f"The build record's creation time {text!r} is not an RFC 3339 UTC time.",
+                           hint="Rebuild the model with `build recipe`.") from None
 
 
 def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:

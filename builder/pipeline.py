@@ -272,8 +272,11 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
         if outcome is not None:
             return outcome
 
+    # The creation time comes from the inputs and travels in the build record, so that packaging
+    # the folder again later (`build package DIR`, with no recipe at hand) gives the same digests.
+    created = package.rfc3339(package.created_time(loaded.path))
     result = execute(step, engine, out_dir, force=options.force, on_stage=reporter.stage, on_log=reporter.log,
-                     image_id=env.image_id)
+                     image_id=env.image_id, created=created)
     if options.require_native_check:
         require_native(step.id, result.record.check, where=result.output)
     packaging = package_folder(result.output, pkg, reporter, recipe_path=loaded.path, docker=engine.docker())
@@ -385,7 +388,7 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
     reporter.stage("package", f"into the local store {store.root}")
     total = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
     progress = reporter.progress("packaging", total)
-    created = package.created_time(recipe_path, model_dir)
+    created = package.created_time(recipe_path, model_dir, recorded=record.created)
     try:
         result = package.package(Path(model_dir), store, created=created, runtime=runtime, on_bytes=progress,
                                  sign_key=key, recipe_path=recipe_path)

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import _yaml
+from .contract import OCI_COMPONENT_RULE, OCI_TAG_RULE
 from .errors import RecipeError
 
 Device = Literal["cpu", "cuda", "dml", "webgpu"]
@@ -41,7 +42,8 @@ DEVICE_PRECISIONS: dict[str, tuple[str, ...]] = {
 }
 
 # OCI distribution-spec grammar for a repository path component and for a tag.
-_NAME_RE = r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$"
+_NAME_RE = f"^{OCI_COMPONENT_RULE}$"
+# A version leaves room in the 128-character tag for "-<target>-serve" (the whole tag is checked below).
 _TAG_RE = r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,100}$"
 _REGISTRY_RE = (
     r"^(?:localhost|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+|[A-Za-z0-9-]+)(?::[0-9]+)?"
@@ -317,7 +319,6 @@ def load(path: str | Path) -> LoadedRecipe:
 
 
 # The OCI distribution spec's tag rule; every tag a build writes must match it whole.
-OCI_TAG_RULE = "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}"
 _OCI_TAG = re.compile(f"^{OCI_TAG_RULE}$")
 _TARGET_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 # The longest suffix a build appends to `<version>-<target>`: the runnable image's `-serve`

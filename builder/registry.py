@@ -47,6 +47,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from . import oci
+from .contract import OCI_REPOSITORY_RULE, OCI_TAG_RULE
 from .errors import (
     AuthError,
     ContentError,
@@ -74,8 +75,8 @@ MAX_REFERENCE = 512
 MANIFEST_ACCEPT = ", ".join([oci.MANIFEST, oci.INDEX, oci.DOCKER_MANIFEST])
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 REDIRECT_STATUS = (301, 302, 303, 307, 308)
-_REPO_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_REPO_RE = re.compile(f"^{OCI_REPOSITORY_RULE}$")
+_TAG_RE = re.compile(f"^{OCI_TAG_RULE}$")
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST_RE = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?$")
 

@@ -111,6 +111,17 @@ def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str 
             "Check `model.hub` in the recipe; for a private model set HF_TOKEN.",
         ) from None
     except LocalEntryNotFoundError as e:
+        status = _http_status(e)
+        if status is not None:  # the Hub answered, with an error: say which, not "unreachable"
+            busy = status == 429 or status >= 500
+            raise WorkerFailure(
+                "model_not_found",
+                f"The Hugging Face Hub answered {status} for {repo}@{revision}"
+                + (" (too many requests)" if status == 429 else " (a server error)" if status >= 500 else "")
+                + f", and it is not in the Hugging Face cache: {e}",
+                "Wait a minute and build again (a token, HF_TOKEN, gets a higher rate limit)." if busy else
+                "Check `model.hub` and `model.revision`, and HF_TOKEN for private or gated models.",
+            ) from None
         raise WorkerFailure(
             "model_not_found",
             f"{repo}@{revision} is not in the Hugging Face cache and the Hub cannot be reached: {e}",
@@ -120,6 +131,20 @@ def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str 
         raise WorkerFailure("model_not_found", f"Fetching {repo}@{revision} failed: {e}") from None
     verify_locked_files(repo, Path(path), model.get("files") or {})
     return path, Path(path).name  # the snapshot folder is named by its commit
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status behind a huggingface_hub error (it chains the answer it got), if any."""
+    seen: BaseException | None = error
+    for _ in range(5):
+        if seen is None:
+            return None
+        response = getattr(seen, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def verify_locked_files(repo: str, folder: Path, expected: dict[str, str]) -> None:

@@ -281,3 +281,25 @@ def test_the_build_record_round_trips_and_rejects_wrong_types(tmp_path: Path) ->
         contract.BuildRecord.from_json(data)
     with pytest.raises(contract.RecordError, match="name"):
         contract.BuildRecord.from_json({"version": "1", "tags": [], "target": {}})
+
+
+def test_packaging_a_built_folder_again_gives_the_same_digests(tmp_path: Path, recipe_file: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    built = pipeline.build(recipe_file, options(tmp_path, engine=FakeEngine()))
+    record = contract.BuildRecord.read(tmp_path / "out")
+    assert record.created  # the creation time, from the inputs, travels in the record
+    again = pipeline.package_folder(tmp_path / "out", pipeline.PackageOptions(store=tmp_path / "other",
+                                                                              runnable_image=False))
+    assert built.packaging is not None and again.artifact == built.packaging.artifact
+
+
+def test_errors_printed_by_the_cli_never_show_a_secret(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from builder import console
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_123")
+    error = BuildError("the Hub said: bad token hf_secret_token_123", log_tail=["Authorization: hf_secret_token_123"])
+    console.fail(error)
+    err = capsys.readouterr().err
+    assert "hf_secret_token_123" not in err and "the Hub said: bad token ***" in err
