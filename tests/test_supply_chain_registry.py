@@ -368,3 +368,24 @@ def test_a_real_build_signed_pushed_verified_and_pulled(capsys, tmp_path, tiny_m
     assert code == 0, err
     ok = run_model_signing(tmp_path / "k.pub", tmp_path / "model.sig", tmp_path / "pulled")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_push_sign_key_signs_what_the_store_holds(registry, tmp_path, capsys):  # type: ignore[no-untyped-def]
+    """Packaged without a key, signed at `build push --sign-key`: the model folder is unpacked from
+    the store to sign it (OpenSSF format), both formats verify after the push."""
+    from conftest import run_cli
+
+    model = fake_model(tmp_path / "m", evaluation={"passed": True})
+    store = oci.Store(tmp_path / "store")
+    package.package(model, store, created=T0)
+    run_cli(capsys, "keygen", str(tmp_path / "k"))
+    code, out, err = run_cli(capsys, "push", "tiny:1.0-cpu-int4", "--to", f"{registry.host}/models",
+                             "--store", str(store.root), "--sign-key", str(tmp_path / "k.key"))
+    assert code == 0, err
+    ref = f"{registry.host}/models/tiny:1.0-cpu-int4"
+    code, out, err = run_cli(capsys, "verify", ref, "--key", str(tmp_path / "k.pub"))
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "pull", ref, str(tmp_path / "pulled"), "--verify", str(tmp_path / "k.pub"),
+                             "--signature-out", str(tmp_path / "model.sig"), "--store", str(tmp_path / "s2"))
+    assert code == 0, err
+    assert run_model_signing(tmp_path / "k.pub", tmp_path / "model.sig", tmp_path / "pulled").returncode == 0
