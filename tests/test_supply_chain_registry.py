@@ -368,6 +368,16 @@ def test_a_real_build_signed_pushed_verified_and_pulled(capsys, tmp_path, tiny_m
     assert code == 0, err
     ok = run_model_signing(tmp_path / "k.pub", tmp_path / "model.sig", tmp_path / "pulled")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    # the same recipe again with a second key: a cache hit (Olive does not run), signed by it too
+    run_cli(capsys, "keygen", str(tmp_path / "k2"))
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--engine", "local", "-q", "--no-image",
+                             "-o", str(tmp_path / "out"), "--sign-key", str(tmp_path / "k2.key"),
+                             "--push", f"{registry.host}/models")
+    assert code == 0, err
+    assert "Olive does not run" in out + err
+    for pub in ("k.pub", "k2.pub"):
+        code, out, err = run_cli(capsys, "verify", ref, "--key", str(tmp_path / pub))
+        assert code == 0, err
 
 
 def test_push_sign_key_signs_what_the_store_holds(registry, tmp_path, capsys):  # type: ignore[no-untyped-def]
