@@ -200,46 +200,42 @@ def evaluation_results(info: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def evaluation_passed(section: Mapping[str, Any] | None) -> bool | None:
-    """True/False from the evaluation section; None when it was not evaluated."""
-    if not section:
+    """True/False from the build record's ``evaluation`` (see ``builder.evaluate``); None when it was
+    not evaluated."""
+    if not section or section.get("evaluated") is False:
         return None
-    for key in ("passed", "ok"):
-        if isinstance(section.get(key), bool):
-            return bool(section[key])
-    gates = section.get("gates")
-    if isinstance(gates, dict) and isinstance(gates.get("passed"), bool):
-        return bool(gates["passed"])
-    if section.get("evaluated") is False or section.get("status") == "not evaluated":
-        return None
-    status = str(section.get("result") or section.get("status") or "").upper()
-    if status in ("PASSED", "PASS", "OK"):
-        return True
-    if status in ("FAILED", "FAIL"):
-        return False
+    if isinstance(section.get("passed"), bool):
+        return bool(section["passed"])
+    if isinstance(section.get("failures"), list):
+        return not section["failures"]
     return None
 
 
 def evaluation(facts: BuildFacts, subjects: Iterable[Subject]) -> dict[str, Any]:
-    """The build's evaluation (and its check) as an in-toto test-result statement."""
+    """The build's evaluation (and its check) as an in-toto test-result statement: PASSED when the
+    gates held, FAILED with the failures when not, WARNED when it was not evaluated."""
     info = facts.info
     section = evaluation_results(info)
     passed = evaluation_passed(section)
     check = info.get("check") or {}
     passed_tests: list[str] = []
     failed_tests: list[str] = []
+    warned: list[str] = []
     if check:
         (passed_tests if check.get("ok", True) else failed_tests).append("check: loads and generates")
-    for gate, value in sorted(((section or {}).get("gates") or {}).items()):
-        if isinstance(value, dict) and isinstance(value.get("passed"), bool):
-            (passed_tests if value["passed"] else failed_tests).append(f"gate: {gate}")
-    if section is None or passed is None:
-        result = "WARNED" if not failed_tests else "FAILED"
-        warned = ["evaluation: not evaluated"]
+    if passed is None:
+        reason = (section or {}).get("reason")
+        warned.append("evaluation: not evaluated" + (f" ({reason})" if reason else ""))
     else:
-        result = "PASSED" if passed and not failed_tests else "FAILED"
-        warned = []
+        gates = (section or {}).get("gates") or {}
+        failed_tests.extend(f"evaluation: {f}" for f in (section or {}).get("failures") or [])
+        if passed:
+            passed_tests.extend(f"gate: {name} {limit}" for name, limit in sorted(gates.items()))
+        elif not failed_tests:
+            failed_tests.append("evaluation: failed")
+    result = "FAILED" if failed_tests else ("WARNED" if warned else "PASSED")
     # test-result v0.1 has no field for figures: they travel as the configuration's annotations.
-    notes: dict[str, Any] = {"target": info.get("id"), "evaluated": section is not None and passed is not None}
+    notes: dict[str, Any] = {"target": info.get("id"), "evaluated": passed is not None}
     if section is not None:
         notes["results"] = section
     if check:
@@ -390,7 +386,7 @@ def _add_model_card(doc: dict[str, Any], info: Mapping[str, Any], facts: BuildFa
         card["modelParameters"]["modelArchitecture"] = str(arch)
     section = evaluation_results(info)
     metrics = []
-    for name, value in sorted(((section or {}).get("metrics") or {}).items()):
+    for name, value in sorted(((section or {}).get("accuracy") or {}).items()):
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             metrics.append({"type": str(name), "value": str(value)})
     if metrics:

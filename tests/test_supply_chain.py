@@ -170,10 +170,13 @@ def test_provenance_names_the_github_actions_run_when_built_there(tmp_path):  # 
     assert run["metadata"]["invocationId"] == "https://github.com/acme/models/actions/runs/42/attempts/2"
 
 
-@pytest.mark.parametrize("evaluation, result", [
+@pytest.mark.parametrize("evaluation, result", [  # the shapes builder.evaluate writes
     (None, "WARNED"),
-    ({"passed": True, "metrics": {"perplexity_ratio": 1.01}, "gates": {"perplexity_ratio": {"passed": True}}}, "PASSED"),
-    ({"passed": False, "gates": {"perplexity_ratio": {"passed": False}}}, "FAILED"),
+    ({"evaluated": False, "reason": "evaluate: false in the recipe", "passed": True, "failures": []}, "WARNED"),
+    ({"evaluated": True, "passed": True, "failures": [], "accuracy": {"perplexity_ratio": 1.01, "top1_agreement": 0.97},
+      "gates": {"max_perplexity_ratio": 1.15, "min_top1_agreement": 0.9}}, "PASSED"),
+    ({"evaluated": True, "passed": False, "failures": ["perplexity ratio 1.52 > 1.15"],
+      "accuracy": {"perplexity_ratio": 1.52}, "gates": {"max_perplexity_ratio": 1.15}}, "FAILED"),
 ])
 def test_evaluation_is_a_test_result_statement(tmp_path, evaluation, result):  # type: ignore[no-untyped-def]
     from in_toto_attestation.predicates.test_result.v0 import test_result_pb2
@@ -184,6 +187,14 @@ def test_evaluation_is_a_test_result_statement(tmp_path, evaluation, result):  #
     assert st["predicate"]["result"] == result
     if evaluation:
         assert st["predicate"]["configuration"][0]["annotations"]["results"] == evaluation
+    if result == "FAILED":
+        assert st["predicate"]["failedTests"] == ["evaluation: perplexity ratio 1.52 > 1.15"]
+    if result == "PASSED":
+        assert "gate: max_perplexity_ratio 1.15" in st["predicate"]["passedTests"]
+        bom = attest.sbom(facts, ARTIFACT)  # the figures also reach the SBOM's model card
+        card = next(c for c in bom["components"] if c["bom-ref"] == "model")["modelCard"]
+        assert {"type": "perplexity_ratio", "value": "1.01"} in card["quantitativeAnalysis"]["performanceMetrics"]
+        assert_cyclonedx_16(oci.canonical_json(bom))
 
 
 # ------------------------------------------------------------------------------- keys and signatures
