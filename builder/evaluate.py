@@ -69,15 +69,20 @@ CHAT_PROMPTS = (
     "Name three colours.",
 )
 
-# Limits per target precision. Calibrated on the tiny model trained on the evaluation text
-# (tests/tinymodel.py; figures in README "Evaluation"): each limit sits above what a correct
-# conversion measured, with a margin, and far below what damaged weights measure.
+# Limits per target precision (`python benchmarks/bench_eval.py --calibrate`; figures in README
+# "Evaluation"). On the tiny model trained on the evaluation text, correct conversions measured
+# perplexity ratios 0.999-1.000 and top-1 agreement 1.0 (fp32), 0.97 (int8), 0.89 (int4). The
+# perplexity limits are the project's starting points, above every correct figure; the top-1
+# limits sit below the correct figure by a margin twice the tiny model's own int4/int8 loss
+# (real models lose more than a 64-wide one), and above what damaged weights measured
+# (fp32 +5 % noise: 0.95; int4 +20 %: 0.57). fp16/bf16 could not be built for a CPU here: their
+# limits are interpolated, not measured.
 DEFAULT_GATES: dict[str, dict[str, float]] = {
     "fp32": {"max_perplexity_ratio": 1.001, "min_top1_agreement": 0.98},
     "fp16": {"max_perplexity_ratio": 1.01, "min_top1_agreement": 0.95},
     "bf16": {"max_perplexity_ratio": 1.01, "min_top1_agreement": 0.95},
-    "int8": {"max_perplexity_ratio": 1.05, "min_top1_agreement": 0.85},
-    "int4": {"max_perplexity_ratio": 1.15, "min_top1_agreement": 0.70},
+    "int8": {"max_perplexity_ratio": 1.05, "min_top1_agreement": 0.90},
+    "int4": {"max_perplexity_ratio": 1.15, "min_top1_agreement": 0.75},
 }
 GATE_NAMES = ("max_perplexity_ratio", "min_top1_agreement", "max_mean_kl", "min_greedy_prefix")
 WHAT_TO_TRY = {

@@ -84,7 +84,7 @@ def test_gates_pass_and_fail_with_figures_limit_and_what_to_try() -> None:
     assert isinstance(e, BuildError) and e.exit_code == 4
     text = str(e)
     assert "perplexity ratio (built / source) 1.4 is above the limit 1.15" in text
-    assert "top-1 next-token agreement 0.5 is below the limit 0.7" in text
+    assert "top-1 next-token agreement 0.5 is below the limit 0.75" in text
     assert "int4_accuracy_level" in text and "higher precision" in text  # what to try
     assert "perplexity_ratio" in text and "(limit <= 1.15)" in text  # the figures' table
     assert e.figures["accuracy"]["perplexity_ratio"] == 1.4
