@@ -67,6 +67,9 @@ MAX_TOP_LOGPROBS = 20
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 DEFAULT_BATCH_SIZE = 4  # on 2 CPU cores batch 4 and 8 both reach ~1.85x one request (environment.md)
+GATHER_GAP = 0.003  # seconds the idle engine waits for another request of a burst
+GATHER_MAX = 0.015  # ... and at most this long after the first
+PREFILL_TOKENS_PER_STEP = 6  # measured on 2 cores: ~1.3 ms a prefilled token, ~8.5 ms a decode step
 HEADER_TIMEOUT = 10.0  # seconds a connection may take to send a request's headers
 BODY_TIMEOUT = 30.0  # seconds a request may take to send its body
 KEEP_ALIVE_TIMEOUT = 5  # seconds an idle keep-alive connection stays open
@@ -255,7 +258,7 @@ def _seed32(seed: int) -> int:
 
 
 class _Handle:
-    """One request as the engine thread sees it: its inputs, and where its events go."""
+    """One request as the engine thread sees it: its inputs, its state, and where its events go."""
 
     def __init__(self, ids: list[int], sampling: Sampling, max_tokens: int, cancel: threading.Event,
                  loop: asyncio.AbstractEventLoop, deliver: Callable[[Any], None]):
@@ -264,8 +267,22 @@ class _Handle:
         self.request: Any = None
         self.turn = 0
         self.stream: Any = None
-        self.produced = 0
+        self.generated: list[int] = []  # over all of its turns
+        self.turn_tokens = 0  # tokens of the current turn
+        self.cached = -1  # prompt tokens the engine reused, from the first turn
+        self.state = "running"  # running | pausing (cancelled to re-batch) | paused (waiting to restart)
         self.cancel_sent = False
+
+    @property
+    def produced(self) -> int:
+        return len(self.generated)
+
+    @property
+    def rebatchable(self) -> bool:
+        # A new turn restarts guidance from the grammar's start, and a repetition penalty would see the
+        # generated tokens as prompt: such requests run to their end.
+        s = self.sampling
+        return s.guidance is None and s.repetition_penalty is None and self.turn_tokens > 0
 
 
 _WAKE = object()
@@ -273,7 +290,18 @@ _STOP = object()
 
 
 class EngineWorker:
-    """The one thread that creates, owns and drives ``og.Engine``."""
+    """The one thread that creates, owns and drives ``og.Engine``.
+
+    onnxruntime-genai 0.18's CPU engine batches statically: a request that arrives while a batch
+    runs waits until the whole batch has finished. Requests that arrive together are gathered
+    for a few milliseconds into one batch. A request that arrives later gets in at the next step
+    when waiting would cost more than this: the running turns are cancelled at a step boundary
+    and begun again as new engine requests (prompt and generated tokens as the input, one
+    prefill) together with the newcomers. Greedy output is the same token for token as without
+    the pause. (A new turn of the same request with only the last token as input would repeat
+    that token, since a cancelled turn keeps it; and a static engine rewinds a request only
+    when it is the only one resident.)
+    """
 
     def __init__(self, runner: ModelRunner, metrics: Metrics):
         self.runner, self.metrics = runner, metrics
@@ -306,20 +334,27 @@ class EngineWorker:
             token_flag = og.EngineEventFlags.TOKEN.value
             finished_flag = og.EngineEventFlags.TURN_FINISHED.value
             failed_flag = og.EngineEventFlags.FAILED.value
+            cancelled_reason = og.FinishReason.CANCELLED
         except BaseException as e:  # noqa: BLE001 - reported to the loading thread
             self.error = e
             self.ready.set()
             return
         self.ready.set()
-        active: dict[int, _Handle] = {}
+        batch = self.runner.batch_size
+        gathering_since: float | None = None
+        active: dict[int, _Handle] = {}  # by id(request): every request with a turn running, pausing or paused
         # The engine's static batch size sizes its persistent buffers, but a step may still take
         # more requests (eagerly): hold the rest here, so that batch_size is the real bound.
         pending: collections.deque[_Handle] = collections.deque()
         while True:
-            # Block only when nothing is generating; otherwise take what arrived and step.
+            # Block only when nothing is generating (or, while gathering a batch, for a moment);
+            # otherwise take what arrived and step.
             items: list[Any] = []
             try:
-                items.append(self.inbox.get(block=not active and not pending))
+                if gathering_since is not None:
+                    items.append(self.inbox.get(timeout=GATHER_GAP))
+                else:
+                    items.append(self.inbox.get(block=not active and not pending))
                 while True:
                     items.append(self.inbox.get_nowait())
             except queue.Empty:
@@ -333,18 +368,43 @@ class EngineWorker:
                     return
                 if isinstance(item, _Handle):
                     pending.append(item)
-            if any(h.cancel.is_set() for h in pending):  # clients that left while their request waited
-                for handle in [h for h in pending if h.cancel.is_set()]:
-                    pending.remove(handle)
-                    self.metrics.cancelled.inc()
-                    out.append((handle, Finished("cancelled", 0)))
-            while pending and len(active) < self.runner.batch_size:
-                self._begin(engine, pending.popleft(), active, out)
-            for handle in active.values():
+            for handle in [h for h in pending if h.cancel.is_set()]:  # clients that left while waiting
+                pending.remove(handle)
+                self.metrics.cancelled.inc()
+                out.append((handle, Finished("cancelled", 0)))
+            for handle in list(active.values()):
                 if handle.cancel.is_set() and not handle.cancel_sent:
                     handle.cancel_sent = True
-                    handle.request.cancel_turn(handle.turn)
-            if active and engine.has_pending_requests():
+                    if handle.state == "paused":
+                        self.metrics.cancelled.inc()
+                        out.append((handle, Finished("cancelled", handle.produced, max(0, handle.cached))))
+                        self._close(handle, active)
+                    elif handle.state == "running":
+                        handle.request.cancel_turn(handle.turn)
+            states = [h.state for h in active.values()]
+            # From idle, wait while requests keep arriving (they come a few ms apart through HTTP).
+            if not active and pending and len(pending) < batch:
+                now = time.monotonic()
+                if gathering_since is None:
+                    gathering_since = now
+                if items and now - gathering_since < GATHER_MAX:
+                    self._hand_off(out)
+                    continue
+            gathering_since = None
+            if pending and len(active) < batch and "running" in states and "pausing" not in states \
+                    and self._worth_pausing(active):
+                for handle in active.values():
+                    if handle.state == "running":
+                        handle.state = "pausing"
+                        handle.request.cancel_turn(handle.turn)
+                self.metrics.rebatches.inc()
+            elif "running" not in states and "pausing" not in states:
+                # A batch boundary: continue the paused requests and begin waiting ones, together.
+                for handle in [h for h in active.values() if h.state == "paused"]:
+                    self._continue(engine, handle, active, out)
+                while pending and len(active) < batch:
+                    self._begin(engine, pending.popleft(), active, out)
+            if active and any(h.state != "paused" for h in active.values()):
                 try:
                     events = engine.run(buffer)  # releases the GIL while the model computes
                 except Exception as e:  # noqa: BLE001 - every request in flight fails, the server lives on
@@ -363,14 +423,23 @@ class EngineWorker:
                     flags = event.flags.value
                     if flags & token_flag:
                         stepped.add(id(handle))
-                        handle.produced += 1
-                        out.append((handle, Piece(handle.stream.decode(int(event.token)), int(event.token))))
+                        token = int(event.token)
+                        handle.generated.append(token)
+                        handle.turn_tokens += 1
+                        out.append((handle, Piece(handle.stream.decode(token), token)))
                     if flags & failed_flag:
                         out.append((handle, RuntimeError(f"the engine failed the request: {event.error_code.name}")))
                         self._close(handle, active)
                     elif flags & finished_flag:
-                        out.append((handle, self._finished(og, event, handle)))
-                        self._close(handle, active)
+                        usage = event.usage
+                        if handle.cached < 0 and usage is not None:
+                            handle.cached = int(usage.cached_prompt_tokens)
+                        if handle.state == "pausing" and event.finish_reason == cancelled_reason \
+                                and not handle.cancel.is_set():
+                            handle.state = "paused"
+                        else:
+                            out.append((handle, self._finished(og, event, handle)))
+                            self._close(handle, active)
                 if stepped:
                     self.metrics.batch_occupancy.set(len(stepped))
                     self.metrics.engine_step_batch.observe(len(stepped))
@@ -378,45 +447,83 @@ class EngineWorker:
                 self.metrics.batch_occupancy.set(0)
             self._hand_off(out)
 
+    def _options(self, handle: _Handle) -> Any:
+        og, s = self.runner.og, handle.sampling
+        options = og.TurnOptions(handle.request)
+        options.set_max_generated_tokens(handle.max_tokens - handle.produced)
+        minimum = (handle.max_tokens if s.ignore_eos else s.min_tokens) - handle.produced
+        if minimum > 0:
+            options.set_min_generated_tokens(minimum)  # EOS is masked until then
+        if s.temperature is not None:
+            if s.temperature == 0:
+                options.set_do_sample(False)
+            else:
+                options.set_do_sample(True)
+                options.set_temperature(s.temperature)
+        if s.top_p is not None:
+            options.set_top_p(s.top_p)
+        if s.top_k is not None:
+            options.set_top_k(s.top_k)
+        if s.repetition_penalty is not None:
+            options.set_repetition_penalty(s.repetition_penalty)
+        if s.guidance is not None:
+            options.set_guidance(*s.guidance)
+        return options
+
     def _begin(self, engine: Any, handle: _Handle, active: dict[int, _Handle],
                out: list[tuple[_Handle, Any]]) -> None:
         import numpy as np
 
-        og, s = self.runner.og, handle.sampling
         try:
-            request = engine.create_request()
-            options = og.TurnOptions(request)
-            options.set_max_generated_tokens(handle.max_tokens)
-            minimum = handle.max_tokens if s.ignore_eos else s.min_tokens
-            if minimum:
-                options.set_min_generated_tokens(minimum)  # EOS is masked until then
-            if s.temperature is not None:
-                if s.temperature == 0:
-                    options.set_do_sample(False)
-                else:
-                    options.set_do_sample(True)
-                    options.set_temperature(s.temperature)
-            if s.top_p is not None:
-                options.set_top_p(s.top_p)
-            if s.top_k is not None:
-                options.set_top_k(s.top_k)
-            if s.repetition_penalty is not None:
-                options.set_repetition_penalty(s.repetition_penalty)
-            if s.guidance is not None:
-                options.set_guidance(*s.guidance)
-            handle.turn = request.begin_turn(np.asarray(handle.ids, dtype=np.int32), options)
+            handle.request = engine.create_request()
+            handle.turn = handle.request.begin_turn(np.asarray(handle.ids, dtype=np.int32), self._options(handle))
         except Exception as e:  # noqa: BLE001 - this request fails, the others go on
             out.append((handle, e))
+            if handle.request is not None:
+                handle.request.close()
             return
-        handle.request = request
         handle.stream = self.runner.tokenizer.create_stream()
-        active[id(request)] = handle
+        handle.state = "running"
+        active[id(handle.request)] = handle
+
+    @staticmethod
+    def _worth_pausing(active: dict[int, _Handle]) -> bool:
+        """Pause the batch for a newcomer when the steps it would wait cost more than the re-prefill.
+
+        On CPU a decode step costs about as much as prefilling PREFILL_TOKENS_PER_STEP tokens.
+        """
+        running = [h for h in active.values() if h.state == "running"]
+        if not all(h.rebatchable for h in running):
+            return False
+        wait_steps = max(h.max_tokens - h.produced for h in running)
+        refeed = sum(len(h.ids) + h.produced for h in running)
+        return wait_steps * PREFILL_TOKENS_PER_STEP > refeed
+
+    def _continue(self, engine: Any, handle: _Handle, active: dict[int, _Handle],
+                  out: list[tuple[_Handle, Any]]) -> None:
+        """A paused request goes on as a new engine request: its prompt and what it generated as the input.
+
+        (A static engine rewinds a request only when it is the only one resident.)
+        """
+        import numpy as np
+
+        self._close(handle, active)
+        try:
+            handle.request = engine.create_request()
+            handle.turn = handle.request.begin_turn(np.asarray([*handle.ids, *handle.generated], dtype=np.int32),
+                                                    self._options(handle))
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            out.append((handle, e))
+            handle.request.close()
+            return
+        active[id(handle.request)] = handle
+        handle.turn_tokens = 0
+        handle.state = "running"
 
     def _finished(self, og: Any, event: Any, handle: _Handle) -> Finished:
         reasons = og.FinishReason
         reason = event.finish_reason
-        usage = event.usage
-        cached = int(usage.cached_prompt_tokens) if usage is not None else 0
+        cached = max(0, handle.cached)
         if reason == reasons.CANCELLED:
             self.metrics.cancelled.inc()
             return Finished("cancelled", handle.produced, cached)
@@ -473,6 +580,8 @@ class Metrics:
                                   "every 20 ms)", buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02,
                                                            0.05, 0.1, 0.25, 1), registry=r)
         self.batch_occupancy = Gauge("olive_server_batch_occupancy", "Requests in the engine's last step", registry=r)
+        self.rebatches = Counter("olive_server_engine_rebatches", "Running turns paused so that waiting requests "
+                                 "join the batch", registry=r)
         self.engine_step_batch = Histogram("olive_server_engine_step_requests", "Requests that got a token in one "
                                            "engine step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
 

@@ -785,3 +785,99 @@ def test_api_key_guards_v1_but_not_health(served_model: Path, tmp_path: Path) ->
 def test_listening_beyond_loopback_without_a_key_warns(served_model: Path, tmp_path: Path) -> None:
     with serve(served_model, tmp_path, "--host", "0.0.0.0") as s:
         assert "without an API key" in s.log.read_text()
+
+
+def test_memory_reaches_a_plateau_under_mixed_traffic(served_model: Path, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with serve(served_model, tmp_path, "--max-concurrency", "4", "--queue-size", "4") as s:
+        def rss_mb() -> float:
+            status = Path(f"/proc/{s.proc.pid}/status").read_text()
+            return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+        def one(i: int) -> None:
+            kind = i % 6
+            if kind == 0:
+                s.post("/v1/chat/completions", {**GOOD, "max_tokens": 20, "temperature": 0})
+            elif kind == 1:
+                sock = _stream_first_event(s.port, {**LONG, "max_tokens": 30})
+                while b"[DONE]" not in (chunk := sock.recv(65536)) and chunk:
+                    pass
+                sock.close()
+            elif kind == 2:  # a client that leaves mid-stream
+                try:
+                    _stream_first_event(s.port, {**LONG, "max_tokens": 300}).close()
+                except AssertionError:  # answered 429 instead: the queue was full
+                    pass
+            elif kind == 3:
+                s.request("POST", "/v1/chat/completions", '{"model": "m", "messages": "\\ud800"}')
+            elif kind == 4:
+                s.post("/v1/completions", {"model": MODEL_ID, "prompt": "the model", "max_tokens": 20, "stop": "e",
+                                           "temperature": 0})
+            else:  # the generator path: seeded sampling, with logprobs
+                s.post("/v1/chat/completions", {**GOOD, "max_tokens": 10, "temperature": 1.0, "seed": i,
+                                                "logprobs": True, "top_logprobs": 2})
+
+        sizes = []
+        with ThreadPoolExecutor(8) as pool:
+            for round_ in range(4):
+                list(pool.map(one, range(round_ * 120, (round_ + 1) * 120)))
+                sizes.append(rss_mb())
+        deadline = time.monotonic() + 10
+        while s.metric("olive_server_requests_generating") > 0:
+            assert time.monotonic() < deadline, "generations were left running"
+            time.sleep(0.1)
+        # After a warm-up round, more rounds of the same traffic do not make the server grow.
+        assert sizes[3] - sizes[1] < 16, sizes
+        assert s.request("GET", "/health")[0] == 200
+        assert s.metric('olive_server_requests_total{endpoint="/v1/chat/completions",status="500"}') == 0
+
+
+def _sse_text(data: bytes) -> str:
+    text = ""
+    for line in data.decode().splitlines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            if event["choices"]:
+                text += event["choices"][0]["delta"].get("content") or ""
+    return text
+
+
+def test_a_late_request_joins_the_running_batch(served_model: Path, tmp_path: Path) -> None:
+    """The CPU engine batches statically; the server pauses and re-begins a running batch so that a
+    request arriving mid-generation starts at once, and nobody's tokens change."""
+    hi = [{"role": "user", "content": "hi"}]
+    with serve(served_model, tmp_path) as s:
+        sock = _stream_first_event(s.port, {**LONG, "max_tokens": 2000, "stream_options": {"include_usage": True}})
+        time.sleep(0.2)  # past the engine's gathering of a burst (15 ms): the first batch is running
+        started = time.monotonic()
+        code, _, body = s.post("/v1/chat/completions", {**GOOD, "messages": MESSAGES, "max_tokens": 20,
+                                                         "temperature": 0, "ignore_eos": True})
+        waited = time.monotonic() - started
+        data = b""
+        while b"[DONE]" not in data:
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        sock.close()
+        assert code == 200 and s.metric("olive_server_engine_rebatches_total") >= 1
+        assert body["choices"][0]["message"]["content"] == _greedy_exact(served_model, chat_ids(served_model, MESSAGES), 20)
+        assert b'"completion_tokens": 2000' in data
+        # The first stream's text (everything after the first event, which was read before) is unchanged.
+        assert _greedy_exact(served_model, chat_ids(served_model, hi), 2000).endswith(_sse_text(data))
+        assert waited < 5, waited
+
+
+def _greedy_exact(model: Path, prompt_ids: list[int], n: int) -> str:
+    import onnxruntime_genai as og
+
+    m = og.Model(str(model))
+    params = og.GeneratorParams(m)
+    params.set_search_options(max_length=len(prompt_ids) + n, min_length=len(prompt_ids) + n, do_sample=False)
+    gen = og.Generator(m, params)
+    gen.append_tokens(prompt_ids)
+    stream, text = og.Tokenizer(m).create_stream(), ""
+    while not gen.is_done():
+        gen.generate_next_token()
+        text += stream.decode(int(gen.get_next_tokens()[0]))
+    return text
