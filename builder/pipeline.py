@@ -299,11 +299,11 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
 
     hit = cache.reuse_local(store, key, tag, out_dir, force=options.force, runtime=runtime)
     if hit is not None:
-        if options.require_native_check:  # the hit's own record says how it was checked
-            require_native(step.id, package.read_record(out_dir).check, where=out_dir.absolute())
         reporter.stage("cache", f"{key[:19]}... was built before ({hit.found_as}): Olive does not run")
         if hit.output_current:
             reporter.stage("cache", f"{out_dir} is already this build")
+        if options.require_native_check:  # the hit's own record says how it was checked
+            require_native(step.id, package.read_record(out_dir).check, where=out_dir.absolute())
         artifact = Published(tag, hit.artifact_digest)
         image = Published(tag + SERVE_SUFFIX, hit.image_digest) if hit.image_digest else None
         # attestations (and signatures) for what the cache gave: idempotent when already attached
@@ -335,7 +335,7 @@ def require_native(build_id: str, check: dict[str, Any], *, where: Path | None) 
     if mode == CHECK_NATIVE:
         return
     why = f" ({check['reason']})" if check.get("reason") else ""
-    kept = f" The checked model is in {where}, unpublished." if where is not None else ""
+    kept = f" Nothing was pushed; the checked model is in {where}." if where is not None else ""
     raise NativeCheckError(
         f"{build_id} was checked by a {mode}{why}, not on its target's hardware; "
         f"--require-native-check publishes only natively checked builds.{kept}",

@@ -154,7 +154,7 @@ def test_require_native_refuses_a_cross_checked_build_and_passes_a_native_one(tm
         pipeline.require_native("m/cuda-int4", {"mode": CHECK_CPU_CROSS, "reason": "no GPU"}, where=tmp_path)
     assert info.value.exit_code == 4
     assert "m/cuda-int4 was checked by a cpu-cross-check (no GPU)" in str(info.value)
-    assert f"The checked model is in {tmp_path}, unpublished." in str(info.value)
+    assert f"Nothing was pushed; the checked model is in {tmp_path}." in str(info.value)
 
 
 def test_docker_no_gpu_answers_are_recognised() -> None:
@@ -223,6 +223,14 @@ def test_require_native_check_refuses_to_publish_a_cross_checked_build(capsys, t
     assert (out / INFO_FILE).is_file(), "the checked model stays in the output folder"
     st = oci.open_store(store)
     assert st.resolve("tiny-qwen2:0.1.0-cuda-int4") is None, "nothing was published"
+    # Without the option the cross-checked build is published; asked again with it, the cache
+    # hit (its record says cpu-cross-check) is refused too, before anything is pushed.
+    args = ("recipe", str(path), "--engine", "local", "-o", str(out), "--store", str(store), "--no-image")
+    code, _, err = run_cli(capsys, *args, "--force")
+    assert code == 0, err
+    assert st.resolve("tiny-qwen2:0.1.0-cuda-int4") is not None
+    code, stdout, err = run_cli(capsys, *args, "--require-native-check")
+    assert code == 4 and "was built before" in stdout + err and "checked by a cpu-cross-check" in err, err
 
 
 def test_cpu_target_is_checked_natively(tmp_path: Path) -> None:
