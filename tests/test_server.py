@@ -4,6 +4,7 @@ loopback, used through the real `openai` client and through raw HTTP for the err
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 SERVE_PYTHON = os.environ.get("OLIVE_BUILDER_SERVE_PYTHON") or str(REPO / ".ci-state" / "serve-venv" / "bin" / "python")
 
 
+@functools.cache
 def serve_python() -> str:
     probe = "import onnxruntime_genai as og, starlette, uvicorn, prometheus_client; assert hasattr(og, 'Engine')"
     ok = Path(SERVE_PYTHON).is_file() and subprocess.run([SERVE_PYTHON, "-c", probe], capture_output=True).returncode == 0
@@ -827,6 +829,7 @@ def test_memory_reaches_a_plateau_under_mixed_traffic(served_model: Path, tmp_pa
         while s.metric("olive_server_requests_generating") > 0:
             assert time.monotonic() < deadline, "generations were left running"
             time.sleep(0.1)
+        print(f"server RSS after each round of 120 requests: {sizes} MB")
         # After a warm-up round, more rounds of the same traffic do not make the server grow.
         assert sizes[3] - sizes[1] < 16, sizes
         assert s.request("GET", "/health")[0] == 200
