@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from builder import distribute, oci, package  # noqa: E402
 from conftest import RegistryProcess  # noqa: E402  (a real docker-registry process, as in the tests)
 
-T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def synthetic_model(folder: Path, size_mb: int, target: str, seed: int) -> Path:
@@ -97,7 +97,7 @@ def bench_push(first: Path, second: Path, scratch: Path) -> None:
                            ("second target", b.artifact_ref)):
             seen: list[str] = []
             t = time.perf_counter()
-            r = distribute.push(store, [ref], host, "bench", on_event=lambda s, m: seen.append(m))
+            r = distribute.push(store, [ref], host, "bench", on_event=lambda s, m, seen=seen: seen.append(m))
             took = time.perf_counter() - t
             uploaded = [m.split()[-1] for m in seen if m.startswith("uploaded")]
             print(f"{label:20} {took:6.2f}s  uploaded {r.uploaded_bytes:>11} bytes in {r.uploaded} blob(s) "

@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from builder import distribute, oci, package, referrers, sign  # noqa: E402
-
 from bench_package import T0, synthetic_model  # noqa: E402
+
+from builder import distribute, oci, package, referrers, sign  # noqa: E402
 from conftest import RegistryProcess  # noqa: E402
 
 

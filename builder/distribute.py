@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import oci, package, referrers, sign
-from .contract import key_tag
+from . import oci, referrers, sign
+from .contract import KEY_ANNOTATION, SERVE_SUFFIX, key_tag
 from .errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
-from .contract import KEY_ANNOTATION, SERVE_SUFFIX
 from .package import MODEL_ROOT
 from .registry import Reference, Registry, parse_reference, repository
 
@@ -127,7 +126,7 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
                 label = _label(blob)
                 on_event("push", f"{status:8} {blob.digest[:19]} {_human(blob.size):>9}  {label}")
             _remember(store, host, repo, [b.digest for b in manifest_blobs(manifest)])
-        for ref, repo, tag, desc, manifest in items:
+        for _ref, repo, tag, desc, manifest in items:
             data = store.read_bytes(desc.digest)
             digest = registry.put_manifest(repo, tag, data, desc.media_type)
             remote = f"{host}/{repo}:{tag}"

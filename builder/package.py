@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from . import oci
+from .contract import CHECK_NATIVE, INFO_FILE, NS, SERVE_SUFFIX, TOOLS, BuildRecord, RecordError
 from .errors import ImageError, PackageError, UsageError
-from .contract import CHECK_NATIVE, INFO_FILE, KEY_ANNOTATION, NS, SERVE_SUFFIX, TOOLS, BuildRecord, RecordError
 
 MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
 WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin", ".safetensors", ".pb", ".ort")
@@ -131,7 +131,7 @@ def created_time(recipe_path: Path | None = None, model_dir: Path | None = None,
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch:
         try:
-            return dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc)
+            return dt.datetime.fromtimestamp(int(epoch), dt.UTC)
         except (ValueError, OverflowError, OSError):
             raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds.",
                              hint="Set it to a Unix time (e.g. `git log -1 --format=%ct`) or unset it.") from None
@@ -155,7 +155,7 @@ def created_time(recipe_path: Path | None = None, model_dir: Path | None = None,
             times.append(max((p.stat().st_mtime for p in Path(source_dir).rglob("*") if p.is_file()), default=0.0))
         except OSError:
             pass
-    return dt.datetime.fromtimestamp(int(max(times, default=0.0)), dt.timezone.utc)
+    return dt.datetime.fromtimestamp(int(max(times, default=0.0)), dt.UTC)
 
 
 def _local_source(recipe_path: Path) -> Path | None:
@@ -173,13 +173,13 @@ RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def rfc3339(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime(RFC3339)
+    return when.astimezone(dt.UTC).strftime(RFC3339)
 
 
 def parse_rfc3339(text: str) -> dt.datetime:
     """A time ``rfc3339`` wrote (a build record's ``created``)."""
     try:
-        return dt.datetime.strptime(text, RFC3339).replace(tzinfo=dt.timezone.utc)
+        return dt.datetime.strptime(text, RFC3339).replace(tzinfo=dt.UTC)
     except ValueError:
         raise PackageError(f"The build record's creation time {text!r} is not an RFC 3339 UTC time.",
                            hint="Rebuild the model with `build recipe`.") from None
@@ -394,9 +394,9 @@ def _gzip_layer(store: oci.Store, f: Any) -> tuple[oci.Descriptor, str]:
 def compose_from_artifact(store: oci.Store, runtime: RuntimeImage, manifest: dict[str, Any]) -> oci.Descriptor:
     """The runnable image of a stored model artifact (for builds packaged without one)."""
     ann = manifest.get("annotations") or {}
-    created = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+    created = dt.datetime.fromtimestamp(0, dt.UTC)
     if ann.get("org.opencontainers.image.created"):
-        created = dt.datetime.strptime(ann["org.opencontainers.image.created"], RFC3339).replace(tzinfo=dt.timezone.utc)
+        created = dt.datetime.strptime(ann["org.opencontainers.image.created"], RFC3339).replace(tzinfo=dt.UTC)
     layers = [oci.Descriptor.from_json(d) for d in manifest["layers"]]
     return compose_image(store, runtime, layers, ann, created)
 

@@ -32,7 +32,6 @@ from .plan import BuildStep
 from .recipe import LoadedRecipe
 from .registry import parse_destination, parse_reference
 
-
 # ---- how a caller hears about progress ----------------------------------------------------------
 
 class Progress(Protocol):

@@ -13,8 +13,8 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 

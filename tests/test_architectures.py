@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from builder import recipe as recipes
 from builder.contract import CHECK_CPU_CROSS, CHECK_NATIVE, INFO_FILE
 
@@ -221,7 +222,6 @@ def test_gemma3_is_not_convertible_by_the_pinned_builder(tmp_path: Path, tokeniz
     the pinned builder converts Gemma 3: add recipes/gemma-3-1b-it/cpu-int4.yaml."""
     from builder import pipeline
     from builder.errors import BuildError
-
     from conftest import write_recipe
 
     model = make_model("google/gemma-3-1b-it", tmp_path / "model", tokenizer_dir)

@@ -20,7 +20,17 @@ import pytest
 from builder import oci
 from builder.cli import main
 from builder.registry import Registry
-from conftest import REGISTRY_PASSWORD, REGISTRY_USER, assert_private, free_port, need, no_partials, run_cli, tiny_recipe, wait_healthy
+from conftest import (
+    REGISTRY_PASSWORD,
+    REGISTRY_USER,
+    assert_private,
+    free_port,
+    need,
+    no_partials,
+    run_cli,
+    tiny_recipe,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.integration
 MODEL_ID = "tiny-qwen2:0.1.0-cpu-int4"

@@ -19,7 +19,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from builder import hub  # noqa: E402
-
 from conftest import no_partials, run_cli, write_recipe  # noqa: E402
 
 SERVER = Path(__file__).parent / "fake_hub.py"

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from builder import recipe
 from builder.errors import RecipeError
 

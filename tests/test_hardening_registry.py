@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from builder import oci
 from builder.errors import ReferenceError_, RegistryError
 from builder.registry import Registry, parse_reference, redact, sanitize

@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from builder import execute, oci, package  # noqa: E402
 from builder.errors import OutputExistsError  # noqa: E402
-
 from conftest import run_cli  # noqa: E402
 from test_package import fake_model  # noqa: E402
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 # (github.com/modelpack/model-spec, schema/config-schema.json) for checkouts without it.
 SHARED_SCHEMA = REPO.parent / "shared" / "specs" / "modelpack" / "config-schema.json"
 SCHEMA = SHARED_SCHEMA if SHARED_SCHEMA.is_file() else Path(__file__).parent / "data" / "modelpack-config-schema.json"
-T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
 
 def fake_model(folder: Path, target: str = "cpu-int4", weights: bytes = b"w" * 5000, device: str = "cpu",
@@ -139,7 +139,7 @@ def test_manifest_is_a_modelpack_artifact_with_a_valid_config_and_annotations(tm
 def test_creation_time_comes_from_source_date_epoch(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     model = fake_model(tmp_path / "m")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    assert package.created_time(None, model) == dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.timezone.utc)
+    assert package.created_time(None, model) == dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.UTC)
     monkeypatch.delenv("SOURCE_DATE_EPOCH")
     os.utime(model / "tokenizer.json", (1600000000, 1600000000))
     for p in model.iterdir():

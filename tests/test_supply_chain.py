@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from builder import attest, oci, package, referrers, sign
 from builder.errors import SigningError, VerificationError
 

@@ -8,10 +8,10 @@ import json
 import threading
 
 import pytest
+
 from builder import attest, distribute, oci, package, referrers, sign
 from builder.errors import VerificationError
 from builder.registry import Registry
-
 from test_supply_chain import T0, fake_model, run_model_signing
 
 pytestmark = pytest.mark.integration
@@ -273,7 +273,6 @@ def test_the_commands_keygen_package_push_verify_inspect_pull(registry, tmp_path
 
 def test_serve_verify_refuses_an_unsigned_reference_before_unpacking(registry, tmp_path, capsys):  # type: ignore[no-untyped-def]
     from builder.contract import cache_dir
-
     from conftest import run_cli
 
     model = fake_model(tmp_path / "m")

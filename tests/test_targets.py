@@ -13,10 +13,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from builder import check, oci, pipeline, plan, recipe
 from builder.contract import CHECK_ANNOTATION, CHECK_CPU_CROSS, CHECK_NATIVE, INFO_FILE
 from builder.errors import NativeCheckError, RecipeError
-
 from conftest import run_cli, write_recipe
 
 PROVIDER_KEY = {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
