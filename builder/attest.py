@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from . import __version__, oci
+from .contract import atomic_write
 from .errors import StoreError
 
 # media types and predicate types (the names other tools match on)
@@ -523,9 +524,7 @@ def _runtime_packages(store: oci.Store, runtime: Any) -> list[Package]:
         pass
     found = layer_packages(store, runtime.layers)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps([p.__dict__ for p in found], sort_keys=True))
-    os.replace(tmp, cache)
+    atomic_write(cache, json.dumps([p.__dict__ for p in found], sort_keys=True))
     return found
 
 

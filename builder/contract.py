@@ -153,11 +153,13 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``path`` so that readers see the old content or the new, never a part."""
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a part. ``mode``
+    as for a plain write (mkstemp's own 0600 would hide a model's files from a container user)."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
         os.replace(tmp, path)

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import oci, referrers, sign
-from .contract import KEY_ANNOTATION, SERVE_SUFFIX, key_tag
+from .contract import KEY_ANNOTATION, SERVE_SUFFIX, atomic_write, key_tag
 from .errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
 from .package import MODEL_ROOT
 from .registry import Reference, Registry, parse_reference, repository
@@ -80,9 +80,7 @@ def _remember(store: oci.Store, host: str, repo: str, digests: list[str]) -> Non
     with store.locked():
         data = _locations(store)
         data.setdefault(host, {}).update({d: repo for d in digests})
-        tmp = store.root / f".{LOCATIONS}.{os.getpid()}"
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, store.root / LOCATIONS)
+        atomic_write(store.root / LOCATIONS, json.dumps(data, sort_keys=True))
 
 
 def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecure: bool | None = None,

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from .contract import write_json
 from .errors import ContentError, StoreError
 
 # OCI image spec
@@ -259,9 +260,7 @@ class Store:
         return index
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        tmp = self.root / f".index.json.{os.getpid()}"
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.root / "index.json")
+        write_json(self.root / "index.json", index)
 
     def tag(self, ref: str, desc: Descriptor) -> None:
         """Point ``ref`` (``name:tag``) at a manifest whose blobs are all in the store."""
