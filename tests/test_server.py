@@ -47,7 +47,6 @@ def server_env() -> dict[str, str]:
 def served_model(tmp_path_factory: pytest.TempPathFactory, local_engine_ready: None) -> Path:
     """A tiny model with a 4096-token context, built by `build recipe --engine local`."""
     from builder.cli import main
-
     from tinymodel import make_tiny_model
 
     root = tmp_path_factory.mktemp("served")
@@ -453,12 +452,44 @@ def test_docker_run_serves_the_model(served_model: Path, runtime_image: str, doc
 
 
 @pytest.mark.docker
-def test_runtime_image_adds_little_to_its_base(runtime_image: str, docker_client) -> None:  # type: ignore[no-untyped-def]
-    base_name = os.environ.get("OLIVE_BUILDER_RUNTIME_BASE_IMAGE") or os.environ.get("OLIVE_BUILDER_BASE_IMAGE")
-    need(bool(base_name), "the runtime image's base is not named (OLIVE_BUILDER_RUNTIME_BASE_IMAGE)")
-    added = docker_client.images.get(runtime_image).attrs["Size"] - docker_client.images.get(base_name).attrs["Size"]
-    # onnxruntime-genai + onnxruntime's library + numpy + the server: ~102 MB. Guard against creep.
-    assert added < 120 * 1024 * 1024, f"the runtime layers weigh {added / 2**20:.0f} MB"
+def test_runtime_image_is_small(runtime_image: str, docker_client) -> None:  # type: ignore[no-untyped-def]
+    # The interpreter, the stdlib, the libraries they load, onnxruntime-genai, onnxruntime's library,
+    # numpy and the server on an empty base: ~143 MB. Guard against creep past the issue's goal.
+    size = docker_client.images.get(runtime_image).attrs["Size"]
+    assert size <= 150_000_000, f"the runtime image weighs {size / 1e6:.0f} MB"
+    container = docker_client.containers.create(runtime_image)
+    try:
+        names = set()
+        import tarfile
+
+        with tarfile.open(fileobj=_stream_reader(container.export()), mode="r|") as tar:
+            names = {m.name for m in tar}
+        assert "usr/bin/python3.11" in names and "bin/sh" not in names and "usr/bin/apt" not in names
+    finally:
+        container.remove(force=True)
+
+
+def _stream_reader(chunks):  # type: ignore[no-untyped-def]
+    import io
+
+    class Reader(io.RawIOBase):
+        def __init__(self) -> None:
+            self.it, self.buf = iter(chunks), b""
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b):  # type: ignore[no-untyped-def]
+            while not self.buf:
+                try:
+                    self.buf = next(self.it)
+                except StopIteration:
+                    return 0
+            n = min(len(b), len(self.buf))
+            b[:n], self.buf = self.buf[:n], self.buf[n:]
+            return n
+
+    return io.BufferedReader(Reader())
 
 
 # ----------------------------------------------------------------------------- the engine path
