@@ -85,7 +85,6 @@ def calibrate(root: Path) -> None:
     import shutil
 
     from builder import evaluate
-
     from tinymodel import damage_weights
 
     hf = make_trained_tiny_model(root / "hf")

@@ -496,21 +496,26 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
 @click.option("--max-tokens", type=click.IntRange(64, 65536), default=1024, show_default=True)
 @click.option("--no-speed", is_flag=True, help="Do not measure speed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the evaluation record as JSON.")
+@click.option("--engine", type=click.Choice(["auto", *ENGINES]), default="auto", show_default=True,
+              help="local: in this Python (the `local` extra). docker: in the CPU builder image. "
+                   "auto: local when torch, transformers and onnxruntime-genai are installed here.")
 @store_option
 @insecure_option
 def eval_cmd(model: str, against: str | None, precision: str | None, text: Path | None, max_tokens: int,
-             no_speed: bool, as_json: bool, store: Path | None, insecure: bool) -> None:
+             no_speed: bool, as_json: bool, engine: str, store: Path | None, insecure: bool) -> None:
     """Evaluate MODEL (a model folder, or a reference that is pulled and verified) against its source
     model: perplexity ratio, top-1 agreement, KL divergence, greedy agreement, speed. Exits 4 when a
-    gate fails. Needs torch, transformers and onnxruntime-genai here (the `local` extra)."""
+    gate fails. Runs here with the `local` extra, else in the CPU builder image."""
     import importlib.util
 
     from . import evaluate, pipeline
 
     missing = [m for m in ("torch", "transformers", "onnxruntime_genai") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UsageError(f"build eval runs the models in this Python, but {', '.join(missing)} is not installed.",
-                         hint="pip install torch==2.13.0 && pip install -e '.[local]'")
+    if engine == "local" and missing:
+        raise UsageError(f"build eval --engine local runs the models in this Python, but {', '.join(missing)} "
+                         "is not installed.", hint="pip install torch==2.13.0 && pip install -e '.[local]', "
+                         "or use --engine docker (the CPU builder image).")
+    in_image = engine == "docker" or (engine == "auto" and bool(missing))
     folder = Path(model)
     if not folder.is_dir():
         folder = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure)
@@ -521,12 +526,24 @@ def eval_cmd(model: str, against: str | None, precision: str | None, text: Path 
     except (OSError, ValueError):
         pass
     target = record.get("target") or {}
-    click.echo(f"==> eval: {folder} against {label}", err=True)
-    result = evaluate.evaluate(
-        folder, source, precision=precision or target.get("precision"), device=target.get("device") or "cpu",
-        settings=evaluate.Settings(max_tokens=max_tokens, speed=not no_speed), text_path=text,
-        trust_remote_code=bool((record.get("source") or {}).get("trust_remote_code")),
-        on_progress=lambda m: click.echo(f"==> eval: {m}", err=True))
+    click.echo(f"==> eval: {folder} against {label}" + (" in the CPU builder image" if in_image else ""), err=True)
+    settings = evaluate.Settings(max_tokens=max_tokens, speed=not no_speed)
+    device = target.get("device") or "cpu"
+    if in_image:
+        from . import images
+        from .engine import DockerEngine
+
+        docker_engine = DockerEngine()
+        spec = images.image_spec("cpu")
+        docker_engine.prepare(spec.tag, spec, lambda line: click.echo(line, err=True))
+        result = evaluate.evaluate_in_image(
+            docker_engine, spec.tag, folder, source, precision=precision or target.get("precision"), device=device,
+            settings=settings, text_path=text, on_line=lambda line: click.echo(line, err=True))
+    else:
+        result = evaluate.evaluate(
+            folder, source, precision=precision or target.get("precision"), device=device, settings=settings,
+            text_path=text, trust_remote_code=bool((record.get("source") or {}).get("trust_remote_code")),
+            on_progress=lambda m: click.echo(f"==> eval: {m}", err=True))
     data = result.to_json()
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else evaluate.format_table(data))
     evaluate.raise_for_gates(result)

@@ -848,6 +848,52 @@ def resolve_source(model_dir: Path, against: str | None) -> tuple[Path | None, s
     return Path(path), f"{hub}@{revision or 'main'}"
 
 
+RECORD_PREFIX = "::olive-builder-evaluation:: "
+
+
+def evaluate_in_image(engine: Any, image: str, model_dir: Path, source_dir: Path | None, *,
+                      precision: str | None, device: str, settings: Settings, text_path: Path | None,
+                      on_line: Any) -> Evaluation:
+    """The same evaluation inside a builder image (for hosts without torch, transformers and
+    onnxruntime-genai): the folders are mounted read-only and the record comes back on one line."""
+    from .engine import CONTAINER_PACKAGE_ROOT, Job, Mount
+
+    package = Path(__file__).resolve().parent
+    mounts = [Mount(model_dir.resolve(), "/eval/model", read_only=True),
+              Mount(package, CONTAINER_PACKAGE_ROOT + "/builder", read_only=True)]
+    args = ["/eval/model", "--record-line", "--device", device, "--max-tokens", str(settings.max_tokens)]
+    if source_dir is not None:
+        mounts.append(Mount(source_dir.resolve(), "/eval/source", read_only=True))
+        args += ["--against", "/eval/source"]
+    if text_path is not None:
+        mounts.append(Mount(text_path.resolve(), "/eval/text.txt", read_only=True))
+        args += ["--text", "/eval/text.txt"]
+    if precision:
+        args += ["--precision", precision]
+    if not settings.speed:
+        args.append("--no-speed")
+    found: list[str] = []
+
+    def sink(line: str) -> None:
+        if line.startswith(RECORD_PREFIX):
+            found.append(line[len(RECORD_PREFIX):])
+        else:
+            on_line(line)
+
+    env = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/cache", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONUNBUFFERED": "1"}
+    # The CPU builder image: a cuda model is measured for accuracy on the CPU provider there,
+    # and its record says why speed was not measured.
+    code = engine.run(Job(image=image, module="builder.evaluate", args=tuple(args), env=env, mounts=tuple(mounts),
+                          gpus=False), sink)
+    if not found:
+        raise EvaluationError(f"The evaluation in the builder image {image} stopped (exit code {code}) without "
+                              "a result; its output is above.")
+    data = json.loads(found[-1])
+    known = {f for f in Evaluation.__dataclass_fields__}
+    return Evaluation(**{k: v for k, v in data.items() if k in known})
+
+
 # ---------------------------------------------------------------------------- command line
 
 
@@ -861,6 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
+    parser.add_argument("--record-line", action="store_true", help=argparse.SUPPRESS)  # for evaluate_in_image
     parser.add_argument("--speed-json", action="store_true", help=argparse.SUPPRESS)  # the speed child process
     parser.add_argument("--prompt-tokens", type=int, default=SPEED_PROMPT, help=argparse.SUPPRESS)
     parser.add_argument("--decode-tokens", type=int, default=SPEED_DECODE, help=argparse.SUPPRESS)
@@ -890,6 +937,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {e}", file=sys.stderr)
         return e.exit_code
     data = result.to_json()
+    if args.record_line:
+        print(RECORD_PREFIX + json.dumps(data), flush=True)
+        return 0
     print(json.dumps(data, indent=2) if args.json else format_table(data))
     if result.failures:
         print("\n" + "\n".join(f"gate failed: {f}" for f in result.failures), file=sys.stderr)

@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from builder import evaluate as ev
 from builder.errors import BuildError, EvaluationError, RecipeError
-
 from conftest import write_recipe
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,9 +13,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from builder import evaluate as ev
 from builder.errors import EvaluationError
-
 from conftest import need, no_partials, run_cli, tiny_recipe
 from tinymodel import damage_weights, make_trained_tiny_model
 
@@ -139,3 +139,24 @@ def test_eval_without_a_source_measures_the_model_alone(capsys, builds, trained_
     result = ev.evaluate(out, None, precision="int4", settings=ev.Settings(speed=False, max_tokens=512))
     assert result.passed and result.gates == {} and result.accuracy["perplexity"] > 1
     assert "perplexity_ratio" not in result.accuracy
+
+
+@pytest.mark.docker
+def test_build_eval_runs_in_the_builder_image(capsys, builds, trained_model, tmp_path_factory, tmp_path,
+                                              local_engine_ready, cpu_builder_image):  # type: ignore[no-untyped-def]
+    """`build eval --engine docker`: for hosts without the build stack, the same figures from the image."""
+    good, _ = built(capsys, builds, trained_model, tmp_path_factory, "int4")
+    here = json.loads((good / "olive-builder.json").read_text())["evaluation"]["accuracy"]
+    code, shown, err = run_cli(capsys, "eval", str(good), "--against", str(trained_model), "--engine", "docker",
+                               "--no-speed", "--json")
+    assert code == 0, err
+    assert "in the CPU builder image" in err
+    there = json.loads(shown)["accuracy"]
+    assert abs(there["perplexity_ratio"] - here["perplexity_ratio"]) < 1e-3
+    damaged = tmp_path / "damaged"
+    shutil.copytree(good, damaged)
+    damage_weights(damaged, strength=1.0)
+    code, shown, err = run_cli(capsys, "eval", str(damaged), "--against", str(trained_model), "--engine", "docker",
+                               "--no-speed")
+    assert code == 4, err
+    assert "FAILED" in shown and "failed its evaluation gates (int4)" in err
