@@ -91,6 +91,7 @@ def cli() -> None:
     build recipe FILE [--push REG]  build it in a builder container, package it (and push)
     build pull REF DIR              a model from a registry, verified, ready to load
     build inspect REF               what an artifact or image is and was built from
+    build eval DIR|REF              accuracy against the source model, and speed
     build matrix                    the GitHub Actions matrix of the recipes
     build images                    build the builder and runtime images
     """
