@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, hub, oci
-from .contract import KEY_ANNOTATION, SERVE_SUFFIX, BuildRecord, RecordError, key_tag
+from .contract import KEY_ANNOTATION, SERVE_SUFFIX, BuildRecord, RecordError, key_tag, sha256_file
 from .lock import Entry
-from .recipe import LoadedRecipe, digest_of, normalized
+from .recipe import LoadedRecipe, digest_of, evaluation_text, normalized
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ def recipe_inputs(loaded: LoadedRecipe) -> dict[str, Any]:
     model.pop("path", None)  # where a local model lies does not matter; its content does
     data["model"] = model
     data["target"] = {**(data.get("target") or {}), "provider": loaded.recipe.target.execution_provider}
+    text = evaluation_text(loaded.recipe, loaded.path)
+    if text is not None and text.is_file():  # a recipe's own evaluation text: its content, not its path
+        data["evaluate"] = {**(data.get("evaluate") or {}), "text": sha256_file(text)}
     return data
 
 

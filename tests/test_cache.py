@@ -130,3 +130,15 @@ def test_find_local_only_finds_complete_artifacts_with_the_key(tmp_path):  # typ
 
 def test_tool_versions_here_names_every_tool():  # type: ignore[no-untyped-def]
     assert set(contract.tool_versions_here()) == set(contract.TOOLS)
+
+
+def test_a_recipes_own_evaluation_text_counts_by_content(tmp_path):  # type: ignore[no-untyped-def]
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "text.txt").write_text("one text")
+    loaded = load(folder, RECIPE + "evaluate:\n  text: text.txt\n")
+    before = cache.recipe_inputs(loaded)
+    (folder / "text.txt").write_text("another text")
+    assert cache.recipe_inputs(loaded) != before  # same path, other content: another key
+    (folder / "text.txt").write_text("one text")
+    assert cache.recipe_inputs(loaded) == before
