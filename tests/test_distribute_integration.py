@@ -167,29 +167,33 @@ def test_skopeo_and_oras_read_what_we_push(capsys, tmp_path, model_copy, runtime
 
 @pytest.mark.docker
 def test_repush_uploads_nothing_second_target_shares_blobs_other_repo_mounts(capsys, model_copy, runtime_image,  # type: ignore[no-untyped-def]
-                                                                             registry):
+                                                                             registry, docker_client):
+    runtime_layers = len(docker_client.images.get(runtime_image).attrs["RootFS"]["Layers"])
+    blobs = 4 + runtime_layers + 2  # 4 model layers, the runtime's layers, 2 configs
     int4, fp32 = model_copy("int4"), model_copy("fp32")
     code, out, err = cli(capsys, "package", str(int4), "--push", f"{registry.host}/m")
     assert code == 0, err
     uploaded, nbytes, existing, mounted = upload_summary(out)
-    assert uploaded == 10 and existing == 0 and nbytes > 30_000_000  # 4 model + 4 runtime layers, 2 configs
+    assert uploaded == blobs and existing == 0 and nbytes > 30_000_000
 
     code, out, err = cli(capsys, "push", MODEL_ID, "--to", f"{registry.host}/m")
     assert code == 0, err
-    assert upload_summary(out) == (0, 0, 10, 0)  # an unchanged build: not one byte again
+    assert upload_summary(out) == (0, 0, blobs, 0)  # an unchanged build: not one byte again
 
     code, out, err = cli(capsys, "package", str(fp32), "--push", f"{registry.host}/m")
     assert code == 0, err
     shared = [line for line in err.splitlines() if "shared-files.tar" in line]
     assert shared and shared[0].split()[0] == "exists"  # the tokenizer/config layer of the int4 build
     runtime = [line.split()[0] for line in err.splitlines() if line.strip().endswith("runtime layer")]
-    assert runtime == ["exists"] * 4
+    assert runtime == ["exists"] * runtime_layers
     uploaded, nbytes, existing, _ = upload_summary(out)
-    assert nbytes < 2_000_000 and existing == 5  # fp32 weights, its own config files and manifests' configs only
+    # Uploaded: fp32 weights, its own config files and the manifests' configs; already there: the
+    # shared tokenizer layer and the runtime's layers.
+    assert nbytes < 2_000_000 and existing == 1 + runtime_layers
 
     code, out, err = cli(capsys, "push", MODEL_ID, "--to", f"{registry.host}/elsewhere")
     assert code == 0, err
-    assert upload_summary(out) == (0, 0, 0, 10)  # every blob mounted from the repository it was pushed to
+    assert upload_summary(out) == (0, 0, 0, blobs)  # every blob mounted from the repository it was pushed to
 
 
 # ------------------------------------------------------------------------------- auth
