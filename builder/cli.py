@@ -476,14 +476,6 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
     console.show_description(info)
-    click.echo(f"referrers ({len(info['referrers'])}):" if info["referrers"] else "referrers: none")
-    for r in info["referrers"]:
-        click.echo(f"  {r['kind']:<16} {r['digest'][:19]}  {r['artifactType']}"
-                   + (f"  {r['predicateType']}" if r.get("predicateType") else ""))
-    from .evaluate import table_from_annotations
-
-    click.echo("evaluation:")
-    click.echo(table_from_annotations(info.get("annotations") or {}))
 
 
 @cli.command("eval")
@@ -507,44 +499,11 @@ def eval_cmd(model: str, against: str | None, precision: str | None, text: Path 
     """Evaluate MODEL (a model folder, or a reference that is pulled and verified) against its source
     model: perplexity ratio, top-1 agreement, KL divergence, greedy agreement, speed. Exits 4 when a
     gate fails. Runs here with the `local` extra, else in the CPU builder image."""
-    import importlib.util
-
     from . import evaluate, pipeline
 
-    missing = [m for m in ("torch", "transformers", "onnxruntime_genai") if importlib.util.find_spec(m) is None]
-    if engine == "local" and missing:
-        raise UsageError(f"build eval --engine local runs the models in this Python, but {', '.join(missing)} "
-                         "is not installed.", hint="pip install torch==2.13.0 && pip install -e '.[local]', "
-                         "or use --engine docker (the CPU builder image).")
-    in_image = engine == "docker" or (engine == "auto" and bool(missing))
-    folder = Path(model)
-    if not folder.is_dir():
-        folder = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure)
-    source, label = evaluate.resolve_source(folder, against)
-    record: dict[str, Any] = {}
-    try:
-        record = json.loads((folder / "olive-builder.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    target = record.get("target") or {}
-    click.echo(f"==> eval: {folder} against {label}" + (" in the CPU builder image" if in_image else ""), err=True)
-    settings = evaluate.Settings(max_tokens=max_tokens, speed=not no_speed)
-    device = target.get("device") or "cpu"
-    if in_image:
-        from . import images
-        from .engine import DockerEngine
-
-        docker_engine = DockerEngine()
-        spec = images.image_spec("cpu")
-        docker_engine.prepare(spec.tag, spec, lambda line: click.echo(line, err=True))
-        result = evaluate.evaluate_in_image(
-            docker_engine, spec.tag, folder, source, precision=precision or target.get("precision"), device=device,
-            settings=settings, text_path=text, on_line=lambda line: click.echo(line, err=True))
-    else:
-        result = evaluate.evaluate(
-            folder, source, precision=precision or target.get("precision"), device=device, settings=settings,
-            text_path=text, trust_remote_code=bool((record.get("source") or {}).get("trust_remote_code")),
-            on_progress=lambda m: click.echo(f"==> eval: {m}", err=True))
+    result = pipeline.evaluate_model(model, ConsoleReporter(), against=against, precision=precision, text=text,
+                                     max_tokens=max_tokens, speed=not no_speed, engine=engine, store=store,
+                                     insecure=insecure)
     data = result.to_json()
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else evaluate.format_table(data))
     evaluate.raise_for_gates(result)

@@ -142,3 +142,12 @@ def show_description(info: dict[str, Any]) -> None:
     for layer in info["layers"]:
         where = layer.get("path") or ""
         click.echo(f"  {layer['digest'][:19]}  {layer['size']:>12}  {layer['mediaType']}  {where}".rstrip())
+    found = info.get("referrers") or []
+    click.echo(f"referrers ({len(found)}):" if found else "referrers: none")
+    for r in found:
+        click.echo(f"  {r['kind']:<16} {r['digest'][:19]}  {r['artifactType']}"
+                   + (f"  {r['predicateType']}" if r.get("predicateType") else ""))
+    from .evaluate import table_from_annotations
+
+    click.echo("evaluation:")
+    click.echo(table_from_annotations(ann or {}))

@@ -476,3 +476,49 @@ def pull_for_serve(ref_text: str, reporter: Reporter | None = None, *, store: Pa
     return folder
 
 
+
+
+# ---- evaluate any model ------------------------------------------------------------------------------
+
+def evaluate_model(model: str, reporter: Reporter | None = None, *, against: str | None = None,
+                   precision: str | None = None, text: Path | None = None, max_tokens: int = 1024,
+                   speed: bool = True, engine: str = "auto", store: Path | None = None,
+                   insecure: bool = False) -> Any:
+    """Evaluate a model folder, or a reference (pulled and verified first), against its source model,
+    here (with the `local` extra) or in the CPU builder image. Returns ``evaluate.Evaluation``; the
+    caller decides what a failed gate means (``evaluate.raise_for_gates``)."""
+    import importlib.util
+
+    from . import evaluate
+    from .contract import BuildRecord, RecordError
+    from .engine import DockerEngine
+    from .errors import UsageError
+
+    reporter = reporter or NullReporter()
+    missing = [m for m in ("torch", "transformers", "onnxruntime_genai") if importlib.util.find_spec(m) is None]
+    if engine == "local" and missing:
+        raise UsageError(f"build eval --engine local runs the models in this Python, but {', '.join(missing)} "
+                         "is not installed.", hint="pip install torch==2.13.0 && pip install -e '.[local]', "
+                         "or use --engine docker (the CPU builder image).")
+    in_image = engine == "docker" or (engine == "auto" and bool(missing))
+    folder = Path(model)
+    if not folder.is_dir():
+        folder = pull_for_serve(model, reporter, store=store, insecure=insecure)
+    source, label = evaluate.resolve_source(folder, against)
+    try:
+        record: BuildRecord | None = BuildRecord.read(folder)
+    except (OSError, RecordError):
+        record = None  # any model folder can be evaluated; the record only supplies defaults
+    device = record.target.device if record else "cpu"
+    precision = precision or (record.target.precision if record else None) or None
+    reporter.stage("eval", f"{folder} against {label}" + (" in the CPU builder image" if in_image else ""))
+    settings = evaluate.Settings(max_tokens=max_tokens, speed=speed)
+    if in_image:
+        docker_engine = DockerEngine()
+        spec = images.image_spec("cpu")
+        docker_engine.prepare(spec.tag, spec, reporter.log)
+        return evaluate.evaluate_in_image(docker_engine, spec.tag, folder, source, precision=precision, device=device,
+                                          settings=settings, text_path=text, on_line=reporter.log)
+    return evaluate.evaluate(folder, source, precision=precision, device=device, settings=settings, text_path=text,
+                             trust_remote_code=bool(record and record.source.trust_remote_code),
+                             on_progress=lambda m: reporter.stage("eval", m))
