@@ -60,6 +60,29 @@ CHUNK = 4 << 20
 ENV_STORE = "OLIVE_BUILDER_STORE"
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created if missing) for the ``with`` block. flock does not
+    nest within a process: code that holds one lock and needs another uses another file."""
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """``data`` parsed as a JSON object, or ContentError("<what> is not JSON" / "... a JSON object")."""
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ContentError(f"{what} is not JSON.") from None
+    if not isinstance(parsed, dict):
+        raise ContentError(f"{what} is not a JSON object.")
+    return parsed
+
+
 def canonical_json(obj: Any) -> bytes:
     """The one byte form this project writes JSON documents in: sorted keys, no spaces."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
@@ -246,14 +269,8 @@ class Store:
         return self.blob_path(digest).open("rb")
 
     # refs
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        with (self.root / ".lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root / ".lock")
 
     def _read_index(self) -> dict[str, Any]:
         index: dict[str, Any] = json.loads((self.root / "index.json").read_text())
@@ -396,12 +413,7 @@ def parse_manifest(data: bytes, shown: str) -> dict[str, Any]:
     a JSON object, schemaVersion 2, a config and at most MAX_DESCRIPTORS layers, each a
     descriptor with a media type, a sha256 digest and a size, the sizes together under the
     model size limit (``OLIVE_BUILDER_MAX_MODEL_BYTES``). Raises ContentError."""
-    try:
-        manifest = json.loads(data)
-    except (ValueError, RecursionError):
-        raise ContentError(f"{shown}: the manifest is not JSON.") from None
-    if not isinstance(manifest, dict):
-        raise ContentError(f"{shown}: the manifest is not a JSON object.")
+    manifest = json_object(data, f"{shown}: the manifest")
     if manifest.get("schemaVersion") != 2:
         raise ContentError(f"{shown}: the manifest's schemaVersion is not 2.")
     layers = manifest.get("layers")

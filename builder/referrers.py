@@ -25,12 +25,11 @@ Kyverno and policy-controller look for signatures.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin
@@ -104,15 +103,9 @@ def referrer_manifest(subject: oci.Descriptor, artifact_type: str, layers: list[
 
 # ---- the local store -------------------------------------------------------------------------
 
-@contextmanager
-def _store_lock(store: oci.Store) -> Iterator[None]:
+def _store_lock(store: oci.Store) -> AbstractContextManager[None]:
     # Our own lock file: Store.tag takes the store's lock, and flock does not nest.
-    with (store.root / ".referrers.lock").open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return oci.file_lock(store.root / ".referrers.lock")
 
 
 def attach(store: oci.Store, name: str, subject: oci.Descriptor, artifact_type: str,

@@ -904,12 +904,7 @@ class Registry:
             raise ContentError(f"The manifest {shown} does not match its digest "
                                f"({self.said(expected, 80)}, content is {digest}): tampered with or damaged.")
         media = r.headers.get("Content-Type", "").split(";")[0].strip()
-        try:
-            parsed = json.loads(data)
-        except (ValueError, RecursionError):
-            raise ContentError(f"The manifest {shown} is not JSON.") from None
-        if not isinstance(parsed, dict):
-            raise ContentError(f"The manifest {shown} is not a JSON object.")
+        parsed = oci.json_object(data, f"The manifest {shown}")
         declared = parsed.get("mediaType")
         media = declared if isinstance(declared, str) and declared else media
         return data, self.said(media, 100), digest
