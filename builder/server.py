@@ -16,8 +16,14 @@ Generation has two paths:
   (which releases the GIL while it computes) go back to the event loop in one hand-off.
 - The generator path (``og.Generator`` in a thread of a small pool): what the engine cannot
   serve. With static batching (the CPU engine) that is a sampled request with a seed (a per-turn
-  seed needs dynamic batching) and ``logprobs`` (the engine exposes no logits); with an older
-  onnxruntime-genai, everything.
+  seed needs dynamic batching), ``logprobs`` (the engine exposes no logits) and a request with a
+  LoRA adapter (the engine has no adapter API in 0.18: only ``Generator.set_active_adapter``);
+  with an older onnxruntime-genai, everything.
+
+Adapters: a finetuned build's folder carries ``adapters/<name>.onnx_adapter`` beside its base
+model. All of them are loaded at start (``og.Adapters``; one that cannot be loaded, or cannot
+generate, stops the server); ``model: "<base>:<name>"`` picks one, ``model: "<base>"`` gets the
+base model (its LoRA inputs are optional: with no adapter active it is the base).
 
 At most ``max_concurrency`` requests generate at once; at most ``queue_size`` more wait; beyond
 that a request gets 429 with Retry-After (the bound is counted when the request is admitted,
@@ -38,6 +44,7 @@ import logging
 import math
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -55,7 +62,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .contract import INFO_FILE
+from .contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTERS_DIR, INFO_FILE, adapters_in
 
 log = logging.getLogger("olive-builder.server")
 
@@ -130,6 +137,10 @@ def _engine_available(og: Any) -> bool:
     return hasattr(og, "Engine") and hasattr(og, "TurnOptions")
 
 
+class AdapterLoadError(Exception):
+    """An adapter of the model folder cannot be served: the server must not start."""
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -163,6 +174,39 @@ class ModelRunner:
             self.model = og.Model(str(self.folder))
         self.tokenizer = og.Tokenizer(self.model)
         self.version = getattr(og, "__version__", "")
+        self.adapters: Any = None
+        self.adapter_names: tuple[str, ...] = ()
+        # onnxruntime-genai counts an adapter's users in a plain integer (Adapter::AcquireRef when
+        # a generator activates it, ReleaseRef when the generator goes): activation and release
+        # happen under this lock, so concurrent requests of one adapter cannot lose a count.
+        self._adapter_lock = threading.Lock()
+        self._load_adapters(adapters_in(self.folder))
+
+    def _load_adapters(self, found: dict[str, Path]) -> None:
+        """Load every adapter now: a bad one must stop the start, not fail the first request."""
+        if not found:
+            return
+        og = self.og
+        where = self.folder / ADAPTERS_DIR
+        for name in found:
+            if len(name) > ADAPTER_NAME_MAX or not re.fullmatch(ADAPTER_NAME_RULE, name):
+                raise AdapterLoadError(
+                    f"the adapter file {found[name].name} in {where} has an invalid name: an adapter name is "
+                    f"lowercase letters and digits in words joined by '-', at most {ADAPTER_NAME_MAX} characters; "
+                    "rename the file or remove it")
+        if not hasattr(og, "Adapters"):
+            raise AdapterLoadError(f"{where} holds adapters but onnxruntime-genai {self.version} has no adapter "
+                                   "support (og.Adapters); use onnxruntime-genai >= 0.5")
+        adapters = og.Adapters(self.model)
+        for name, path in found.items():
+            try:
+                adapters.load(str(path), name)
+            except Exception as e:  # noqa: BLE001 - reported as what it is: this adapter is bad
+                detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise AdapterLoadError(f"the adapter `{name}` ({path}) cannot be loaded: {detail}. Rebuild it, or "
+                                       f"remove it from {where} to serve the model without it") from None
+        self.adapters = adapters
+        self.adapter_names = tuple(found)
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
         if tools:
@@ -188,8 +232,20 @@ class ModelRunner:
         return not (sampling.seed is not None and self.sampled(sampling))
 
     def generate(self, ids: list[int], sampling: Sampling, max_tokens: int, cancel: threading.Event,
-                 emit: Callable[[Piece], None]) -> Finished:
-        """Blocking: generate up to ``max_tokens`` after ``ids``, calling ``emit`` with each piece."""
+                 emit: Callable[[Piece], None], adapter: str | None = None) -> Finished:
+        """Blocking: generate up to ``max_tokens`` after ``ids``, calling ``emit`` with each piece.
+
+        With ``adapter``, that loaded adapter is active in this generation's own generator (one
+        adapter per generator: concurrent requests of other adapters, or of the base, are unaffected).
+        """
+        if adapter is None:
+            return self._generate(ids, sampling, max_tokens, cancel, emit, None)
+        if adapter not in self.adapter_names:
+            raise ValueError(f"no adapter named {adapter!r} is loaded")
+        return self._generate(ids, sampling, max_tokens, cancel, emit, adapter)
+
+    def _generate(self, ids: list[int], sampling: Sampling, max_tokens: int, cancel: threading.Event,
+                  emit: Callable[[Piece], None], adapter: str | None) -> Finished:
         og = self.og
         params = og.GeneratorParams(self.model)
         options: dict[str, Any] = {"max_length": len(ids) + max_tokens}
@@ -213,26 +269,34 @@ class ModelRunner:
         if sampling.guidance is not None:
             params.set_guidance(*sampling.guidance)
         generator = og.Generator(self.model, params)
-        generator.append_tokens(ids)
-        stream = self.tokenizer.create_stream()
-        produced = 0
-        want_logits = sampling.logprobs
-        while produced < max_tokens and not generator.is_done():
-            if cancel.is_set():
-                return Finished("cancelled", produced)
-            # The logits that choose the next token: get_logits after generate_next_token would
-            # already be those of the token after it.
-            logits = generator.get_logits() if want_logits else None
-            generator.generate_next_token()
-            token = int(generator.get_next_tokens()[0])
-            if token in self.eos_ids and not sampling.ignore_eos:
-                return Finished("stop", produced)
-            produced += 1
-            piece = Piece(stream.decode(token), token)
-            if logits is not None:
-                piece.logprob, piece.top = _logprobs(logits, token, sampling.top_logprobs)
-            emit(piece)
-        return Finished("length", produced)
+        try:
+            if adapter is not None:
+                with self._adapter_lock:
+                    generator.set_active_adapter(self.adapters, adapter)
+            generator.append_tokens(ids)
+            stream = self.tokenizer.create_stream()
+            produced = 0
+            want_logits = sampling.logprobs
+            while produced < max_tokens and not generator.is_done():
+                if cancel.is_set():
+                    return Finished("cancelled", produced)
+                # The logits that choose the next token: get_logits after generate_next_token would
+                # already be those of the token after it.
+                logits = generator.get_logits() if want_logits else None
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in self.eos_ids and not sampling.ignore_eos:
+                    return Finished("stop", produced)
+                produced += 1
+                piece = Piece(stream.decode(token), token)
+                if logits is not None:
+                    piece.logprob, piece.top = _logprobs(logits, token, sampling.top_logprobs)
+                emit(piece)
+            return Finished("length", produced)
+        finally:
+            if adapter is not None:
+                with self._adapter_lock:  # the generator releases its adapter as it goes
+                    del generator
 
 
 def _logprobs(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -575,7 +639,10 @@ class Metrics:
         self.in_flight = Gauge("olive_server_requests_generating", "Requests generating now", registry=r)
         self.waiting = Gauge("olive_server_requests_waiting", "Requests waiting for a generation slot", registry=r)
         self.paths = Counter("olive_server_generations", "Generations by path (engine: batched; generator: "
-                             "what the engine cannot serve)", ["path"], registry=r)
+                             "what the engine cannot serve, adapters included)", ["path"], registry=r)
+        self.adapter_generations = Counter("olive_server_adapter_generations", "Generations with a LoRA adapter "
+                                           "active (on the generator path: og.Engine has no adapter API)",
+                                           ["adapter"], registry=r)
         self.loop_lag = Histogram("olive_server_event_loop_lag_seconds", "How late the event loop woke up (sampled "
                                   "every 20 ms)", buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02,
                                                            0.05, 0.1, 0.25, 1), registry=r)
@@ -658,6 +725,9 @@ class Server:
             log.info("model %s loaded from %s in %.2fs (onnxruntime-genai %s, %s, %d at once, %d waiting)",
                      self.model_id, self.folder, time.monotonic() - started, runner.version, path,
                      self.max_concurrency, self.queue_size)
+            if runner.adapter_names:
+                log.info("adapters (on the generator path): %s",
+                         ", ".join(f"{self.model_id}:{name}" for name in runner.adapter_names))
         except Exception as e:  # noqa: BLE001 - reported through /health and the log
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("cannot load the model in %s: %s", self.folder, self.load_error)
@@ -668,6 +738,15 @@ class Server:
         """One real token through every path, so that "loaded" means "can generate"."""
         ids = runner.encode(runner.chat_prompt([{"role": "user", "content": "Hi"}]))
         runner.generate(ids, Sampling(temperature=0), 1, threading.Event(), lambda piece: None)
+        for name in runner.adapter_names:
+            # An adapter that loads but does not fit the graph (another base, another rank) fails
+            # only when it runs: run it now.
+            try:
+                runner.generate(ids, Sampling(temperature=0), 1, threading.Event(), lambda piece: None, adapter=name)
+            except Exception as e:  # noqa: BLE001 - reported as what it is: this adapter is bad
+                detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise AdapterLoadError(f"the adapter `{name}` loads but cannot generate with this model: {detail}. "
+                                       "Was it trained on another base model?") from None
         if self.engine is not None:
             done = threading.Event()
             result: list[Any] = []
@@ -710,7 +789,8 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         if self.runner is not None:
-            return JSONResponse({"status": "ok", "model": self.model_id})
+            return JSONResponse({"status": "ok", "model": self.model_id,
+                                 "adapters": [f"{self.model_id}:{n}" for n in self.runner.adapter_names]})
         if self.load_error is not None:
             return JSONResponse({"status": "error", "error": self.load_error}, status_code=500)
         return JSONResponse({"status": "loading"}, status_code=503)
@@ -722,8 +802,13 @@ class Server:
             self.metrics.requests.labels("/v1/models", str(e.status)).inc()
             return e.response()
         self.metrics.requests.labels("/v1/models", "200").inc()
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "olive-builder"}]})
+        data: list[dict[str, Any]] = [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "olive-builder"}]
+        # Each adapter is a model of its own for clients; `parent` names its base (as vLLM lists LoRA modules).
+        data += [{"id": f"{self.model_id}:{name}", "object": "model", "created": self.created,
+                  "owned_by": "olive-builder", "parent": self.model_id}
+                 for name in (self.runner.adapter_names if self.runner is not None else ())]
+        return JSONResponse({"object": "list", "data": data})
 
     async def prometheus(self, request: Request) -> Response:
         if self.metrics_need_key:
@@ -765,9 +850,7 @@ class Server:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "`model` is required: a string.", param="model")
-        if model != self.model_id:
-            raise ApiError(404, f"The model `{model}` does not exist; this server serves `{self.model_id}`.",
-                           param="model", code="model_not_found")
+        adapter = self._adapter_of(model, runner)
         sampling = _sampling(body, chat=chat, vocab_size=runner.vocab_size)
         stream = _optional(body, "stream", "bool", False)
         include_usage = False
@@ -809,7 +892,7 @@ class Server:
             raise ApiError(400, "`min_tokens` must not exceed `max_tokens`.", param="min_tokens")
         release = self._admit()
         try:
-            job = _Job(self, runner, ids, sampling, max_tokens, started, release)
+            job = _Job(self, runner, ids, sampling, max_tokens, started, release, model=model, adapter=adapter)
             kind = "chat.completion" if chat else "text_completion"
             rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
             if stream:
@@ -834,7 +917,7 @@ class Server:
             choice["text"] = text
             if sampling.logprobs:
                 choice["logprobs"] = _completion_logprobs(runner, pieces)
-        return JSONResponse({"id": rid, "object": kind, "created": int(time.time()), "model": self.model_id,
+        return JSONResponse({"id": rid, "object": kind, "created": int(time.time()), "model": model,
                              "choices": [choice], "usage": usage})
 
     @staticmethod
@@ -856,7 +939,7 @@ class Server:
         hold = tools is not None and tools.choice != "none"
 
         def event(choice: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
-            data: dict[str, Any] = {"id": rid, "object": chunk_kind, "created": created, "model": self.model_id,
+            data: dict[str, Any] = {"id": rid, "object": chunk_kind, "created": created, "model": job.model,
                                     "choices": [choice] if choice else []}
             if include_usage:
                 data["usage"] = usage
@@ -917,6 +1000,19 @@ class Server:
             raise ApiError(401, "A valid API key is required: send `Authorization: Bearer <key>`.",
                            type_="authentication_error", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
+
+    def _adapter_of(self, model: str, runner: ModelRunner) -> str | None:
+        """None for the base model, the adapter's name for ``<base>:<adapter>``; 404 for anything else."""
+        if model == self.model_id:
+            return None
+        prefix = self.model_id + ":"
+        if model.startswith(prefix) and model[len(prefix):] in runner.adapter_names:
+            return model[len(prefix):]
+        served = [self.model_id, *(prefix + name for name in runner.adapter_names)]
+        listed = ", ".join(f"`{m}`" for m in served[:8]) + (f" and {len(served) - 8} more" if len(served) > 8 else "")
+        what = "adapter" if model.startswith(prefix) else "model"
+        raise ApiError(404, f"The {what} `{model}` does not exist; this server serves {listed} (GET /v1/models).",
+                       param="model", code="model_not_found")
 
     def _ready_runner(self) -> ModelRunner:
         if self.runner is None:
@@ -994,13 +1090,15 @@ class _Job:
     """One generation on either path, its text handed to the event loop."""
 
     def __init__(self, server: Server, runner: ModelRunner, ids: list[int], sampling: Sampling, max_tokens: int,
-                 started: float, release: Callable[[], None]):
+                 started: float, release: Callable[[], None], *, model: str, adapter: str | None = None):
         self.server, self.runner, self.ids = server, runner, ids
         self.sampling, self.max_tokens, self.started = sampling, max_tokens, started
         self.release = release
+        self.model, self.adapter = model, adapter  # the id the client asked for, and its adapter (None: the base)
         self.cancel = threading.Event()
         self.finished: Finished | None = None
-        self.on_engine = server.engine is not None and runner.engine_can_serve(sampling)
+        # og.Engine (0.18) cannot activate an adapter for one request: adapter requests take the generator path.
+        self.on_engine = server.engine is not None and adapter is None and runner.engine_can_serve(sampling)
 
     def cancel_now(self) -> None:
         if not self.cancel.is_set():
@@ -1012,6 +1110,8 @@ class _Job:
                queue_: asyncio.Queue[Piece | Finished | BaseException]) -> threading.Semaphore | None:
         server = self.server
         server.metrics.paths.labels("engine" if self.on_engine else "generator").inc()
+        if self.adapter is not None:
+            server.metrics.adapter_generations.labels(self.adapter).inc()
         if self.on_engine:
             assert server.engine is not None
             server.engine.submit(_Handle(self.ids, self.sampling, self.max_tokens, self.cancel, loop,
@@ -1036,7 +1136,7 @@ class _Job:
         def work() -> None:
             try:
                 result: Finished | BaseException = self.runner.generate(
-                    self.ids, self.sampling, self.max_tokens, self.cancel, emit)
+                    self.ids, self.sampling, self.max_tokens, self.cancel, emit, adapter=self.adapter)
             except BaseException as e:  # noqa: BLE001 - handed to the event loop
                 result = e
             if isinstance(result, Finished) and result.reason == "cancelled":
