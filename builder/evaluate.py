@@ -129,6 +129,38 @@ def gates_for(precision: str | None, overrides: dict[str, float] | None = None) 
     return gates
 
 
+@dataclass(frozen=True)
+class AdapterUnderTest:
+    """A finetuned build's adapter, evaluated as the finetuned model it stands for (issue 15).
+
+    The source side is the Hugging Face base with the PEFT adapter in ``peft_dir`` applied and
+    merged (``PeftModel.from_pretrained(base, peft_dir).merge_and_unload()``): the finetuned
+    PyTorch model. The built side is the ONNX base with ``onnx_adapter`` loaded through
+    ``og.Adapters`` and made active in every generator; ``onnx_adapter`` None means merged mode:
+    the adapter is already in the built model's weights, so nothing is loaded on that side."""
+
+    name: str
+    peft_dir: Path | None  # None: the source as it is (how far the adapter moves the model from its base)
+    onnx_adapter: Path | None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "mode": "merged" if self.onnx_adapter is None else "adapter"}
+        if self.onnx_adapter is not None:
+            out["file"] = self.onnx_adapter.name
+            out["sha256"] = "sha256:" + hashlib.sha256(self.onnx_adapter.read_bytes()).hexdigest()
+        return out
+
+    def validate(self) -> None:
+        if self.onnx_adapter is not None and not self.onnx_adapter.is_file():
+            raise EvaluationError(f"The adapter {self.name!r} has no file {self.onnx_adapter}.",
+                                  hint="Name an .onnx_adapter file that exists (the build writes adapters/<name>.onnx_adapter).")
+        if self.peft_dir is not None and not (Path(self.peft_dir) / "adapter_config.json").is_file():
+            raise EvaluationError(f"The adapter {self.name!r}: {self.peft_dir} holds no adapter_config.json, so it "
+                                  "is not a PEFT adapter folder.",
+                                  hint="Pass the folder the LoRA training wrote (adapter_config.json and the "
+                                  "adapter weights).")
+
+
 # ---------------------------------------------------------------------------- the text
 
 
@@ -200,6 +232,34 @@ def _og_model(model_dir: Path, *, force_cpu: bool) -> Any:
         return og.Model(str(model_dir))
     except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises plain RuntimeError/OrtException
         raise CheckError(f"onnxruntime-genai cannot load the model in {model_dir}: {e}") from None
+
+
+def _og_adapters(model: Any, adapter: AdapterUnderTest | None) -> Any:
+    """The loaded ``og.Adapters`` of ``adapter`` (None when nothing is to be loaded: no adapter,
+    or merged mode). It must stay alive as long as the generators that use it."""
+    if adapter is None or adapter.onnx_adapter is None:
+        return None
+    import onnxruntime_genai as og
+
+    try:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter.onnx_adapter), adapter.name)
+    except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises plain RuntimeError/OrtException
+        raise CheckError(f"onnxruntime-genai cannot load the adapter {adapter.name!r} from "
+                         f"{adapter.onnx_adapter}: {e}") from None
+    return adapters
+
+
+def _generator(model: Any, max_length: int, adapters: Any, name: str | None, **search: Any) -> Any:
+    """A greedy generator, with the adapter under test active when there is one."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False, **search)
+    generator = og.Generator(model, params)
+    if adapters is not None:
+        generator.set_active_adapter(adapters, name)
+    return generator
 
 
 @dataclass
@@ -316,7 +376,7 @@ def _available_memory() -> int | None:
 
 
 def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[int]], trust_remote_code: bool,
-                 ) -> _Reference:
+                 peft_dir: Path | None = None) -> _Reference:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -328,6 +388,12 @@ def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[
     dtype, ref.dtype_note = _source_dtype(source_dir)
     model: Any = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype,
                                                       trust_remote_code=trust_remote_code)
+    if peft_dir is not None:
+        from peft import PeftModel
+
+        # Merged into the weights: the finetuned model as one plain model (the same forward
+        # path, decoder and head, as any source), with no second copy of the base held.
+        model = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload()
     model.eval()
     vocab = ref.vocab = int(model.config.vocab_size)
     k = min(TOP_K, vocab)
@@ -377,16 +443,16 @@ class _Built:
     greedy: list[list[int]] = field(default_factory=list)
 
 
-def _built_pass(model: Any, windows: list[list[int]], prompts: list[list[int]], ref: _Reference | None) -> _Built:
-    import onnxruntime_genai as og
+def _built_pass(model: Any, windows: list[list[int]], prompts: list[list[int]], ref: _Reference | None,
+                adapter: AdapterUnderTest | None = None) -> _Built:
     import torch
 
+    adapters = _og_adapters(model, adapter)
+    name = adapter.name if adapter is not None else None
     built = _Built()
     pos = 0
     for window in windows:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(window), do_sample=False)
-        generator = og.Generator(model, params)
+        generator = _generator(model, len(window), adapters, name)
         for s in range(0, len(window) - 1, CHUNK):
             piece = window[s : s + CHUNK]
             generator.append_tokens(piece)
@@ -404,9 +470,7 @@ def _built_pass(model: Any, windows: list[list[int]], prompts: list[list[int]], 
             pos += len(targets)
         del generator
     for prompt in prompts:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + GREEDY_TOKENS, do_sample=False)
-        generator = og.Generator(model, params)
+        generator = _generator(model, len(prompt) + GREEDY_TOKENS, adapters, name)
         generator.append_tokens(prompt)
         tokens: list[int] = []
         # Raw argmax of the logits, like the source side: no search options (repetition
@@ -418,6 +482,7 @@ def _built_pass(model: Any, windows: list[list[int]], prompts: list[list[int]], 
             generator.append_tokens([tokens[-1]])
         built.greedy.append(tokens)
         del generator
+    del adapters
     return built
 
 
@@ -461,8 +526,10 @@ def _process_threads() -> int | None:
     return None
 
 
-def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: int) -> dict[str, Any]:
-    """Run in the child process: only onnxruntime-genai is imported here."""
+def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: int,
+                adapter: AdapterUnderTest | None = None) -> dict[str, Any]:
+    """Run in the child process: only onnxruntime-genai is imported here. With ``adapter`` (a
+    loaded .onnx_adapter), its load is part of the load time and it is active while generating."""
     import resource
 
     import onnxruntime_genai as og
@@ -477,16 +544,15 @@ def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: i
         started = time.perf_counter()
         model = og.Model(str(model_dir))
         tokenizer = og.Tokenizer(model)
+        adapters = _og_adapters(model, adapter)
         loads.append(time.perf_counter() - started)
         ids = list(tokenizer.encode(text))
         while len(ids) < prompt_len:
             ids += ids
         prompt = ids[:prompt_len]
-        params = og.GeneratorParams(model)
         total = prompt_len + 1 + decode_tokens
         # min_length keeps EOS from ending the run early: every run decodes the same count.
-        params.set_search_options(max_length=total, min_length=total, do_sample=False)
-        generator = og.Generator(model, params)
+        generator = _generator(model, total, adapters, adapter.name if adapter else None, min_length=total)
         started = time.perf_counter()
         generator.append_tokens(prompt)
         generator.generate_next_token()
@@ -496,7 +562,7 @@ def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: i
             generator.generate_next_token()
         decodes.append(time.perf_counter() - started)
         threads = _process_threads()
-        del generator, params, tokenizer, model
+        del generator, adapters, tokenizer, model
     options = config.get("model", {}).get("decoder", {}).get("session_options", {})
     ttft = statistics.median(ttfts)
     return {
@@ -517,7 +583,8 @@ def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: i
 
 
 def measure_speed(model_dir: Path, *, device: str, prompt_tokens: int = SPEED_PROMPT,
-                  decode_tokens: int = SPEED_DECODE, runs: int = SPEED_RUNS) -> dict[str, Any]:
+                  decode_tokens: int = SPEED_DECODE, runs: int = SPEED_RUNS,
+                  adapter: AdapterUnderTest | None = None) -> dict[str, Any]:
     """Speed of the built model, in a child process so that peak RSS is the model's alone."""
     if device == "cuda":
         reason = cuda_unavailable_reason()
@@ -525,6 +592,8 @@ def measure_speed(model_dir: Path, *, device: str, prompt_tokens: int = SPEED_PR
             return {"measured": False, "reason": f"speed not measured: target device cuda, but {reason}"}
     cmd = [sys.executable, "-m", "builder.evaluate", "--speed-json", str(model_dir),
            "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens), "--runs", str(runs)]
+    if adapter is not None and adapter.onnx_adapter is not None:
+        cmd += ["--adapter", adapter.name, "--adapter-file", str(adapter.onnx_adapter)]
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -553,6 +622,7 @@ class Evaluation:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part: source, built, speed
     reason: str | None = None  # why not evaluated
+    adapter: dict[str, Any] | None = None  # the adapter evaluated (AdapterUnderTest.to_json()); None: the base model
 
     @property
     def passed(self) -> bool:
@@ -578,21 +648,27 @@ def evaluate(
     text_path: str | Path | None = None,
     trust_remote_code: bool = False,
     on_progress: Any = None,
+    adapter: AdapterUnderTest | None = None,
 ) -> Evaluation:
     """Measure the built model in ``model_dir`` against ``source_dir`` and apply the gates.
 
     Returns the Evaluation whatever the verdict; ``raise_for_gates`` turns a failure into an
     EvaluationError. ``source_dir`` None measures the built model alone (no ratios, no gates
-    on them)."""
+    on them). ``adapter``: measure the finetuned model instead of the base (the source is
+    ``source_dir`` with the PEFT adapter merged; the built model runs with the adapter active,
+    or as it is in merged mode); the record names it."""
     settings = settings or Settings()
     say = on_progress or (lambda message: None)
     started = time.monotonic()
     model_dir = Path(model_dir)
+    if adapter is not None:
+        adapter.validate()
     text = load_text(text_path if text_path is not None else settings.text)
     config = _genai_config(model_dir)
     context = int(config.get("model", {}).get("context_length") or 2048)
     cuda_reason = cuda_unavailable_reason() if device == "cuda" or _uses_cuda(model_dir) else None
-    result = Evaluation(evaluated=True, precision=precision)
+    result = Evaluation(evaluated=True, precision=precision, adapter=adapter.to_json() if adapter else None)
+    what = f" with the adapter {adapter.name!r}" if adapter is not None else ""
     ref: _Reference | None = None
     prompts: list[list[int]] = []
     if source_dir is not None:
@@ -619,8 +695,9 @@ def evaluate(
             else:
                 prompt = content
             prompts.append(tok(prompt, add_special_tokens=True)["input_ids"])
-        say(f"source model (transformers, fp32): {len(windows)} window(s) of up to {len(windows[0])} tokens")
-        ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code)
+        say(f"source model (transformers, fp32){what}: {len(windows)} window(s) of up to {len(windows[0])} tokens")
+        ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code,
+                           peft_dir=Path(adapter.peft_dir) if adapter is not None and adapter.peft_dir else None)
         result.timings["source_s"] = round(time.monotonic() - started, 2)
     else:
         import onnxruntime_genai as og
@@ -636,9 +713,9 @@ def evaluate(
         "windows": len(windows),
         "window_tokens": max(len(w) for w in windows),
     }
-    say("built model (onnxruntime-genai)" + (" on the CPU provider: " + cuda_reason if cuda_reason else ""))
+    say(f"built model (onnxruntime-genai){what}" + (" on the CPU provider: " + cuda_reason if cuda_reason else ""))
     model = _og_model(model_dir, force_cpu=cuda_reason is not None)
-    built = _built_pass(model, windows, prompts, ref)
+    built = _built_pass(model, windows, prompts, ref, adapter)
     del model
     gc.collect()
     result.timings["built_s"] = round(time.monotonic() - started - sum(result.timings.values()), 2)
@@ -665,7 +742,7 @@ def evaluate(
     if settings.speed:
         say("speed: load, 512-token prompt, 128-token decode, 3 runs")
         before = time.monotonic()
-        result.speed = measure_speed(model_dir, device=device)
+        result.speed = measure_speed(model_dir, device=device, adapter=adapter)
         result.timings["speed_s"] = round(time.monotonic() - before, 2)
     else:
         result.speed = {"measured": False, "reason": "speed not measured: `evaluate.speed: false` in the recipe"}
@@ -738,11 +815,19 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _adapter_label(adapter: dict[str, Any]) -> str:
+    if adapter.get("mode") == "merged":
+        return f"{adapter.get('name')} (merged into the weights)"
+    return f"{adapter.get('name')} ({adapter.get('file')}, {str(adapter.get('sha256', ''))[:19]})"
+
+
 def format_table(data: dict[str, Any]) -> str:
     """A readable table of an evaluation record (olive-builder.json's `evaluation`)."""
     if not data or not data.get("evaluated"):
         return f"not evaluated{': ' + str(data.get('reason')) if data and data.get('reason') else ''}"
     rows: list[tuple[str, str]] = []
+    if data.get("adapter"):
+        rows.append(("adapter", _adapter_label(data["adapter"])))
     acc, gates = data.get("accuracy") or {}, data.get("gates") or {}
     limits = {"perplexity_ratio": "max_perplexity_ratio", "top1_agreement": "min_top1_agreement",
               "mean_kl": "max_mean_kl", "greedy_prefix_mean": "min_greedy_prefix"}
@@ -779,6 +864,8 @@ def manifest_annotations(data: dict[str, Any] | None, ns: str = "org.olive-build
     if not data.get("evaluated"):
         return {ns + "eval": "not evaluated", **({ns + "eval.reason": str(data["reason"])} if data.get("reason") else {})}
     out = {ns + "eval": "passed" if not data.get("failures") else "failed"}
+    if data.get("adapter"):
+        out[ns + "eval.adapter"] = _adapter_label(data["adapter"])
     acc = data.get("accuracy") or {}
     out.update({f"{ns}eval.{k.replace('_', '-')}": _fmt(acc[k]) for k in ANNOTATED_EVAL if k in acc})
     text = data.get("text") or {}
@@ -853,7 +940,7 @@ RECORD_PREFIX = "::olive-builder-evaluation:: "
 
 def evaluate_in_image(engine: Any, image: str, model_dir: Path, source_dir: Path | None, *,
                       precision: str | None, device: str, settings: Settings, text_path: Path | None,
-                      on_line: Any) -> Evaluation:
+                      on_line: Any, adapter: AdapterUnderTest | None = None) -> Evaluation:
     """The same evaluation inside a builder image (for hosts without torch, transformers and
     onnxruntime-genai): the folders are mounted read-only and the record comes back on one line."""
     from .engine import CONTAINER_PACKAGE_ROOT, Job, Mount
@@ -870,6 +957,16 @@ def evaluate_in_image(engine: Any, image: str, model_dir: Path, source_dir: Path
         args += ["--text", "/eval/text.txt"]
     if precision:
         args += ["--precision", precision]
+    if adapter is not None:
+        args += ["--adapter", adapter.name]
+        if adapter.onnx_adapter is None:
+            args.append("--merged")
+        else:
+            mounts.append(Mount(adapter.onnx_adapter.resolve(), "/eval/adapter.onnx_adapter", read_only=True))
+            args += ["--adapter-file", "/eval/adapter.onnx_adapter"]
+        if adapter.peft_dir is not None and source_dir is not None:
+            mounts.append(Mount(Path(adapter.peft_dir).resolve(), "/eval/peft", read_only=True))
+            args += ["--peft", "/eval/peft"]
     if not settings.speed:
         args.append("--no-speed")
     found: list[str] = []
@@ -906,6 +1003,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", help="a local UTF-8 text file instead of the committed text")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--adapter", metavar="NAME", help="evaluate the finetuned model of this adapter")
+    parser.add_argument("--adapter-file", metavar="FILE",
+                        help="its .onnx_adapter (default: MODEL_DIR/adapters/NAME.onnx_adapter)")
+    parser.add_argument("--peft", metavar="DIR", help="its PEFT adapter folder (the source side, with --against)")
+    parser.add_argument("--merged", action="store_true", help="the adapter is merged into the built model's weights")
     parser.add_argument("--json", action="store_true", help="print the record as JSON")
     parser.add_argument("--record-line", action="store_true", help=argparse.SUPPRESS)  # for evaluate_in_image
     parser.add_argument("--speed-json", action="store_true", help=argparse.SUPPRESS)  # the speed child process
@@ -914,8 +1016,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=SPEED_RUNS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     model_dir = Path(args.model_dir)
+    adapter = None
+    if args.adapter:
+        onnx_adapter = None if args.merged else Path(args.adapter_file or model_dir / "adapters" /
+                                                     f"{args.adapter}.onnx_adapter")
+        adapter = AdapterUnderTest(args.adapter, Path(args.peft) if args.peft else None, onnx_adapter)
     if args.speed_json:
-        print(json.dumps(_speed_here(model_dir, args.prompt_tokens, args.decode_tokens, args.runs)))
+        print(json.dumps(_speed_here(model_dir, args.prompt_tokens, args.decode_tokens, args.runs, adapter)))
         return 0
     info: dict[str, Any] = {}
     try:
@@ -932,6 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=Settings(max_tokens=args.max_tokens, speed=not args.no_speed),
             text_path=args.text,
             on_progress=lambda m: print(f"==> evaluate: {m}", file=sys.stderr),
+            adapter=adapter,
         )
     except BuilderError as e:
         print(f"Error: {e}", file=sys.stderr)
