@@ -9,7 +9,8 @@ The key digests (canonical JSON, sha256):
     model_revision   the commit a Hub revision resolves to, or the digest of a local
                      model folder's files
     builder_image    the builder image's digest (its id), or "local" for --engine local
-    tools            olive-ai, onnxruntime-genai, onnxruntime, transformers, torch versions
+                     (a finetune recipe's dataset file and evaluation text: their content)
+    tools            olive-ai, onnxruntime-genai, onnxruntime, transformers, torch, peft versions
     builder_version  olive-builder's own version
 
 Every artifact records its key (annotation org.olive-builder.cache-key). Before Olive runs,
@@ -31,7 +32,7 @@ from typing import Any
 from . import __version__, hub, oci
 from .contract import KEY_ANNOTATION, SERVE_SUFFIX, BuildRecord, RecordError, key_tag, sha256_file
 from .lock import Entry
-from .recipe import LoadedRecipe, digest_of, evaluation_text, normalized
+from .recipe import LoadedRecipe, dataset_path, digest_of, evaluation_text, normalized
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,11 @@ def recipe_inputs(loaded: LoadedRecipe) -> dict[str, Any]:
     model.pop("path", None)  # where a local model lies does not matter; its content does
     data["model"] = model
     data["target"] = {**(data.get("target") or {}), "provider": loaded.recipe.target.execution_provider}
+    data_file = dataset_path(loaded.recipe, loaded.path)
+    if data_file is not None and data_file.is_file():  # the training data's content, not its path
+        finetune = dict(data.get("finetune") or {})
+        finetune["dataset"] = {"sha256": sha256_file(data_file)}
+        data["finetune"] = finetune
     text = evaluation_text(loaded.recipe, loaded.path)
     if text is not None and text.is_file():  # a recipe's own evaluation text: its content, not its path
         data["evaluate"] = {**(data.get("evaluate") or {}), "text": sha256_file(text)}

@@ -40,6 +40,7 @@ class CheckReport:
     genai_version: str = ""
     mode: str = CHECK_NATIVE  # or CHECK_CPU_CROSS
     reason: str | None = None  # why the check was not native
+    adapters: dict[str, list[int]] = field(default_factory=dict)  # adapter name -> its greedy tokens
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -51,6 +52,8 @@ class CheckReport:
         }
         if self.reason:
             out["reason"] = self.reason
+        if self.adapters:
+            out["adapters"] = self.adapters
         return out
 
 
@@ -97,8 +100,9 @@ def check_files(folder: str | Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_file())
 
 
-def check_generates(folder: str | Path, *, new_tokens: int = 8) -> CheckReport:
-    """Load the model with onnxruntime-genai and greedily generate a few tokens."""
+def check_generates(folder: str | Path, *, new_tokens: int = 8, adapters: dict[str, Path] | None = None) -> CheckReport:
+    """Load the model with onnxruntime-genai and greedily generate a few tokens: with no adapter
+    active, then with each of ``adapters`` (name -> .onnx_adapter file) active."""
     folder = Path(folder)
     files = check_files(folder)
     try:
@@ -121,20 +125,38 @@ def check_generates(folder: str | Path, *, new_tokens: int = 8) -> CheckReport:
     ids = list(tokenizer.encode(prompt))
     if not ids:
         raise CheckError("The tokenizer turned the chat-templated prompt into no tokens.")
-    try:
+
+    def generate(adapter: tuple[Any, str] | None) -> list[int]:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
         generator = og.Generator(model, params)
+        if adapter is not None:
+            generator.set_active_adapter(*adapter)
         generator.append_tokens(ids)
-        generated: list[int] = []
-        while not generator.is_done() and len(generated) < new_tokens:
+        out: list[int] = []
+        while not generator.is_done() and len(out) < new_tokens:
             generator.generate_next_token()
-            generated.append(int(generator.get_next_tokens()[0]))
+            out.append(int(generator.get_next_tokens()[0]))
+        return out
+
+    try:
+        generated = generate(None)
     except Exception as e:
         raise CheckError(f"The model loaded but failed to generate: {e}") from None
     if not generated:
         raise CheckError("The model loaded but generated no token.")
-    return CheckReport(files=files, prompt_tokens=len(ids), generated_ids=generated, genai_version=og.__version__)
+    report = CheckReport(files=files, prompt_tokens=len(ids), generated_ids=generated, genai_version=og.__version__)
+    if adapters:
+        loaded = og.Adapters(model)
+        for name, path in sorted(adapters.items()):
+            try:
+                loaded.load(str(path), name)
+                report.adapters[name] = generate((loaded, name))
+            except Exception as e:
+                raise CheckError(f"The adapter {name!r} ({path.name}) does not work with its base model: {e}",
+                                 hint="The adapter file is damaged, or was extracted from another base graph.")\
+                    from None
+    return report
 
 
 # ---------------------------------------------------------------------------- per target
@@ -232,7 +254,8 @@ def cpu_copy(folder: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def check_target(folder: str | Path, device: str, *, scratch: str | Path, new_tokens: int = 8) -> tuple[CheckReport, Path]:
+def check_target(folder: str | Path, device: str, *, scratch: str | Path, new_tokens: int = 8,
+                 adapters: dict[str, Path] | None = None) -> tuple[CheckReport, Path]:
     """Check ``folder`` for its target ``device``: natively where the hardware is, else by a CPU
     cross-check of the same graph (a ``cpu_copy`` made at ``scratch``, which must not exist).
 
@@ -241,9 +264,9 @@ def check_target(folder: str | Path, device: str, *, scratch: str | Path, new_to
     folder = Path(folder)
     reason = hardware_missing(device)
     if reason is None:
-        return check_generates(folder, new_tokens=new_tokens), folder
+        return check_generates(folder, new_tokens=new_tokens, adapters=adapters), folder
     files = check_files(folder)
     copy = cpu_copy(folder, scratch)
-    report = check_generates(copy, new_tokens=new_tokens)
+    report = check_generates(copy, new_tokens=new_tokens, adapters=adapters)
     report.files, report.mode, report.reason = files, CHECK_CPU_CROSS, reason
     return report, copy

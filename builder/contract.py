@@ -32,6 +32,7 @@ SPEC_FILE = "spec.json"  # WORK/spec.json: the worker's spec
 MODEL_DIR = "${MODEL_DIR}"
 OUTPUT_DIR = "${OUTPUT_DIR}"
 CACHE_DIR = "${CACHE_DIR}"
+DATA_DIR = "${DATA_DIR}"  # where a finetune recipe's dataset files are (see plan.finetune_plan)
 
 # Lines the worker prints with this prefix are progress events for the driver, not log lines.
 EVENT_PREFIX = "::olive-builder::"
@@ -48,6 +49,48 @@ KEY_TAG_PREFIX = "cache-"  # registries also tag every pushed artifact cache-<he
 def key_tag(key: str) -> str:
     """The registry tag of a build cache key (``sha256:<hex>`` -> ``cache-<hex>``)."""
     return KEY_TAG_PREFIX + key.split(":", 1)[1]
+
+
+# ---- LoRA adapters (recipes with `finetune:`) ------------------------------------------------
+#
+# A finetuned build in adapter mode delivers the base model (its graph takes the LoRA weights as
+# optional inputs, so with no adapter active it is the base model) plus one onnxruntime-genai
+# adapter file per adapter, inside the model folder:
+#
+#     OUT/model.onnx, OUT/genai_config.json, ...      the base model
+#     OUT/adapters/<name>.onnx_adapter                 each adapter (og.Adapters loads it)
+#
+# The build record lists them in its `finetune` section (see ``adapters_in``). Each adapter is
+# published as its own OCI artifact whose `subject` is the base manifest, tagged
+# ``adapter_tag(base_tag, name)``; a request picks one with ``model: "<base>:<adapter>"``.
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+ADAPTER_NAME_RULE = r"[a-z0-9]+(?:-[a-z0-9]+)*"  # also a valid part of an OCI tag
+ADAPTER_NAME_MAX = 32
+ADAPTER_TAG_SEPARATOR = "--"  # <version>-<target>--<adapter>
+ADAPTER_ARTIFACT_TYPE = "application/vnd.olive-builder.adapter.v1"
+ADAPTER_MEDIA_TYPE = "application/vnd.olive-builder.adapter.onnx-adapter"  # the adapter file's layer
+ADAPTER_ANNOTATION = NS + "adapter"  # on an adapter manifest: the adapter's name
+ADAPTER_BASE_ANNOTATION = NS + "adapter.base"  # on an adapter manifest: the base manifest's digest
+ADAPTERS_ANNOTATION = NS + "adapters"  # on a base or image manifest: comma-separated adapter names
+
+
+def adapter_tag(base_tag: str, name: str) -> str:
+    """The tag of adapter ``name`` of the artifact tagged ``base_tag``."""
+    return f"{base_tag}{ADAPTER_TAG_SEPARATOR}{name}"
+
+
+def adapter_file(model_dir: Path, name: str) -> Path:
+    return model_dir / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}"
+
+
+def adapters_in(model_dir: Path) -> dict[str, Path]:
+    """The adapters a model folder carries, name -> file (sorted by name); {} for none."""
+    folder = model_dir / ADAPTERS_DIR
+    if not folder.is_dir():
+        return {}
+    return {p.name[: -len(ADAPTER_SUFFIX)]: p for p in sorted(folder.iterdir())
+            if p.name.endswith(ADAPTER_SUFFIX) and p.is_file() and not p.is_symlink()}
 
 
 # ---- targets ----------------------------------------------------------------------------------
@@ -73,7 +116,7 @@ OCI_REPOSITORY_RULE = rf"{OCI_COMPONENT_RULE}(?:/{OCI_COMPONENT_RULE})*"
 OCI_TAG_RULE = "[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}"
 
 # The tools whose versions decide a build's output: in the cache key, the annotations and the labels.
-TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch")
+TOOLS = ("olive-ai", "onnxruntime-genai", "onnxruntime", "transformers", "torch", "peft")
 # Distributions whose versions a build records; alternatives for the same tool come later.
 TOOL_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "olive-ai": ("olive-ai",),
@@ -81,6 +124,7 @@ TOOL_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
     "transformers": ("transformers",),
     "torch": ("torch",),
+    "peft": ("peft",),
 }
 
 
@@ -356,7 +400,8 @@ class WorkerSpec:
         return cls(step=data["step"], work_dir=data["work_dir"], model_dir=_str(data, "model_dir"))
 
     def write(self, path: Path) -> None:
-        write_json(path, self.to_json())
+        # Not write_json: its sorted keys would reorder the planned Olive passes, which run in order.
+        atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def read(cls, path: Path) -> WorkerSpec:

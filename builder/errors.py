@@ -11,6 +11,7 @@
     │   └── ImageError            a builder image is missing or failed to build (exit 3)
     ├── BuildError                the build ran and failed (exit 4)
     │   ├── ModelNotFoundError    the model source does not exist or is not accessible
+    │   ├── DatasetError          a finetune dataset cannot be fetched, or its rows do not fit the template
     │   ├── CheckError            Olive produced an output that is not a usable model
     │   ├── EvaluationError       the model is outside its accuracy gates (or cannot be evaluated)
     │   └── NativeCheckError      --require-native-check, but the build was checked by a CPU cross-check
@@ -92,6 +93,10 @@ class BuildError(BuilderError):
 
 class ModelNotFoundError(BuildError):
     pass
+
+
+class DatasetError(BuildError):
+    """A finetune recipe's training dataset cannot be fetched, or its rows do not fit the template."""
 
 
 class CheckError(BuildError):

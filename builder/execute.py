@@ -197,6 +197,18 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
         text_mount = Mount(Path(text), "/eval/text.txt", read_only=True)
         mounts.append(text_mount)
         step_json["evaluate"] = {**step_json["evaluate"], "text": engine.path_for(text_mount)}
+    finetune = step_json.get("finetune")
+    if finetune:
+        # The training data, read-only, as DATA_DIR/<i><suffix> (the names the planned config uses).
+        dataset = dict(finetune["dataset"])
+        seen = []
+        for i, host in enumerate(dataset.get("files") or []):
+            mount = Mount(Path(host), f"/data/{i}{Path(host).suffix.lower()}", read_only=True)
+            mounts.append(mount)
+            seen.append(engine.path_for(mount))
+        dataset["files"] = seen
+        dataset["dir"] = str(Path(seen[0]).parent) if seen else None
+        step_json["finetune"] = {**finetune, "dataset": dataset}
     spec = WorkerSpec(step=step_json, work_dir=work_dir, model_dir=model_dir)
     spec_mount_path = f"{work_dir}/{SPEC_FILE}"
     job = Job(

@@ -13,7 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from .contract import hf_home, hf_token, sha256_file
+from .contract import cache_dir, hf_home, hf_token, sha256_file
+from .errors import DatasetError
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Never fetched from the Hub: original checkpoints, other formats. The worker uses the same list.
@@ -65,3 +66,69 @@ def snapshot_files(hub: str, commit: str) -> dict[str, str]:
         return {}
     return {name: digest for name, digest in folder_files(snapshot).items()
             if not any(fnmatch.fnmatch(name, pattern) for pattern in HUB_IGNORE)}
+
+
+# A dataset file larger than this is refused while it downloads (the check reads it row by row).
+MAX_DATASET_FILE = 4 << 30
+
+
+def dataset_folder(hub: str, commit: str) -> Path:
+    """Where files of Hub dataset ``hub`` at ``commit`` are kept: a commit never changes, so a
+    file there is never fetched twice."""
+    return cache_dir() / "datasets" / hub.replace("/", "--") / commit
+
+
+def fetch_dataset(hub: str, commit: str, files: list[str], *, max_bytes: int = MAX_DATASET_FILE) -> list[Path]:
+    """The local paths of ``files`` of the Hub dataset ``hub`` at ``commit``, downloaded once
+    (from ``HF_ENDPOINT``, with ``HF_TOKEN`` when set) into ``dataset_folder``, atomically."""
+    import tempfile
+
+    import requests
+
+    folder = dataset_folder(hub, commit)
+    out: list[Path] = []
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    token = hf_token()
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    for name in files:
+        dest = folder / name
+        if folder.resolve() not in dest.resolve().parents:  # recipe validation refuses these already
+            raise DatasetError(f"{name!r} is not a path inside the dataset {hub}.")
+        out.append(dest)
+        if dest.is_file():
+            continue
+        if offline:
+            raise DatasetError(f"{hub}@{commit[:12]}: {name} is not in the dataset cache ({folder}) and "
+                               "HF_HUB_OFFLINE is set.",
+                               hint="Build once with Hub access, or point `finetune.dataset.path` at a local copy.")
+        url = f"{endpoint}/datasets/{hub}/resolve/{commit}/{name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f, requests.get(
+                    url, stream=True, timeout=30, headers={"Authorization": f"Bearer {token}"} if token else {}) as r:
+                if r.status_code in (401, 403):
+                    raise DatasetError(f"The Hub refused {hub} ({r.status_code}): it is private or gated.",
+                                       hint="Accept its terms on the Hub and set HF_TOKEN to a token of that account.")
+                if r.status_code == 404:
+                    raise DatasetError(f"The Hub has no {name} in the dataset {hub} at {commit[:12]} (404).",
+                                       hint="Check `finetune.dataset` hub, revision and files.")
+                if r.status_code != 200:
+                    raise DatasetError(f"The Hub answered {r.status_code} for {name} of the dataset {hub}.",
+                                       hint="Wait a minute and build again (HF_TOKEN gets a higher rate limit).")
+                size = 0
+                for chunk in r.iter_content(1 << 20):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise DatasetError(f"{name} of the dataset {hub} is larger than {max_bytes >> 20} MiB.",
+                                           hint="Train on a smaller file of the dataset.")
+                    f.write(chunk)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
+        except requests.RequestException as e:
+            raise DatasetError(f"Fetching {name} of the dataset {hub} failed: {type(e).__name__}",
+                               hint="Check the network (or HF_ENDPOINT) and build again.") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out

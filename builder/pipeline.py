@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from . import attest, cache, distribute, images, lock, oci, package, plan, recipe, sign
 from .contract import BUILDER_FLAVOUR, CHECK_NATIVE, RUNTIME_FLAVOUR, SERVE_SUFFIX, cache_dir
 from .engine import Engine, make_engine
-from .errors import EngineError, NativeCheckError, PlanError, RecipeError
+from .errors import DatasetError, EngineError, NativeCheckError, PlanError, RecipeError
 from .execute import BuildResult, default_output, execute, preflight_model
 from .plan import BuildStep
 from .recipe import LoadedRecipe
@@ -251,6 +251,7 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
         options = dataclasses.replace(options, package=dataclasses.replace(options.package, push_to=dest))
 
     preflight_model(step)
+    step = prepare_dataset(step, loaded, reporter)
     if options.package.sign_key:  # a key that cannot be used fails now, not after the build
         sign.load_signing_key(options.package.sign_key)
     engine = options.engine if not isinstance(options.engine, str) else make_engine(options.engine)
@@ -281,6 +282,39 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
     packaging = package_folder(result.output, pkg, reporter, recipe_path=loaded.path, docker=engine.docker())
     return BuildOutcome(step.id, result.output, pinned.key, result, None, packaging,
                         packaging.pushed if packaging else None)
+
+
+def prepare_dataset(step: BuildStep, loaded: LoadedRecipe, reporter: Reporter) -> BuildStep:
+    """A finetune recipe's training data, before any container starts: a Hub dataset is fetched
+    (once per commit), and every file is read against the template; the step then names the
+    local files to mount and records their digest and row count."""
+    from . import dataset, hub
+
+    ft = loaded.recipe.finetune
+    if ft is None or step.finetune is None:
+        return step
+    names = plan.dataset_names(loaded)
+    if ft.dataset.hub is not None:
+        revision = ft.dataset.revision or ""
+        reporter.stage("dataset", f"{ft.dataset.hub}@{revision[:12]}: {', '.join(names)}")
+        paths = hub.fetch_dataset(ft.dataset.hub, revision, names)
+    else:
+        local = recipe.dataset_path(loaded.recipe, loaded.path)
+        if local is None or not local.is_file():
+            raise DatasetError(f"The dataset file {local} is gone.", hint="Fix `finetune.dataset.path` in the recipe.")
+        paths = [local]
+    try:
+        info = dataset.check(list(zip(names, paths, strict=True)), dataset.template_fields(ft.template))
+    except dataset.DatasetError as e:
+        raise DatasetError(f"The training dataset does not fit the template of {loaded.path}:\n  "
+                           + str(e).replace("\n", "\n  "),
+                           hint="Every {field} of `finetune.template` must be a column of every row.") from None
+    except OSError as e:
+        raise DatasetError(f"The training dataset cannot be read: {e}") from None
+    reporter.stage("dataset", f"{info.rows} rows, {info.sha256[:19]}")
+    data = {**step.finetune["dataset"], **info.to_json()}
+    data["files"] = [str(p.resolve()) for p in paths]
+    return dataclasses.replace(step, finetune={**step.finetune, "dataset": data})
 
 
 def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions, engine: Engine,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
-from .contract import CACHE_DIR, MODEL_DIR, OUTPUT_DIR
+from .contract import CACHE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR
 from .errors import PlanError
-from .recipe import LoadedRecipe, evaluation_text
+from .recipe import Finetune, LoadedRecipe, dataset_path, evaluation_text
 
 # Olive's accelerator type per target device. Olive's ModelBuilder pass takes the model
 # builder's `-e` from the execution provider (cuda, dml, webgpu) and builds fp16 only for a
@@ -56,6 +57,8 @@ class BuildStep:
     description: str | None = None
     # What the worker's evaluation stage does (builder.evaluate.Settings as JSON); None: the defaults.
     evaluate: dict[str, Any] | None = None
+    # LoRA finetuning before conversion (see finetune_plan); None: a plain conversion.
+    finetune: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +69,12 @@ def olive_passes(loaded: LoadedRecipe) -> dict[str, dict[str, Any]]:
     r = loaded.recipe
     if r.olive is not None and r.olive.passes is not None:
         return copy.deepcopy(dict(r.olive.passes))
+    passes: dict[str, dict[str, Any]] = {}
+    ft = r.finetune
+    if ft is not None:
+        passes["finetune"] = lora_pass(ft)
+        if ft.merge:  # a plain HF model with the adapter in its weights, converted as any model
+            passes["merge"] = {"type": "MergeAdapterWeights"}
     precision = r.target.precision
     mb: dict[str, Any] = {"type": "ModelBuilder", "precision": "fp32" if precision == "int8" else precision}
     if r.generation is not None:
@@ -74,10 +83,87 @@ def olive_passes(loaded: LoadedRecipe) -> dict[str, dict[str, Any]]:
             mb["search"] = search
     if r.olive is not None and r.olive.extra_options:
         mb["extra_options"] = dict(r.olive.extra_options)
-    passes: dict[str, dict[str, Any]] = {"builder": mb}
+    passes["builder"] = mb
     if precision == "int8":
         passes["quantize"] = {"type": "OnnxDynamicQuantization", "precision": "int8"}
+    if ft is not None and not ft.merge:
+        # The LoRA weights become optional graph inputs (the graph alone is the base model) and
+        # go to adapter_weights.onnx_adapter, which og.Adapters loads.
+        passes["extract"] = {"type": "ExtractAdapters", "save_format": "onnx_adapter"}
     return passes
+
+
+TRAIN_DATA = "train_data"
+
+
+def lora_pass(ft: Finetune) -> dict[str, Any]:
+    """Olive's LoRA (or QLoRA) pass for a recipe's `finetune:` section."""
+    spec: dict[str, Any] = {
+        "type": "QLoRA" if ft.method == "qlora" else "LoRA",
+        "train_data_config": TRAIN_DATA,
+        # LoRA trains in fp32 (exact, and the CPU's kernels); QLoRA computes in bf16 on its 4-bit base.
+        "torch_dtype": "bfloat16" if ft.method == "qlora" else "float32",
+        "training_args": {
+            "max_steps": ft.max_steps,
+            "learning_rate": ft.learning_rate,
+            "seed": ft.seed,
+            "data_seed": ft.seed,
+            "per_device_train_batch_size": ft.batch_size,
+        },
+        "r": ft.lora.r,
+        "alpha": ft.lora.alpha,
+        "lora_dropout": ft.lora.dropout,
+    }
+    if ft.lora.target_modules is not None:
+        spec["target_modules"] = list(ft.lora.target_modules)
+    return spec
+
+
+def data_configs(loaded: LoadedRecipe) -> list[dict[str, Any]]:
+    """The training data for Olive: the dataset's files as DATA_DIR/<i><suffix> (execute mounts them)."""
+    ft = loaded.recipe.finetune
+    if ft is None:
+        return []
+    names = dataset_names(loaded)
+    loader = "csv" if names and names[0].lower().endswith(".csv") else "json"
+    return [{
+        "name": TRAIN_DATA,
+        "type": "HuggingfaceContainer",
+        "load_dataset_config": {"data_name": loader, "split": "train",
+                                "data_files": [f"{DATA_DIR}/{i}{Path(n).suffix.lower()}" for i, n in enumerate(names)]},
+        "pre_process_data_config": {"text_template": ft.template, "chat_template": False,
+                                    "max_seq_len": ft.max_seq_len, "add_special_tokens": False},
+        "dataloader_config": {"batch_size": ft.batch_size},
+    }]
+
+
+def dataset_names(loaded: LoadedRecipe) -> list[str]:
+    """The dataset's files as the recipe names them (a local file, or files of the Hub dataset)."""
+    ft = loaded.recipe.finetune
+    if ft is None:
+        return []
+    if ft.dataset.path is not None:
+        return [ft.dataset.path]
+    return list(ft.dataset.files or [])
+
+
+def finetune_plan(loaded: LoadedRecipe) -> dict[str, Any] | None:
+    """What the worker needs beyond the Olive config: the adapter's name and mode, and the
+    settings and dataset to record. ``files`` are host paths of local datasets (execute mounts
+    them); a Hub dataset's are filled in by the pipeline once it is downloaded."""
+    ft = loaded.recipe.finetune
+    if ft is None:
+        return None
+    local = dataset_path(loaded.recipe, loaded.path)
+    ds = ft.dataset
+    return {
+        "adapter": ft.adapter,
+        "mode": "merged" if ft.merge else "adapter",
+        "method": ft.method,
+        "dataset": {"source": "file" if local is not None else "hub", "hub": ds.hub, "revision": ds.revision,
+                    "names": dataset_names(loaded), "files": [str(local)] if local is not None else []},
+        "settings": ft.model_dump(mode="json", exclude={"dataset", "adapter", "merge"}),
+    }
 
 
 def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
@@ -95,6 +181,7 @@ def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
                 ],
             }
         },
+        **({"data_configs": data_configs(loaded)} if r.finetune is not None else {}),
         "passes": olive_passes(loaded),
         "host": "target_system",
         "target": "target_system",
@@ -156,4 +243,5 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         license=r.model.license,
         description=r.description,
         evaluate=evaluate_settings(loaded),
+        finetune=finetune_plan(loaded),
     )

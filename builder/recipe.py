@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import _yaml
-from .contract import OCI_COMPONENT_RULE, OCI_TAG_RULE
+from .contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTER_TAG_SEPARATOR, OCI_COMPONENT_RULE, OCI_TAG_RULE
 from .errors import RecipeError
 
 Device = Literal["cpu", "cuda", "dml", "webgpu"]
@@ -164,6 +164,67 @@ class Evaluation(_Strict):
     speed: bool = Field(default=True, description="Measure load time, time to first token and tokens/s.")
 
 
+_COMMIT_RE = r"^[0-9a-f]{40}$"
+_MODULE_RE = r"^[A-Za-z_][A-Za-z0-9_.]{0,127}$"
+
+
+class DatasetSource(_Strict):
+    """The training data: a local JSONL, JSON or CSV file, or files of a Hub dataset at a pinned commit."""
+
+    path: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None, description="A local .jsonl, .json (array of objects) or .csv file, relative to the recipe."
+    )
+    hub: Annotated[str, Field(pattern=_HUB_ID_RE)] | None = Field(
+        default=None, description="A Hugging Face dataset id, e.g. databricks/databricks-dolly-15k."
+    )
+    revision: Annotated[str, Field(pattern=_COMMIT_RE)] | None = Field(
+        default=None, description="The dataset commit (40 hex digits): Hub datasets must be pinned."
+    )
+    files: Annotated[list[Annotated[str, Field(min_length=1, max_length=512)]], Field(min_length=1, max_length=64)] \
+        | None = Field(default=None, description="Files of the Hub dataset to train on (.jsonl, .json or .csv).")
+
+
+class LoraSettings(_Strict):
+    r: Annotated[int, Field(ge=1, le=512)] = Field(default=8, description="LoRA rank.")
+    alpha: Annotated[float, Field(gt=0, le=4096)] = Field(default=16.0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.05, description="LoRA dropout while training.")
+    target_modules: Annotated[list[Annotated[str, Field(pattern=_MODULE_RE)]], Field(min_length=1, max_length=64)] \
+        | None = Field(default=None, description="Module names to adapt, e.g. [q_proj, v_proj]; default: peft's "
+                                                "choice for the architecture.")
+
+    @field_validator("alpha", "dropout", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class Finetune(_Strict):
+    """LoRA finetuning with Olive before conversion: an onnxruntime-genai adapter beside the base model,
+    or (merge: true) a plain model with the adapter merged into its weights."""
+
+    adapter: Annotated[str, Field(pattern=f"^{ADAPTER_NAME_RULE}$", max_length=ADAPTER_NAME_MAX)] = Field(
+        default="adapter", description="The adapter's name: requests pick it with model: \"<name>:<adapter>\"."
+    )
+    method: Literal["lora", "qlora"] = Field(default="lora", description="lora, or qlora (4-bit base; CUDA only).")
+    dataset: DatasetSource
+    template: Annotated[str, Field(min_length=1, max_length=8192)] = Field(
+        description="How a dataset row becomes training text, e.g. "
+        "\"### Question: {instruction}\\n### Answer: {response}\"; every {field} must be a dataset column."
+    )
+    max_steps: Annotated[int, Field(ge=1, le=1_000_000)] = Field(description="Training steps.")
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = Field(default=2e-4, description="Learning rate.")
+    max_seq_len: Annotated[int, Field(ge=8, le=131072)] = Field(default=512, description="Tokens per training sample.")
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = Field(default=1, description="Samples per step.")
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = Field(default=0, description="Seed of the training run.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    merge: bool = Field(default=False, description="Merge the adapter into the weights and build a plain model.")
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _int_is_a_float(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 class Recipe(_Strict):
     """A recipe file: one model, one target."""
 
@@ -180,6 +241,12 @@ class Recipe(_Strict):
         default=None,
         description="Evaluation before packaging (on by default): false turns it off, a mapping sets gates, text, "
         "max_tokens and speed.",
+    )
+
+    finetune: Finetune | None = Field(
+        default=None,
+        description="Finetune with LoRA before conversion (Olive's LoRA pass): the build delivers the base model "
+        "and an onnxruntime-genai adapter, or with merge: true a plain model.",
     )
 
     @field_validator("evaluate", mode="before")
@@ -301,6 +368,8 @@ def load(path: str | Path) -> LoadedRecipe:
     if recipe is not None:
         for key_path, message in semantic_problems(recipe):
             problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
+        for key_path, message in finetune_problems(recipe, path):
+            problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
         for key_path, message in evaluation_problems(recipe, path):
             problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
         for key_path, message in tag_problems(recipe, path.stem) + model_path_problems(recipe, path):
@@ -339,9 +408,13 @@ def tag_problems(recipe: Recipe, target: str) -> list[tuple[tuple[Any, ...], str
     out = target_problems(target)
     if out:
         return out
-    tag = f"{recipe.version}-{target}{_LONGEST_SUFFIX}"
+    suffix = _LONGEST_SUFFIX
+    ft = recipe.finetune
+    if ft is not None and not ft.merge and len(ADAPTER_TAG_SEPARATOR + ft.adapter) > len(suffix):
+        suffix = ADAPTER_TAG_SEPARATOR + ft.adapter  # the adapter's own tag: <version>-<target>--<adapter>
+    tag = f"{recipe.version}-{target}{suffix}"
     if not _OCI_TAG.match(tag):
-        out.append((("version",), f"the tags this recipe makes, e.g. {tag!r} (<version>-<target>{_LONGEST_SUFFIX}), "
+        out.append((("version",), f"the tags this recipe makes, e.g. {tag!r} (<version>-<target>{suffix}), "
                                   f"are {len(tag)} characters; an OCI tag has at most 128 (rule {OCI_TAG_RULE}): "
                                   "shorten the version or the file name"))
     return out
@@ -381,6 +454,81 @@ def evaluation_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[A
     if text is not None and not text.is_file():
         return [(("evaluate", "text"), f"{text} is not a file; name a UTF-8 text file, relative to the recipe")]
     return []
+
+
+def dataset_path(recipe: Recipe, recipe_path: Path) -> Path | None:
+    """A finetune recipe's local dataset file, resolved against the recipe file; None otherwise."""
+    ft = recipe.finetune
+    if ft is None or ft.dataset.path is None:
+        return None
+    p = Path(ft.dataset.path).expanduser()
+    return p if p.is_absolute() else (recipe_path.parent / p).resolve()
+
+
+def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
+    """`finetune:` as a whole: the dataset is there and has every column the template names
+    (read row by row here, before any container starts), and the target can carry an adapter."""
+    from . import dataset
+
+    ft = recipe.finetune
+    if ft is None:
+        return []
+    out: list[tuple[tuple[Any, ...], str]] = []
+    ds, t = ft.dataset, recipe.target
+    if (ds.path is None) == (ds.hub is None):
+        out.append((("finetune", "dataset"), "give exactly one of `path` (a local .jsonl/.json/.csv file) or `hub` "
+                                            "(a Hugging Face dataset id with `revision` and `files`)"))
+    elif ds.path is not None:
+        for key in ("revision", "files"):
+            if getattr(ds, key) is not None:
+                out.append((("finetune", "dataset", key), f"`{key}` applies to `hub` datasets only"))
+    else:
+        if ds.revision is None:
+            out.append((("finetune", "dataset"), "a Hub dataset must be pinned: add `revision: <40-hex commit>` "
+                                                "(the commit shown on the dataset's Hub page)"))
+        if ds.files is None:
+            out.append((("finetune", "dataset"), "name the dataset's files to train on: `files: [train.jsonl]`"))
+        for i, name in enumerate(ds.files or []):
+            parts = Path(name).parts
+            if name.startswith("/") or ".." in parts or "\\" in name:
+                out.append((("finetune", "dataset", "files", i), f"{name!r} must be a path inside the dataset "
+                                                                  "repository (no '/', '..' or '\\' tricks)"))
+            elif Path(name).suffix.lower() not in dataset.FORMATS:
+                out.append((("finetune", "dataset", "files", i), f"{name!r}: use .jsonl, .json or .csv files"))
+    fields: list[str] = []
+    try:
+        fields = dataset.template_fields(ft.template)
+    except dataset.DatasetError as e:
+        out.append((("finetune", "template"), str(e)))
+    local = dataset_path(recipe, recipe_path)
+    if local is not None:
+        shown = ds.path or str(local)
+        if any(local == root or root in local.parents for root in _PSEUDO_ROOTS):
+            out.append((("finetune", "dataset", "path"), f"{shown!r} lies under a kernel pseudo-filesystem; "
+                                                        "name a dataset file"))
+        elif not local.is_file():
+            out.append((("finetune", "dataset", "path"), f"{local} is not a file; name a .jsonl, .json or .csv file, "
+                                                        "relative to the recipe"))
+        elif local.suffix.lower() not in dataset.FORMATS:
+            out.append((("finetune", "dataset", "path"), f"{shown!r}: use a .jsonl, .json or .csv file"))
+        elif fields:
+            try:
+                dataset.check([(shown, local)], fields)
+            except dataset.DatasetError as e:
+                out.append((("finetune", "template" if "of the template is missing" in str(e) else "dataset"),
+                            "the dataset does not fit the template:\n    " + str(e).replace("\n", "\n    ")))
+            except OSError as e:
+                out.append((("finetune", "dataset", "path"), f"{shown!r} cannot be read: {e.strerror or e}"))
+    if ft.method == "qlora" and t.device != "cuda":
+        out.append((("finetune", "method"), "QLoRA trains on a 4-bit base with bitsandbytes' CUDA kernels: it needs "
+                                           "device cuda; use method: lora"))
+    if not ft.merge and t.precision == "int8":
+        out.append((("finetune", "merge"), "an adapter needs the base graph's LoRA inputs, which int8's dynamic "
+                                          "quantization does not keep: use merge: true, or precision int4 or fp32"))
+    if recipe.olive is not None and recipe.olive.passes is not None:
+        out.append((("olive", "passes"), "`finetune` plans its own passes (LoRA, ModelBuilder, adapter extraction); "
+                                        "leave `olive.passes` out (olive.extra_options still tunes ModelBuilder)"))
+    return out
 
 
 def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,9 @@ from typing import Any
 
 from .check import check_target
 from .contract import (
+    ADAPTERS_DIR,
     CACHE_DIR,
+    DATA_DIR,
     EVENT_PREFIX,
     MODEL_DIR,
     OUTPUT_DIR,
@@ -36,7 +39,9 @@ from .contract import (
     RecordError,
     WorkerResult,
     WorkerSpec,
+    adapter_file,
     atomic_write,
+    sha256_file,
 )
 from .errors import BuilderError, CheckError
 from .hub import HUB_IGNORE
@@ -191,6 +196,11 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         event("auth", "a Hugging Face token is available to this build")
     model_dir, resolved = fetch_model(step["model"], spec.model_dir)
     values = {MODEL_DIR: model_dir, OUTPUT_DIR: str(output), CACHE_DIR: str(olive_cache)}
+    finetune = step.get("finetune")
+    if finetune:
+        # The planned data_files name DATA_DIR/<i><suffix>; the dataset is where this process sees it.
+        for i, seen in enumerate(finetune["dataset"].get("files") or []):
+            values[f"{DATA_DIR}/{i}{Path(seen).suffix.lower()}"] = seen
     config = substitute(step["olive_config"], values)
     config_path = meta / "olive-config.json"
     config_path.write_text(json.dumps(config, indent=2))
@@ -210,17 +220,12 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         }
     )
     passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step["olive_config"]["passes"].items())
-    event("convert", f"olive run: {passes}")
+    event("finetune" if finetune else "convert", f"olive run: {passes}")
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "olive", "run", "--config", str(config_path)],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    code, train_loss = _olive_run(config_path, env, watch_loss=bool(finetune))
     olive_seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        raise WorkerFailure("olive_failed", f"Olive failed: olive run exited with code {proc.returncode}.")
+    if code != 0:
+        raise WorkerFailure("olive_failed", f"Olive failed: olive run exited with code {code}.")
     if not (output / "genai_config.json").is_file():
         # Olive exits 0 when a pass fails ("No output model produced").
         raise WorkerFailure(
@@ -232,17 +237,28 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         if (output / name).exists():
             shutil.move(str(output / name), str(meta / name))
 
+    tuned = finetune_outcome(finetune, output, meta, train_loss) if finetune else None
+    adapters = {a["name"]: output / a["file"] for a in tuned["adapters"] if a.get("file")} if tuned else {}
+
     device = step.get("device") or "cpu"
-    event("check", "loading the model with onnxruntime-genai and generating tokens")
+    event("check", "loading the model with onnxruntime-genai and generating tokens"
+          + (f", with no adapter and with {', '.join(adapters)}" if adapters else ""))
     try:
         # Without the target's hardware: the same graph on the CPU, from a copy outside the model folder.
-        report, checked = check_target(output, device, scratch=meta / "cpu-cross-check")
+        report, checked = check_target(output, device, scratch=meta / "cpu-cross-check", adapters=adapters)
     except CheckError as e:
         raise WorkerFailure("check_failed", e.message, e.hint or "") from None
     how = "natively" if report.reason is None else f"by a CPU cross-check ({report.reason})"
     event("check", f"generated {len(report.generated_ids)} tokens from a {report.prompt_tokens}-token prompt, {how}")
-    evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
-    return {
+    under_test = None
+    if tuned is not None:
+        from .evaluate import AdapterUnderTest
+
+        entry = tuned["adapters"][0]
+        under_test = AdapterUnderTest(name=entry["name"], peft_dir=Path(tuned.pop("peft_dir")),
+                                      onnx_adapter=adapters.get(entry["name"]))
+    evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason, adapter=under_test)
+    out: dict[str, Any] = {
         "ok": True,
         "resolved_revision": resolved,
         "versions": tool_versions(),
@@ -250,9 +266,80 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         "olive_seconds": round(olive_seconds, 3),
         "evaluation": evaluation,
     }
+    if tuned is not None:
+        out["finetune"] = tuned
+    return out
 
 
-def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross_check: str | None = None) -> dict[str, Any]:
+_LOSS = re.compile(r"'train_loss': '?([0-9.eE+-]+)")
+
+
+def _olive_run(config_path: Path, env: dict[str, str], *, watch_loss: bool) -> tuple[int, float | None]:
+    """``olive run``, its output streamed as it comes; with ``watch_loss``, the final training
+    loss the Hugging Face trainer prints (``{'train_runtime': ..., 'train_loss': ...}``)."""
+    argv = [sys.executable, "-m", "olive", "run", "--config", str(config_path)]
+    if not watch_loss:
+        return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, check=False).returncode, None
+    loss: float | None = None
+    with subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None  # noqa: S101 - stdout=PIPE above
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace")
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            match = _LOSS.search(line)
+            if match:
+                try:
+                    loss = float(match.group(1))
+                except ValueError:
+                    pass
+        return proc.wait(), loss
+
+
+def finetune_outcome(finetune: dict[str, Any], output: Path, meta: Path, train_loss: float | None) -> dict[str, Any]:
+    """After a finetuning ``olive run``: put the adapter where the contract says, and describe
+    it (dataset, settings, training time and loss) for the build record."""
+    nodes: dict[str, Any] = {}
+    try:
+        footprint = json.loads((meta / "footprint.json").read_text(encoding="utf-8"))
+        nodes = footprint if isinstance(footprint, dict) else {}
+    except (OSError, ValueError):
+        pass
+    train = next((n for n in nodes.values() if isinstance(n, dict) and n.get("from_pass") in ("lora", "qlora")), None)
+    if train is None:
+        raise WorkerFailure("olive_failed", "Olive finished without a finetuning step in its footprint.",
+                            "The build log above shows what the LoRA pass did.")
+    peft_dir = ((train.get("model_config_data") or {}).get("config") or {}).get("adapter_path")
+    if not peft_dir or not (Path(peft_dir) / "adapter_config.json").is_file():
+        raise WorkerFailure("olive_failed", "Olive's LoRA pass left no PEFT adapter (adapter_config.json).")
+    seconds = {k: max(0.0, float(n.get("end_time") or 0) - float(n.get("start_time") or 0))
+               for k, n in nodes.items() if isinstance(n, dict) and n.get("from_pass")}
+    training = {"seconds": round(seconds.get(train.get("model_id", ""), 0.0), 3),
+                "conversion_seconds": round(sum(v for k, v in seconds.items() if k != train.get("model_id")), 3),
+                "loss": train_loss}
+    entry: dict[str, Any] = {
+        "name": finetune["adapter"],
+        "file": None,
+        "dataset": {k: v for k, v in finetune["dataset"].items() if k not in ("files", "dir")},
+        "settings": finetune["settings"],
+        "training": training,
+    }
+    if finetune["mode"] == "adapter":
+        produced = output / "adapter_weights.onnx_adapter"
+        if not produced.is_file():
+            raise WorkerFailure("olive_failed", "Olive's ExtractAdapters pass produced no adapter_weights.onnx_adapter.")
+        dest = adapter_file(output, finetune["adapter"])
+        dest.parent.mkdir(exist_ok=True)
+        os.replace(produced, dest)
+        entry.update(file=f"{ADAPTERS_DIR}/{dest.name}", sha256=sha256_file(dest), size=dest.stat().st_size)
+    event("finetune", f"trained {finetune['settings'].get('max_steps')} steps in {training['seconds']:.1f} s"
+          + (f", final loss {train_loss:.4f}" if train_loss is not None else ""))
+    return {"mode": finetune["mode"], "method": finetune["method"], "adapters": [entry], "peft_dir": str(peft_dir)}
+
+
+def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross_check: str | None = None,
+                   adapter: Any = None) -> dict[str, Any]:
     """The evaluation stage: the checked model against its source; a gate failure fails the build.
 
     With ``cross_check`` (why the target's hardware is missing) ``output`` is the CPU copy the
@@ -278,6 +365,7 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross
             settings=settings,
             trust_remote_code=bool(step["model"].get("trust_remote_code")),
             on_progress=lambda message: event("evaluate", message),
+            **({"adapter": adapter} if adapter is not None else {}),
         )
         if cross_check is not None and wanted_speed:
             result.speed = {"measured": False, "reason": f"speed not measured: cpu-cross-check ({cross_check})"}
