@@ -141,6 +141,15 @@ class AdapterLoadError(Exception):
     """An adapter of the model folder cannot be served: the server must not start."""
 
 
+def _ort_message(e: BaseException, limit: int = 300) -> str:
+    """An onnxruntime error on one line, without the C++ source location and signature it starts with."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    # "/onnxruntime_src/onnxruntime/lora/x.cc:93 const Foo* Bar(...) The buffer ..." -> "The buffer ..."
+    text = re.sub(r"^\S+\.(?:cc|cpp|h):\d+ .*?\) (?=[A-Z])", "", text)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
 # ---------------------------------------------------------------------------- the model
 
 
@@ -202,9 +211,8 @@ class ModelRunner:
             try:
                 adapters.load(str(path), name)
             except Exception as e:  # noqa: BLE001 - reported as what it is: this adapter is bad
-                detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise AdapterLoadError(f"the adapter `{name}` ({path}) cannot be loaded: {detail}. Rebuild it, or "
-                                       f"remove it from {where} to serve the model without it") from None
+                raise AdapterLoadError(f"the adapter `{name}` ({path}) cannot be loaded: {_ort_message(e)} Rebuild "
+                                       f"it, or remove it from {where} to serve the model without it") from None
         self.adapters = adapters
         self.adapter_names = tuple(found)
 
@@ -744,9 +752,10 @@ class Server:
             try:
                 runner.generate(ids, Sampling(temperature=0), 1, threading.Event(), lambda piece: None, adapter=name)
             except Exception as e:  # noqa: BLE001 - reported as what it is: this adapter is bad
-                detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise AdapterLoadError(f"the adapter `{name}` loads but cannot generate with this model: {detail}. "
-                                       "Was it trained on another base model?") from None
+                raise AdapterLoadError(f"the adapter `{name}` loads but cannot generate with this model "
+                                       f"({_ort_message(e)}): was it trained on another base model? Rebuild it, or "
+                                       f"remove it from {self.folder / ADAPTERS_DIR} to serve the model without it") \
+                    from None
         if self.engine is not None:
             done = threading.Event()
             result: list[Any] = []
