@@ -21,13 +21,26 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import oci, referrers, sign
-from .contract import KEY_ANNOTATION, SERVE_SUFFIX, atomic_write, key_tag
+from .contract import (
+    ADAPTER_ANNOTATION,
+    ADAPTER_ARTIFACT_TYPE,
+    ADAPTER_BASE_ANNOTATION,
+    ADAPTER_MEDIA_TYPE,
+    ADAPTER_SUFFIX,
+    ADAPTERS_ANNOTATION,
+    ADAPTERS_DIR,
+    KEY_ANNOTATION,
+    SERVE_SUFFIX,
+    adapter_tag,
+    atomic_write,
+    key_tag,
+)
 from .errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
 from .package import MODEL_ROOT
 from .registry import Reference, Registry, parse_reference, repository
@@ -46,6 +59,72 @@ class PushReport:
     total_bytes: int = 0
     referrers: int = 0  # referrer manifests (SBOM, provenance, evaluation, signatures) pushed
     referrer_uploaded_bytes: int = 0  # bytes of their blobs the registry did not have
+    adapters: int = 0  # adapter manifests pushed (their blobs count in uploaded/existing/mounted)
+
+
+@dataclass(frozen=True)
+class LocalAdapter:
+    """An adapter artifact in the local store: its name, manifest descriptor and manifest."""
+
+    name: str
+    desc: oci.Descriptor
+    manifest: dict[str, Any]
+
+
+def local_adapters(store: oci.Store, name: str, base_digest: str) -> list[LocalAdapter]:
+    """The adapters the local store lists among the referrers of ``name``'s manifest ``base_digest``."""
+    out: dict[str, LocalAdapter] = {}
+    for d in referrers.list_local(store, name, base_digest):
+        if d.artifact_type != ADAPTER_ARTIFACT_TYPE:
+            continue
+        manifest = oci.parse_manifest(store.read_bytes(d.digest), f"{name}@{d.digest}")
+        found = adapter_of(manifest, f"{name}@{d.digest}")
+        out.setdefault(found.name, LocalAdapter(found.name, d, manifest))
+    return [out[n] for n in sorted(out)]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter manifest says, checked: its name, its one layer, its base manifest."""
+
+    name: str
+    layer: oci.Descriptor
+    base: oci.Descriptor
+
+
+def adapter_of(manifest: dict[str, Any], shown: str) -> AdapterInfo:
+    """The adapter a manifest (``parse_manifest``'s) describes; ContentError unless it is exactly
+    what packaging writes: one layer of the adapter media type, a valid adapter name, a subject
+    that is an image manifest whose digest the base annotation repeats."""
+    from .package import valid_adapter_name
+
+    def refuse(why: str) -> ContentError:
+        return ContentError(f"{shown} is not a valid adapter artifact: {why}; refused.",
+                            hint="This content was not made by olive-builder or was tampered with; do not use it.")
+
+    if manifest.get("artifactType") != ADAPTER_ARTIFACT_TYPE:
+        raise refuse(f"its artifactType is not {ADAPTER_ARTIFACT_TYPE}")
+    if oci.Descriptor.from_json(manifest["config"]).media_type != oci.ADAPTER_CONFIG:
+        raise refuse(f"its config is not {oci.ADAPTER_CONFIG}")
+    layers = [oci.Descriptor.from_json(d) for d in manifest["layers"]]
+    if len(layers) != 1 or layers[0].media_type != ADAPTER_MEDIA_TYPE:
+        raise refuse(f"it must hold exactly one layer of {ADAPTER_MEDIA_TYPE}")
+    ann = manifest.get("annotations") or {}
+    name = ann.get(ADAPTER_ANNOTATION, "")
+    if not valid_adapter_name(name):
+        raise refuse(f"its adapter name {name[:80]!r} is not a valid adapter name")
+    subject = manifest.get("subject")
+    if not isinstance(subject, dict):
+        raise refuse("it names no base manifest (subject)")
+    try:
+        base = oci.Descriptor.from_json(subject)
+    except (KeyError, TypeError, ValueError):
+        raise refuse("its subject is not a descriptor") from None
+    if base.media_type != oci.MANIFEST or not oci.valid_digest(base.digest) or not 0 < base.size <= (4 << 20):
+        raise refuse("its subject is not an OCI image manifest with a sha256 digest and a size")
+    if ann.get(ADAPTER_BASE_ANNOTATION) != base.digest:
+        raise refuse(f"its {ADAPTER_BASE_ANNOTATION} annotation does not name its subject {base.digest}")
+    return AdapterInfo(name, layers[0], base)
 
 
 def manifest_blobs(manifest: dict[str, Any]) -> list[oci.Descriptor]:
@@ -87,21 +166,39 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
          on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None) -> PushReport:
     """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag``."""
     report = PushReport()
-    items = []
+    items: list[tuple[str, str, str, oci.Descriptor, dict[str, Any]]] = []
+    # (tag, adapter) to push after each manifest; an adapter's base goes up first (by digest when
+    # the adapter alone was asked for: the base's tag may name a newer build by now)
+    adapters: dict[str, list[tuple[str, LocalAdapter]]] = {}
     for ref in refs:
         desc, manifest = local_manifest(store, ref)
         name, _, tag = ref.rpartition(":")
         repo = repository(namespace, name)
+        if manifest.get("artifactType") == ADAPTER_ARTIFACT_TYPE:
+            info = adapter_of(manifest, ref)
+            if not store.has(info.base.digest):
+                raise StoreError(f"The local store lacks {info.base.digest}, the base model of the adapter {ref}.",
+                                 hint="Package or pull the base model again.")
+            base_manifest = oci.parse_manifest(store.read_bytes(info.base.digest), f"{name}@{info.base.digest}")
+            if not any(d.digest == info.base.digest for _r, _rp, _t, d, _m in items):
+                items.append((f"{name}@{info.base.digest}", repo, info.base.digest, info.base, base_manifest))
+            adapters.setdefault(info.base.digest, []).append((tag, LocalAdapter(info.name, desc, manifest)))
+            continue
         items.append((ref, repo, tag, desc, manifest))
+        if manifest.get("artifactType") == oci.MODEL_ARTIFACT:
+            adapters[desc.digest] = [(adapter_tag(tag, a.name), a) for a in local_adapters(store, name, desc.digest)]
     registry = Registry(host, insecure=insecure)
     known = _locations(store).get(host, {})
     # The referrers' blobs (SBOMs, statements, signatures: kilobytes) go up on a second connection
     # while the model's layers upload, so attaching them adds almost nothing to a push's time.
-    side = _ReferrerBlobs(store, host, insecure, [(repo, ref.rpartition(":")[0], desc) for ref, repo, _t, desc, _m in items])
+    side = _ReferrerBlobs(store, host, insecure, [(repo, _name_of(ref), desc) for ref, repo, _t, desc, _m in items])
     try:
         done: set[tuple[str, str]] = set()
-        for ref, repo, _tag, _desc, manifest in items:
-            for blob in manifest_blobs(manifest):
+        for ref, repo, _tag, desc, manifest in items:
+            blobs = manifest_blobs(manifest)
+            for _t, adapter in adapters.get(desc.digest, []):
+                blobs += manifest_blobs(adapter.manifest)
+            for blob in blobs:
                 if (repo, blob.digest) in done:
                     continue
                 path = store.blob_path(blob.digest)
@@ -123,10 +220,13 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
                     on_bytes(blob.size)
                 label = _label(blob)
                 on_event("push", f"{status:8} {blob.digest[:19]} {_human(blob.size):>9}  {label}")
-            _remember(store, host, repo, [b.digest for b in manifest_blobs(manifest)])
+            _remember(store, host, repo, [b.digest for b in blobs])
         for _ref, repo, tag, desc, manifest in items:
             data = store.read_bytes(desc.digest)
             digest = registry.put_manifest(repo, tag, data, desc.media_type)
+            if tag == desc.digest:  # a base pushed for its adapter: by digest, no tag moved
+                on_event("push", f"put      {host}/{repo}@{digest}")
+                continue
             remote = f"{host}/{repo}:{tag}"
             report.pushed.append((remote, digest))
             on_event("push", f"tagged   {remote}@{digest}")
@@ -137,14 +237,38 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
         # Referrer manifests last: a registry lists a referrer only once its subject is there.
         blobs_pushed = side.join()
         for ref, repo, _tag, desc, _manifest in items:
-            attached = referrers.push_referrers(store, registry, repo, ref.rpartition(":")[0], desc, on_event=on_event,
+            attached = referrers.push_referrers(store, registry, repo, _name_of(ref), desc, on_event=on_event,
                                                 blobs_pushed=blobs_pushed[desc.digest])
             report.referrers += attached.manifests
             report.referrer_uploaded_bytes += attached.uploaded_bytes
+            for tag, adapter in adapters.get(desc.digest, []):
+                digest = _push_adapter(store, registry, repo, _name_of(ref), desc, tag, adapter, on_event)
+                report.pushed.append((f"{host}/{repo}:{tag}", digest))
+                report.adapters += 1
     finally:
         side.join(raise_errors=False)
         registry.close()
     return report
+
+
+def _name_of(ref: str) -> str:
+    """The repository part of a local ``name:tag`` or ``name@digest``."""
+    return ref.partition("@")[0] if "@" in ref else ref.rpartition(":")[0]
+
+
+def _push_adapter(store: oci.Store, registry: Registry, repo: str, name: str, base: oci.Descriptor, tag: str,
+                  adapter: LocalAdapter, on_event: Event) -> str:
+    """PUT an adapter manifest (its blobs are up), list it among its base's referrers (the API, or
+    the tag schema's index on registries without one), tag it, and push its signature."""
+    data = store.read_bytes(adapter.desc.digest)
+    api = referrers.put_referrer(registry, repo, data)
+    if not api:
+        referrers.put_referrer(registry, repo, data, referrers.referrer_tag(base.digest, adapter.desc.digest))
+        referrers.update_tag_index(registry, repo, base.digest, [adapter.desc], on_event=on_event)
+    digest = registry.put_manifest(repo, tag, data, oci.MANIFEST)
+    on_event("push", f"tagged   {registry.host}/{repo}:{tag}@{digest}  (adapter {adapter.name})")
+    referrers.push_referrers(store, registry, repo, name, adapter.desc, on_event=on_event)
+    return digest
 
 
 class _ReferrerBlobs:
@@ -200,10 +324,12 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
           on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
           on_start: Callable[[int], None] = lambda total: None,
           verify: Callable[[Any, str], None] | None = None, name_it: bool = True,
+          verify_adapter: Callable[[Any, str], None] | None = None,
           ) -> tuple[str, oci.Descriptor, dict[str, Any]]:
     """Make ``ref``'s manifest (and, with ``layers``, its blobs) present and verified in ``store``.
     ``verify(content, digest)`` (see ``referrers.LocalContent``) runs once the manifest's digest is
-    known and before any blob is downloaded; it raises to refuse the content."""
+    known and before any blob is downloaded; it raises to refuse the content. Where the manifest
+    is an adapter's, ``verify_adapter`` (if given) runs instead."""
     if ref.registry is None:
         if ref.digest:
             for name, d in store.refs().items():
@@ -211,11 +337,21 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
                     found = (name, *local_manifest(store, name))
                     break
             else:
-                raise StoreError(f"No manifest {ref.digest} in the local store {store.root}.")
+                if not store.has(ref.digest):  # an adapter's base may be untagged by now
+                    raise StoreError(f"No manifest {ref.digest} in the local store {store.root}.")
+                data = store.read_bytes(ref.digest)
+                if oci.digest_bytes(data) != ref.digest:
+                    raise ContentError(f"The local store's copy of {ref.digest} is damaged.",
+                                       hint="Rebuild or pull it again.")
+                m = oci.parse_manifest(data, str(ref))
+                found = (f"{ref.repository}@{ref.digest}",
+                         oci.Descriptor(oci.MANIFEST, ref.digest, len(data), artifact_type=m.get("artifactType")), m)
         else:
             found = (f"{ref.repository}:{ref.tag}", *local_manifest(store, f"{ref.repository}:{ref.tag}"))
         if verify is not None:
-            verify(referrers.LocalContent(store, found[0].rpartition(":")[0]), found[1].digest)
+            check = verify_adapter if verify_adapter and found[2].get("artifactType") == ADAPTER_ARTIFACT_TYPE \
+                else verify
+            check(referrers.LocalContent(store, ref.repository), found[1].digest)
         return found
     registry = Registry(ref.registry, insecure=insecure)
     try:
@@ -229,7 +365,9 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
                                "it is not a model built by olive-builder.")
         manifest = oci.parse_manifest(data, str(ref))  # shape and size, before anything is downloaded
         if verify is not None:
-            verify(referrers.RemoteContent(registry, ref.repository), digest)
+            check = verify_adapter if verify_adapter and manifest.get("artifactType") == ADAPTER_ARTIFACT_TYPE \
+                else verify
+            check(referrers.RemoteContent(registry, ref.repository), digest)
         blobs = manifest_blobs(manifest) if layers else manifest_blobs(manifest)[:1]
         on_start(sum(b.size for b in blobs if not store.has(b.digest)))  # bytes to download
         for blob in blobs:
@@ -361,10 +499,37 @@ def _unpack(store: oci.Store, layer: oci.Descriptor, dest: Path, shown: str, bud
                            "it was damaged or tampered with.", hint="Pull it again from the registry.")
 
 
+def _write_adapter(store: oci.Store, adapter: AdapterInfo, model: Path, shown: str) -> None:
+    """Copy a stored adapter blob to ``model/adapters/<name>.onnx_adapter``, checking its digest and
+    size on the way (the name was checked by ``adapter_of``: no path can come out of it)."""
+    folder = model / ADAPTERS_DIR
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise ContentError(f"{shown}: the base model holds {ADAPTERS_DIR} as something else than a folder; refused.")
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{adapter.name}{ADAPTER_SUFFIX}"
+    try:
+        with store.open_blob(adapter.layer.digest) as src, target.open("xb") as out:
+            reader = _HashingReader(src)
+            while chunk := reader.read(oci.CHUNK):
+                out.write(chunk)
+                if reader.size > adapter.layer.size:
+                    break
+    except FileExistsError:
+        raise ContentError(f"{shown}: the base model already holds {ADAPTERS_DIR}/{adapter.name}{ADAPTER_SUFFIX}; "
+                           "refused.") from None
+    except OSError as e:
+        raise ContentError(f"{shown}: the adapter {adapter.name} cannot be written here: {e.strerror or e}.") from None
+    if "sha256:" + reader.hash.hexdigest() != adapter.layer.digest or reader.size != adapter.layer.size:
+        raise ContentError(f"{shown}: the stored adapter blob {adapter.layer.digest} does not match its digest or "
+                           "size; it was damaged or tampered with.", hint="Pull it again from the registry.")
+
+
 def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force: bool, shown: str,
-                check: Callable[[Path], None] | None = None) -> Path:
+                check: Callable[[Path], None] | None = None, adapters: Sequence[AdapterInfo] = ()) -> Path:
     """Unpack the model layers of ``manifest`` into ``dest``, all or nothing. ``check(folder)`` may
-    refuse the unpacked folder (a model signature) before it is put in place."""
+    refuse the unpacked folder (a model signature) before it is put in place. ``adapters`` (whose
+    blobs are in the store) go into its adapters/ folder once the base is checked, as a build
+    writes them."""
     from .check import check_files
 
     dest = dest.absolute()
@@ -384,6 +549,8 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
         check_files(model)
         if check is not None:
             check(model)
+        for adapter in adapters:
+            _write_adapter(store, adapter, model, shown)
         if force and dest.exists():
             os.replace(dest, work / "previous")
         try:
@@ -397,6 +564,71 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
     return dest
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """A reference made present in the store: its name, manifest descriptor and manifest; for an
+    adapter also the adapter and its base model's manifest (``model``: what to unpack)."""
+
+    name: str
+    desc: oci.Descriptor
+    manifest: dict[str, Any]
+    model: dict[str, Any]
+    adapter: AdapterInfo | None = None
+    base_guard: Any = None
+
+
+def fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None = None,
+                on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
+                on_start: Callable[[int], None] = lambda total: None, verify_key: Path | None = None,
+                signature_out: Path | None = None, name_it: bool = True) -> Fetched:
+    """``fetch`` of a model, an image or an adapter. An adapter brings its base: the manifest its
+    ``subject`` names, fetched by digest from the same repository and required to be a model
+    artifact (one hop: an adapter's base is never followed further). With ``verify_key`` both
+    manifests must be signed by it; the model signature (``signature_out``) is the base's."""
+    guard = sign.PullGuard(str(ref), verify_key, signature_out)
+    name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
+                                 on_start=on_start, name_it=False,
+                                 verify=guard.verify if guard.active else None, verify_adapter=_adapter_check(guard))
+    if manifest.get("artifactType") != ADAPTER_ARTIFACT_TYPE:
+        if name_it:
+            store.tag(name, desc)
+        return Fetched(name, desc, manifest, manifest, None, guard)
+    adapter = adapter_of(manifest, str(ref))
+    base_ref = Reference(ref.registry, ref.repository, None, adapter.base.digest)
+    base_guard = sign.PullGuard(f"{ref} (its base {adapter.base.digest})", verify_key, signature_out)
+    try:
+        _, base_desc, base = fetch(base_ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
+                                   on_start=on_start, name_it=False,
+                                   verify=base_guard.verify if base_guard.active else None)
+    except StoreError:
+        raise StoreError(f"The local store lacks {adapter.base.digest}, the base model of the adapter {ref}.",
+                         hint="Package or pull the base model again.") from None
+    if base_desc.digest != adapter.base.digest:
+        raise ContentError(f"{ref}: its base {adapter.base.digest} came back as {base_desc.digest}; refused.")
+    if base.get("artifactType") != oci.MODEL_ARTIFACT:
+        raise ContentError(f"{ref}: its base {adapter.base.digest} is not a model artifact "
+                           f"({base.get('artifactType') or 'no artifactType'}); refused.",
+                           hint="This content was not made by olive-builder or was tampered with; do not use it.")
+    names = [n for n in ((base.get("annotations") or {}).get(ADAPTERS_ANNOTATION) or "").split(",") if n]
+    if names and adapter.name not in names:
+        raise ContentError(f"{ref}: its base {adapter.base.digest} lists the adapters {', '.join(names)}, "
+                           f"not {adapter.name}; refused.")
+    if name_it:
+        store.tag(name, desc)
+    return Fetched(name, desc, manifest, base, adapter, base_guard)
+
+
+def _adapter_check(guard: sign.PullGuard) -> Callable[[Any, str], None]:
+    """The guard's check for an adapter manifest: only its cosign signature (it has no model
+    signature of its own; the base's covers the base's files, and the adapter's manifest names
+    its file by digest)."""
+    def verify(content: Any, digest: str) -> None:
+        if guard.key is not None:
+            sign.verify_signature(content, digest, guard.key, guard.shown)
+
+    return verify
+
+
 def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, insecure: bool | None = None,
          on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
          on_start: Callable[[int], None] = lambda total: None, verify_key: Path | None = None,
@@ -404,18 +636,20 @@ def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, in
     """Fetch ``ref_text`` into ``dest``. With ``verify_key`` (a public key), content without a cosign
     signature by it is refused before any blob is downloaded, and the unpacked files must match
     the model's OpenSSF signature by it before the folder is put in place. ``signature_out``
-    receives that model signature (for ``model_signing verify``)."""
+    receives that model signature (for ``model_signing verify``). An adapter's reference gives its
+    base model with the adapter in adapters/, as the build wrote them."""
     ref = parse_reference(ref_text)
     dest = dest.absolute()
     if dest.exists() and not force:  # before any download
         raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
-    guard = sign.PullGuard(str(ref), verify_key, signature_out)
-    name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
-                                 on_start=on_start, verify=guard.verify if guard.active else None, name_it=False)
-    materialize(store, manifest, dest, force=force, shown=str(ref), check=guard.check_folder if guard.active else None)
-    store.tag(name, desc)  # named only once it unpacked: content that does not is left to `build gc`
+    got = fetch_model(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes, on_start=on_start,
+                      verify_key=verify_key, signature_out=signature_out, name_it=False)
+    guard = got.base_guard
+    materialize(store, got.model, dest, force=force, shown=str(ref), check=guard.check_folder if guard.active else None,
+                adapters=[got.adapter] if got.adapter else [])
+    store.tag(got.name, got.desc)  # named only once it unpacked: content that does not is left to `build gc`
     guard.write_signature()
-    return name, desc, dest
+    return got.name, got.desc, dest
 
 
 # ---- inspect ------------------------------------------------------------------------------
@@ -433,7 +667,8 @@ def describe(ref_text: str, store: oci.Store, *, insecure: bool | None = None) -
         "mediaType": manifest.get("mediaType"),
         "artifactType": manifest.get("artifactType"),
         "kind": "model artifact" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else
-                ("runnable image" if config_desc.media_type == oci.IMAGE_CONFIG else "other"),
+                ("LoRA adapter" if manifest.get("artifactType") == ADAPTER_ARTIFACT_TYPE else
+                 ("runnable image" if config_desc.media_type == oci.IMAGE_CONFIG else "other")),
         "annotations": manifest.get("annotations") or {},
         "layers": [{"mediaType": d["mediaType"], "digest": d["digest"], "size": d["size"],
                     "path": (d.get("annotations") or {}).get(oci.ANN_FILEPATH),
@@ -443,4 +678,21 @@ def describe(ref_text: str, store: oci.Store, *, insecure: bool | None = None) -
     }
     if ref.registry is None and not name.endswith(SERVE_SUFFIX) and store.resolve(name + SERVE_SUFFIX):
         out["runnableImage"] = name + SERVE_SUFFIX
+    if manifest.get("artifactType") == ADAPTER_ARTIFACT_TYPE:
+        adapter = adapter_of(manifest, out["reference"])
+        out["adapter"] = {"name": adapter.name, "base": adapter.base.digest,
+                          "baseReference": f"{ref.name}@{adapter.base.digest}"}
     return out
+
+
+def adapter_rows(referrer_rows: list[dict[str, Any]], base_ref: str) -> list[dict[str, Any]]:
+    """`build inspect`'s adapters of a base, from its referrer rows (``referrers.describe``)."""
+    ref = parse_reference(base_ref)
+    out = []
+    for row in referrer_rows:
+        if row.get("artifactType") != ADAPTER_ARTIFACT_TYPE or not row.get("adapter"):
+            continue
+        tag = adapter_tag(ref.tag, str(row["adapter"])) if ref.tag and not ref.digest else None
+        out.append({"name": row["adapter"], "digest": row["digest"],
+                    "reference": f"{ref.name}:{tag}" if tag else f"{ref.name}@{row['digest']}"})
+    return sorted(out, key=lambda r: str(r["name"]))

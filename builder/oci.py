@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .contract import write_json
+from .contract import ADAPTER_ARTIFACT_TYPE, write_json
 from .errors import ContentError, StoreError
 
 # OCI image spec
@@ -55,6 +55,8 @@ ANN_FILE_METADATA = "org.cncf.model.file.metadata+json"
 ANN_UNTESTED = "org.cncf.model.file.mediatype.untested"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 ANN_TITLE = "org.opencontainers.image.title"
+# A LoRA adapter's artifact (see contract.ADAPTER_*): its config describes the adapter and names its base.
+ADAPTER_CONFIG = "application/vnd.olive-builder.adapter.config.v1+json"
 
 CHUNK = 4 << 20
 ENV_STORE = "OLIVE_BUILDER_STORE"
@@ -341,19 +343,26 @@ def write_tar(out: Any, root: Path, files: list[str], prefix: str,
               on_bytes: Callable[[int], None] = lambda n: None) -> None:
     """Write a tar of ``root/<file>`` as ``<prefix>/<file>`` to ``out``: sorted names, zero mtimes,
     uid/gid 0, no user names, fixed modes. Every byte of every file is read once, in large chunks."""
+    write_tar_of(out, {f"{prefix}/{f}": root / f for f in files}, prefix, on_bytes)
+
+
+def write_tar_of(out: Any, members: dict[str, Path], prefix: str,
+                 on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """``write_tar`` with each entry's name chosen apart from where its bytes are (``name -> file``,
+    every name under ``prefix``/): a stored blob goes into a layer under its model file name, and
+    the same bytes under the same name give the same tar whether they come from a folder or a store."""
     dirs: set[str] = {prefix}
-    for name in files:
+    for name in members:
         parts = name.split("/")[:-1]
         for i in range(1, len(parts) + 1):
-            dirs.add(f"{prefix}/{'/'.join(parts[:i])}")
+            dirs.add("/".join(parts[:i]))
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    entries = sorted([(d + "/", None) for d in dirs] + [(f"{prefix}/{f}", f) for f in files])
-    for arcname, rel in entries:
-        if rel is None:
+    entries: list[tuple[str, Path | None]] = sorted([(d + "/", None) for d in dirs] + list(members.items()))
+    for arcname, path in entries:
+        if path is None:
             out.write(_tarinfo(arcname, is_dir=True).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"))
             continue
-        path = root / rel
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             out.write(_tarinfo(arcname, size=size).tobuf(tarfile.PAX_FORMAT, "utf-8", "strict"))
@@ -463,6 +472,8 @@ def reachable(store: Store) -> set[str]:
         if not isinstance(doc, dict):
             continue
         children = [doc.get("config")] + list(doc.get("layers") or []) + list(doc.get("manifests") or [])
+        if doc.get("artifactType") == ADAPTER_ARTIFACT_TYPE:  # a pulled adapter keeps its (maybe untagged) base
+            children.append(doc.get("subject"))
         todo += [c["digest"] for c in children
                  if isinstance(c, dict) and isinstance(c.get("digest"), str) and valid_digest(c["digest"])]
     return seen

@@ -17,21 +17,46 @@ time always give the same digests. Digests are computed while the tars are writt
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import oci
-from .contract import CHECK_NATIVE, INFO_FILE, NS, SERVE_SUFFIX, TOOLS, BuildRecord, RecordError
+from .contract import (
+    ADAPTER_ANNOTATION,
+    ADAPTER_ARTIFACT_TYPE,
+    ADAPTER_BASE_ANNOTATION,
+    ADAPTER_MEDIA_TYPE,
+    ADAPTER_NAME_MAX,
+    ADAPTER_NAME_RULE,
+    ADAPTER_SUFFIX,
+    ADAPTERS_ANNOTATION,
+    ADAPTERS_DIR,
+    CHECK_NATIVE,
+    INFO_FILE,
+    NS,
+    OCI_TAG_RULE,
+    SERVE_SUFFIX,
+    TOOLS,
+    BuildRecord,
+    RecordError,
+    adapter_tag,
+    sha256_file,
+)
 from .errors import ImageError, PackageError, UsageError
 
 MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
@@ -55,6 +80,16 @@ class LayerGroup:
 
 
 @dataclass(frozen=True)
+class PackagedAdapter:
+    """A LoRA adapter's artifact in the store: its tag, its manifest and the adapter file's blob."""
+
+    name: str
+    ref: str  # <name>:<base tag>--<adapter>
+    manifest: oci.Descriptor
+    layer: oci.Descriptor
+
+
+@dataclass(frozen=True)
 class Packaged:
     artifact_ref: str
     artifact: oci.Descriptor
@@ -63,6 +98,7 @@ class Packaged:
     layers: tuple[oci.Descriptor, ...]
     written_bytes: int  # model bytes written into new blobs (0 when every layer was already stored)
     annotations: dict[str, str] = field(default_factory=dict)
+    adapters: tuple[PackagedAdapter, ...] = ()
 
 
 # ---- what goes where ------------------------------------------------------------------------
@@ -293,16 +329,43 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
             recipe_path: Path | None = None) -> Packaged:
     """Put ``model_dir`` into ``store`` as a ModelPack artifact and (with ``runtime``) a runnable image,
     with their SBOMs, provenance and evaluation attached as referrers (``attestations``) and, with
-    ``sign_key`` (a ``sign.SigningKey``), signed (see ``attest.attach_build``)."""
+    ``sign_key`` (a ``sign.SigningKey``), signed (see ``attest.attach_build``).
+
+    A finetuned folder in adapter mode (``adapters/<name>.onnx_adapter``) gives the base model's
+    artifact without its adapters/ folder, and one adapter artifact per adapter (``package_adapter``)
+    whose ``subject`` is that base; the runnable image carries the base and every adapter."""
+    model_dir = Path(model_dir)
+    adapters = adapter_files(model_dir)
+    if adapters:
+        check_adapters(model_dir, adapters)
+    if not adapters:
+        return _package(model_dir, store, created=created, runtime=runtime, on_bytes=on_bytes, extra=extra,
+                        attestations=attestations, sign_key=sign_key, recipe_path=recipe_path)
+    with base_view(model_dir) as base:
+        packaged = _package(base, store, created=created, runtime=runtime, on_bytes=on_bytes, extra=extra,
+                            attestations=attestations, sign_key=sign_key, recipe_path=recipe_path,
+                            adapters=adapters)
+    record = read_record(model_dir)
+    info = {**record.to_json(), **(extra or {})}
+    when = created or created_time(model_dir=model_dir)
+    done = tuple(package_adapter(store, packaged, name, path, info, adapter_entry(record, name), when,
+                                 sign_key=sign_key) for name, path in adapters.items())
+    return dataclasses.replace(packaged, adapters=done)
+
+
+def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, runtime: RuntimeImage | None,
+             on_bytes: Callable[[int], None], extra: dict[str, Any] | None, attestations: bool, sign_key: Any,
+             recipe_path: Path | None, adapters: dict[str, Path] | None = None) -> Packaged:
     from . import attest
 
-    model_dir = Path(model_dir)
     info = {**read_info(model_dir), **(extra or {})}
     created = created or created_time(model_dir=model_dir)
     files = model_files(model_dir)
     digests = attest.BackgroundDigests(model_dir, files) if attestations else None
     layers, written = write_layers(store, model_dir, group_files(model_dir, files), on_bytes)
     ann = manifest_annotations(info, created)
+    if adapters:
+        ann[ADAPTERS_ANNOTATION] = ",".join(adapters)
     config = store.put_json(modelpack_config(info, model_dir, created, [d.digest for d in layers]), oci.MODEL_CONFIG)
     manifest = {
         "schemaVersion": 2,
@@ -316,7 +379,8 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
     artifact_ref = str(info["tags"][0])
     image_ref = image = None
     if runtime is not None:
-        image = compose_image(store, runtime, layers, ann, created)
+        extra_layers = [adapter_image_layer(store, name, path) for name, path in (adapters or {}).items()]
+        image = compose_image(store, runtime, layers + extra_layers, ann, created)
         image_ref = artifact_ref + SERVE_SUFFIX
         store.tag(image_ref, image)
     store.tag(artifact_ref, artifact)
@@ -325,6 +389,229 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
         attest.attach_packaged(store, model_dir, packaged, info=info, created=created, runtime=runtime,
                                digests=digests, sign_key=sign_key, recipe_path=recipe_path)
     return packaged
+
+
+# ---- LoRA adapters ---------------------------------------------------------------------------
+#
+# The base artifact of a finetuned build holds every file of the output folder but adapters/, so
+# its weight and shared layers (the heavy blobs) are the very blobs of any other adapter trained on
+# the same base: pushing a second adapter uploads its adapter file, and of the base only what
+# names the build (the target layer with olive-builder.json, the ModelPack config, the manifest).
+# Each adapter is an artifact of its own: one layer (the .onnx_adapter file as it is, so ORAS
+# and other clients get the file itself), a config describing it, and ``subject`` = the base.
+
+_ADAPTER_NAME = re.compile(f"^{ADAPTER_NAME_RULE}$")
+_TAG = re.compile(f"^{OCI_TAG_RULE}$")
+
+
+def valid_adapter_name(name: str) -> bool:
+    return len(name) <= ADAPTER_NAME_MAX and _ADAPTER_NAME.match(name) is not None
+
+
+def adapter_files(model_dir: Path) -> dict[str, Path]:
+    """The adapters of an output folder, name -> file; {} without adapters/. Anything else in
+    adapters/ (another file, a folder, a link, a name the adapter rule refuses) is a PackageError:
+    packaging would otherwise drop or mis-tag it silently."""
+    folder = model_dir / ADAPTERS_DIR
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise PackageError(f"{folder} is not a folder; a finetuned build writes its adapters into one.")
+    if not folder.is_dir():
+        return {}
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = path.name[: -len(ADAPTER_SUFFIX)] if path.name.endswith(ADAPTER_SUFFIX) else ""
+        if path.is_symlink() or not path.is_file() or not valid_adapter_name(name):
+            raise PackageError(f"{path} is not an adapter: {ADAPTERS_DIR}/ holds only plain files named "
+                               f"<name>{ADAPTER_SUFFIX}, <name> matching {ADAPTER_NAME_RULE} (at most "
+                               f"{ADAPTER_NAME_MAX} characters).",
+                               hint="Remove it, or rebuild the model with `build recipe`.")
+        out[name] = path
+    if not out:
+        raise PackageError(f"{folder} holds no adapter.", hint="Remove the empty folder, or rebuild the model.")
+    return out
+
+
+def adapter_entry(record: BuildRecord, name: str) -> dict[str, Any]:
+    """The build record's ``finetune.adapters`` entry of adapter ``name``."""
+    section = record.extra.get("finetune")
+    entries = section.get("adapters") if isinstance(section, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    raise PackageError(f"The build record {INFO_FILE} does not list the adapter {name!r} of "
+                       f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX} in its finetune section.",
+                       hint="Package only folders `build recipe` made, as it made them.")
+
+
+def check_adapters(model_dir: Path, adapters: dict[str, Path]) -> None:
+    """Every adapter file is the one the build record lists (name and sha256), and every adapter
+    the record lists is there."""
+    record = read_record(model_dir)
+    section = record.extra.get("finetune")
+    listed = section.get("adapters") if isinstance(section, dict) else None
+    names = {e.get("name") for e in listed if isinstance(e, dict)} if isinstance(listed, list) else set()
+    missing = sorted(str(n) for n in names if n not in adapters)
+    if missing:
+        raise PackageError(f"{model_dir} lacks the adapter(s) {', '.join(missing)} that its build record lists.",
+                           hint="Rebuild the model with `build recipe`.")
+    for name, path in adapters.items():
+        want = adapter_entry(record, name).get("sha256")
+        if want and sha256_file(path) != want:
+            raise PackageError(f"{path} is not the adapter the build made: its sha256 differs from the build "
+                               "record's.", hint="Rebuild the model with `build recipe`.")
+
+
+@contextmanager
+def base_view(model_dir: Path) -> Iterator[Path]:
+    """A folder with every file of ``model_dir`` but adapters/: hard links (copies where the
+    filesystem has none), so the base's layers, file digests and model signature cover exactly
+    what the base artifact holds. Removed afterwards."""
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.base-view-", dir=model_dir.parent))
+    except OSError:
+        work = Path(tempfile.mkdtemp(prefix="olive-builder-base-view-"))
+    try:
+        view = work / "model"
+        view.mkdir()
+        for rel in model_files(model_dir):
+            if rel.split("/", 1)[0] == ADAPTERS_DIR:
+                continue
+            dst = view / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(model_dir / rel, dst)
+            except OSError:
+                shutil.copyfile(model_dir / rel, dst)
+        yield view
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def adapter_ref(base_ref: str, name: str) -> str:
+    repo, _, tag = base_ref.rpartition(":")
+    full = adapter_tag(tag, name)
+    if not _TAG.match(full):
+        raise PackageError(f"The adapter tag {full!r} is not a valid OCI tag (at most 128 characters).",
+                           hint="Shorten the recipe's version or the adapter's name.")
+    return f"{repo}:{full}"
+
+
+def adapter_annotations(info: dict[str, Any], entry: dict[str, Any], name: str, base: oci.Descriptor,
+                        created: dt.datetime) -> dict[str, str]:
+    from .evaluate import manifest_annotations as evaluation_annotations
+
+    a: dict[str, str] = {
+        "org.opencontainers.image.title": f"{info['name']} adapter {name}",
+        "org.opencontainers.image.version": str(info["version"]),
+        "org.opencontainers.image.created": rfc3339(created),
+        "org.opencontainers.image.description": f"LoRA adapter {name!r} of {info['tags'][0]} ({base.digest})",
+        ADAPTER_ANNOTATION: name,
+        ADAPTER_BASE_ANNOTATION: base.digest,
+    }
+    if info.get("license"):
+        a["org.opencontainers.image.licenses"] = str(info["license"])
+    source = info.get("source") or {}
+    if source.get("hub"):
+        a["org.opencontainers.image.source"] = f"https://huggingface.co/{source['hub']}"
+    for key in ("target", "cache-key"):
+        value = {"target": info.get("id"), "cache-key": info.get("cache_key")}[key]
+        if value:
+            a[NS + key] = str(value)
+    dataset = entry.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("sha256"):
+        a[NS + "adapter.dataset.digest"] = str(dataset["sha256"])
+    a.update(evaluation_annotations(entry.get("evaluation") if isinstance(entry.get("evaluation"), dict) else None, NS))
+    return a
+
+
+def package_adapter(store: oci.Store, base: Packaged, name: str, path: Path, info: dict[str, Any],
+                    entry: dict[str, Any], created: dt.datetime, *, sign_key: Any = None) -> PackagedAdapter:
+    """Store adapter ``name`` (file ``path``) as an artifact whose subject is ``base``'s manifest, tag it
+    ``adapter_ref(base, name)`` and list it among the base's referrers (``build inspect`` shows it;
+    a push takes it along)."""
+    from . import referrers
+
+    with store.writer() as w, path.open("rb") as f:
+        while chunk := f.read(oci.CHUNK):
+            w.write(chunk)
+        digest = w.commit()
+        size = w.size
+    layer = oci.Descriptor(ADAPTER_MEDIA_TYPE, digest, size, {oci.ANN_TITLE: f"{name}{ADAPTER_SUFFIX}"})
+    config = store.put_json({"name": name, "file": f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}",
+                             "base": {"reference": base.artifact_ref, "digest": base.artifact.digest},
+                             "finetune": entry}, oci.ADAPTER_CONFIG)
+    ann = adapter_annotations(info, entry, name, base.artifact, created)
+    manifest = referrers.referrer_manifest(base.artifact, ADAPTER_ARTIFACT_TYPE, [layer], ann, config)
+    desc = store.put_json(manifest, oci.MANIFEST, artifact_type=ADAPTER_ARTIFACT_TYPE, annotations=ann)
+    ref = adapter_ref(base.artifact_ref, name)
+    repo = base.artifact_ref.rpartition(":")[0]
+    referrers.add_local(store, repo, base.artifact.digest, desc)
+    store.tag(ref, desc)
+    if sign_key is not None:
+        sign_adapter(store, ref, desc, sign_key, created)
+    return PackagedAdapter(name, ref, desc, layer)
+
+
+def sign_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, key: Any, created: dt.datetime) -> None:
+    """Sign an adapter manifest as the base's are signed (cosign simple signing under its
+    ``sha256-<hex>.sig`` tag): it names its layer and its base by digest, so `build pull --verify`
+    of an adapter checks the adapter file and, through the base's own signature, the base."""
+    from . import referrers, sign
+    from .attest import ANN_KEY_ID
+
+    name = ref.rpartition(":")[0]
+    existing = referrers.local_tagged(store, name, desc.digest, referrers.SIG_SUFFIX)
+    if existing is not None and any((d.get("annotations") or {}).get(ANN_KEY_ID) == key.key_id
+                                    for d in store.read_json(existing.digest).get("layers") or []):
+        return
+    payload, sig = sign.sign_manifest(key, name, desc.digest)
+    referrers.replace_local_tagged(store, name, desc, referrers.SIG_SUFFIX, sign.COSIGN_SIG_ARTIFACT,
+                                   [(payload, sign.SIMPLE_SIGNING_MEDIA, {sign.ANN_SIGNATURE: sig,
+                                                                          ANN_KEY_ID: key.key_id})],
+                                   annotations={"org.opencontainers.image.created": rfc3339(created)})
+
+
+def adapter_image_layer(store: oci.Store, name: str, path: Path) -> oci.Descriptor:
+    """The runnable image's layer of one adapter: a tar of model/adapters/<name>.onnx_adapter."""
+    arcname = f"{MODEL_ROOT}/{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
+    with store.writer() as w:
+        oci.write_tar_of(w, {arcname: path}, MODEL_ROOT)
+        digest = w.commit()
+        size = w.size
+    return oci.Descriptor(oci.MODEL_WEIGHT, digest, size, {
+        oci.ANN_TITLE: f"{name}{ADAPTER_SUFFIX}.tar", oci.ANN_UNTESTED: "false", oci.ANN_FILEPATH: arcname,
+        oci.ANN_FILE_METADATA: oci.file_metadata(arcname, path.stat().st_size)})
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    name: str
+    manifest: oci.Descriptor
+    layer: oci.Descriptor
+
+
+def stored_adapters(store: oci.Store, base_ref: str, base_digest: str) -> list[StoredAdapter]:
+    """The adapters the store holds for the base manifest ``base_digest`` (of repository
+    ``base_ref``'s name), whose blobs are all there, by name."""
+    from . import referrers
+
+    out: dict[str, StoredAdapter] = {}
+    for d in referrers.list_local(store, base_ref.rpartition(":")[0] if ":" in base_ref else base_ref, base_digest):
+        if d.artifact_type != ADAPTER_ARTIFACT_TYPE or not store.has(d.digest):
+            continue
+        try:
+            manifest = store.read_json(d.digest)
+            layer = oci.Descriptor.from_json(manifest["layers"][0])
+            name = str(manifest["annotations"][ADAPTER_ANNOTATION])
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        if valid_adapter_name(name) and store.has(layer.digest) and store.has(manifest["config"]["digest"]):
+            out.setdefault(name, StoredAdapter(name, d, layer))
+    return [out[n] for n in sorted(out)]
+
+
+def stored_adapter_image_layers(store: oci.Store, adapters: list[StoredAdapter]) -> list[oci.Descriptor]:
+    return [adapter_image_layer(store, a.name, store.blob_path(a.layer.digest)) for a in adapters]
 
 
 # ---- the runnable image ---------------------------------------------------------------------
@@ -347,8 +634,11 @@ def compose_image(store: oci.Store, runtime: RuntimeImage, model_layers: list[oc
     config["rootfs"]["diff_ids"] = list(config["rootfs"]["diff_ids"]) + [d.digest for d in model_layers]
     history = list(config.get("history") or [])
     for d in model_layers:
-        history.append({"created": rfc3339(created), "created_by": f"olive-builder: {d.annotations.get(oci.ANN_TITLE)}",
-                        "comment": "model layer (the same blob as in the model artifact)"})
+        title = str(d.annotations.get(oci.ANN_TITLE))
+        history.append({"created": rfc3339(created), "created_by": f"olive-builder: {title}",
+                        "comment": "LoRA adapter (its file is the adapter artifact's layer)"
+                        if title.endswith(ADAPTER_SUFFIX + ".tar") else
+                        "model layer (the same blob as in the model artifact)"})
     config["history"] = history
     inner = config.setdefault("config", {})
     labels = dict(inner.get("Labels") or {})
@@ -391,14 +681,16 @@ def _gzip_layer(store: oci.Store, f: Any) -> tuple[oci.Descriptor, str]:
     return oci.Descriptor(oci.IMAGE_LAYER_GZIP, digest, size), "sha256:" + diff.hexdigest()
 
 
-def compose_from_artifact(store: oci.Store, runtime: RuntimeImage, manifest: dict[str, Any]) -> oci.Descriptor:
-    """The runnable image of a stored model artifact (for builds packaged without one)."""
+def compose_from_artifact(store: oci.Store, runtime: RuntimeImage, manifest: dict[str, Any],
+                          adapters: list[StoredAdapter] | None = None) -> oci.Descriptor:
+    """The runnable image of a stored model artifact (for builds packaged without one), with
+    ``adapters`` (``stored_adapters``) in its model folder."""
     ann = manifest.get("annotations") or {}
     created = dt.datetime.fromtimestamp(0, dt.UTC)
     if ann.get("org.opencontainers.image.created"):
         created = dt.datetime.strptime(ann["org.opencontainers.image.created"], RFC3339).replace(tzinfo=dt.UTC)
     layers = [oci.Descriptor.from_json(d) for d in manifest["layers"]]
-    return compose_image(store, runtime, layers, ann, created)
+    return compose_image(store, runtime, layers + stored_adapter_image_layers(store, adapters or []), ann, created)
 
 
 class _ChunkReader:

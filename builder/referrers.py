@@ -35,6 +35,7 @@ from typing import Any
 from urllib.parse import urlencode, urljoin
 
 from . import oci
+from .contract import ADAPTER_ANNOTATION, ADAPTER_ARTIFACT_TYPE
 from .errors import ContentError, RegistryError, StoreError
 from .registry import Registry
 
@@ -140,6 +141,12 @@ def add_local(store: oci.Store, name: str, subject_digest: str, desc: oci.Descri
 def list_local(store: oci.Store, name: str, subject_digest: str) -> list[oci.Descriptor]:
     current = store.resolve(f"{name}:{index_tag(subject_digest)}")
     return _entries(store.read_json(current.digest)) if current else []
+
+
+def attached_documents(store: oci.Store, name: str, subject_digest: str) -> list[oci.Descriptor]:
+    """A subject's referrers but its LoRA adapters: adapters are artifacts of their own, which a push
+    uploads with the model's blobs, tags and lists itself (``distribute.push``)."""
+    return [d for d in list_local(store, name, subject_digest) if d.artifact_type != ADAPTER_ARTIFACT_TYPE]
 
 
 def local_tagged(store: oci.Store, name: str, subject_digest: str, suffix: str) -> oci.Descriptor | None:
@@ -299,7 +306,7 @@ def push_referrer_blobs(store: oci.Store, registry: Registry, repo: str, name: s
     depend on the subject being there, so a push runs this beside its large uploads."""
     report = report or ReferrerPush()
     done: set[str] = set()
-    for desc in list_local(store, name, subject.digest):
+    for desc in attached_documents(store, name, subject.digest):
         manifest = store.read_json(desc.digest)
         for blob in [manifest["config"], *manifest.get("layers", [])]:
             b = oci.Descriptor.from_json(blob)
@@ -317,7 +324,7 @@ def push_referrers(store: oci.Store, registry: Registry, repo: str, name: str, s
     """Push every referrer of ``subject`` in the local store (and cosign's tags) to ``repo``; with
     ``blobs_pushed`` (what ``push_referrer_blobs`` did) only the manifests and the index."""
     report = blobs_pushed or push_referrer_blobs(store, registry, repo, name, subject)
-    entries = list_local(store, name, subject.digest)
+    entries = attached_documents(store, name, subject.digest)
     if not entries:
         return report
     tagged = {}
@@ -479,9 +486,12 @@ def describe(content: Any, digest: str) -> list[dict[str, Any]]:
     """The referrers of ``digest`` as rows for `build inspect`."""
     rows = []
     for d in content.referrers(digest):
-        rows.append({"digest": d.digest, "artifactType": d.artifact_type, "size": d.size,
-                     "kind": d.annotations.get("org.olive-builder.referrer") or _kind(d.artifact_type),
-                     "predicateType": d.annotations.get("in-toto.io/predicate-type")})
+        row = {"digest": d.digest, "artifactType": d.artifact_type, "size": d.size,
+               "kind": d.annotations.get("org.olive-builder.referrer") or _kind(d.artifact_type),
+               "predicateType": d.annotations.get("in-toto.io/predicate-type")}
+        if d.artifact_type == ADAPTER_ARTIFACT_TYPE:
+            row["adapter"] = d.annotations.get(ADAPTER_ANNOTATION)
+        rows.append(row)
     return sorted(rows, key=lambda r: (str(r["kind"]), r["digest"]))
 
 
@@ -489,7 +499,8 @@ def _kind(artifact_type: str | None) -> str:
     return {"application/vnd.dev.cosign.artifact.sig.v1+json": "signature",
             "application/vnd.dev.cosign.artifact.att.v1+json": "attestations",
             "application/vnd.dev.sigstore.bundle.v0.3+json": "model-signature",
-            "application/vnd.cyclonedx+json": "sbom"}.get(artifact_type or "", artifact_type or "?")
+            "application/vnd.cyclonedx+json": "sbom",
+            ADAPTER_ARTIFACT_TYPE: "adapter"}.get(artifact_type or "", artifact_type or "?")
 
 
 def document(content: Any, digest: str, kind: str) -> bytes | None:
