@@ -162,6 +162,18 @@ def _remember(store: oci.Store, host: str, repo: str, digests: list[str]) -> Non
         atomic_write(store.root / LOCATIONS, json.dumps(data, sort_keys=True))
 
 
+def push_total(store: oci.Store, refs: list[str]) -> int:
+    """The bytes ``push`` sends for ``refs`` at most (their blobs and those of the adapters they take along)."""
+    total = 0
+    for ref in refs:
+        desc, manifest = local_manifest(store, ref)
+        total += sum(b.size for b in manifest_blobs(manifest))
+        if manifest.get("artifactType") == oci.MODEL_ARTIFACT:
+            for a in local_adapters(store, _name_of(ref), desc.digest):
+                total += sum(b.size for b in manifest_blobs(a.manifest))
+    return total
+
+
 def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecure: bool | None = None,
          on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None) -> PushReport:
     """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag``."""
@@ -249,6 +261,26 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
         side.join(raise_errors=False)
         registry.close()
     return report
+
+
+def retag_adapters(registry: Registry, repo: str, base_digest: str, base_tag: str) -> list[tuple[str, str]]:
+    """Tag the adapters the registry lists for ``base_digest`` to go with its tag ``base_tag`` (a
+    registry cache hit); returns (reference, digest) of each. Nothing is downloaded but manifests."""
+    from .package import valid_adapter_name
+
+    out = []
+    for d in referrers.list_remote(registry, repo, base_digest):
+        name = d.annotations.get(ADAPTER_ANNOTATION, "")
+        if d.artifact_type != ADAPTER_ARTIFACT_TYPE or not valid_adapter_name(name):
+            continue
+        got = registry.get_manifest(repo, d.digest)
+        if got is None:
+            continue
+        data, media, digest = got
+        tag = adapter_tag(base_tag, name)
+        registry.put_manifest(repo, tag, data, media)
+        out.append((f"{registry.host}/{repo}:{tag}", digest))
+    return out
 
 
 def _name_of(ref: str) -> str:

@@ -571,6 +571,20 @@ def sign_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, key: Any, cre
                                    annotations={"org.opencontainers.image.created": rfc3339(created)})
 
 
+def is_adapter(store: oci.Store, ref: str) -> bool:
+    desc = store.resolve(ref)
+    return desc is not None and desc.artifact_type == ADAPTER_ARTIFACT_TYPE
+
+
+def sign_stored_adapter(store: oci.Store, ref: str, key: Any) -> None:
+    """`build push --sign-key` of an adapter packaged unsigned."""
+    desc = store.resolve(ref)
+    if desc is None:
+        raise UsageError(f"{ref} is not in the local store {store.root}.")
+    created = (store.read_json(desc.digest).get("annotations") or {}).get("org.opencontainers.image.created")
+    sign_adapter(store, ref, desc, key, parse_rfc3339(created) if created else dt.datetime.fromtimestamp(0, dt.UTC))
+
+
 def adapter_image_layer(store: oci.Store, name: str, path: Path) -> oci.Descriptor:
     """The runnable image's layer of one adapter: a tar of model/adapters/<name>.onnx_adapter."""
     arcname = f"{MODEL_ROOT}/{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
@@ -608,6 +622,25 @@ def stored_adapters(store: oci.Store, base_ref: str, base_digest: str) -> list[S
         if valid_adapter_name(name) and store.has(layer.digest) and store.has(manifest["config"]["digest"]):
             out.setdefault(name, StoredAdapter(name, d, layer))
     return [out[n] for n in sorted(out)]
+
+
+def adapter_names(manifest: dict[str, Any]) -> list[str]:
+    """The adapter names a base manifest lists (``ADAPTERS_ANNOTATION``), sorted; [] for a plain model."""
+    text = (manifest.get("annotations") or {}).get(ADAPTERS_ANNOTATION) or ""
+    return sorted(n for n in str(text).split(",") if n)
+
+
+def adapter_path(model_dir: Path, name: str) -> Path:
+    return model_dir / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}"
+
+
+def tag_adapters(store: oci.Store, base_ref: str, base: oci.Descriptor, adapters: list[StoredAdapter]) -> None:
+    """Give ``adapters`` of ``base`` the tags that go with the base's new tag ``base_ref`` (a cache hit)."""
+    from . import referrers
+
+    for a in adapters:
+        referrers.add_local(store, base_ref.rpartition(":")[0], base.digest, a.manifest)
+        store.tag(adapter_ref(base_ref, a.name), a.manifest)
 
 
 def stored_adapter_image_layers(store: oci.Store, adapters: list[StoredAdapter]) -> list[oci.Descriptor]:
