@@ -151,15 +151,22 @@ def reuse_local(store: oci.Store, key: str, tag: str, out_dir: Path, *, force: b
         return None
     found_as, artifact = found
     manifest = store.read_json(artifact.digest)
+    # A finetuned build's adapters are artifacts of their own: a hit needs every one its base names.
+    adapters = package.stored_adapters(store, found_as, artifact.digest)
+    if [a.name for a in adapters] != package.adapter_names(manifest):
+        return None
     store.tag(tag, artifact)
+    package.tag_adapters(store, tag, artifact, adapters)
     image = store.resolve(found_as + SERVE_SUFFIX)
     if image is None and (rt := runtime()) is not None:
-        image = package.compose_from_artifact(store, rt, manifest)
+        image = package.compose_from_artifact(store, rt, manifest, adapters)
     if image is not None:
         store.tag(tag + SERVE_SUFFIX, image)
-    current = _holds_build(out_dir, key) and not force
+    current = _holds_build(out_dir, key) and not force and \
+        all(package.adapter_path(out_dir, a.name).is_file() for a in adapters)
     if not current:
-        distribute.materialize(store, manifest, out_dir, force=force, shown=tag)
+        distribute.materialize(store, manifest, out_dir, force=force, shown=tag,
+                               adapters=[distribute.AdapterInfo(a.name, a.layer, artifact) for a in adapters])
     return Hit("local store", found_as, tag, artifact.digest, image.digest if image else None, current)
 
 
@@ -183,8 +190,11 @@ def reuse_remote(host: str, namespace: str, key: str, tag: str, *, with_image: b
             data, media, digest = found
             registry.put_manifest(repo, version + suffix, data, media)
             tagged.append((f"{host}/{repo}:{version}{suffix}", digest))
+        image = tagged[1][1] if len(tagged) > 1 else None
+        from .distribute import retag_adapters  # a finetuned build's adapters get the new tag too
+
+        tagged += retag_adapters(registry, repo, tagged[0][1], version)
     finally:
         registry.close()
-    image = tagged[1][1] if len(tagged) > 1 else None
     return Hit(host, f"{host}/{repo}:{key_tag(key)}", tag, tagged[0][1], image, remote=tuple(tagged))
 

@@ -456,8 +456,10 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
         return
     if ref is None:
         st = oci.open_store(store)
-        rows = [{"reference": name, "digest": d.digest,
-                 "kind": "model artifact" if d.artifact_type == oci.MODEL_ARTIFACT else "image"}
+        from .contract import ADAPTER_ARTIFACT_TYPE
+
+        kinds = {oci.MODEL_ARTIFACT: "model artifact", ADAPTER_ARTIFACT_TYPE: "LoRA adapter"}
+        rows = [{"reference": name, "digest": d.digest, "kind": kinds.get(d.artifact_type or "", "image")}
                 for name, d in sorted(st.refs().items())
                 if not referrers.is_referrer_tag(name.rpartition(":")[2])]  # attestation bookkeeping
         if as_json:
@@ -472,6 +474,8 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
     info = distribute.describe(ref, oci.open_store(store), insecure=insecure or None)
     with referrers.open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
         info["referrers"] = referrers.describe(content, digest)
+    if info.get("artifactType") == oci.MODEL_ARTIFACT:
+        info["adapters"] = distribute.adapter_rows(info["referrers"], info["reference"])
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return

@@ -90,6 +90,8 @@ class ConsoleReporter:
 
 def show_packaging(p: Packaging) -> None:
     click.echo(f"  model artifact  {p.artifact.ref}  {p.artifact.digest}")
+    for a in p.adapters:
+        click.echo(f"  LoRA adapter    {a.ref}  {a.digest}")
     if p.image is not None:
         click.echo(f"  runnable image  {p.image.ref}  {p.image.digest}")
     if p.pushed is not None:
@@ -131,6 +133,10 @@ def show_description(info: dict[str, Any]) -> None:
     click.echo(f"  digest        {info['digest']}")
     if info.get("runnableImage"):
         click.echo(f"  runnable as   {info['runnableImage']}")
+    if info.get("adapter"):
+        click.echo(f"  adapter       {info['adapter']['name']} of the base {info['adapter']['baseReference']}")
+    for a in info.get("adapters") or []:
+        click.echo(f"  adapter       {a['name']}  {a['reference']}  {a['digest']}")
     click.echo(f"  size          {info['size']} bytes in {len(info['layers'])} layers")
     ann = info["annotations"]
     if ann:

@@ -151,6 +151,7 @@ class Packaging:
     artifact: Published
     image: Published | None
     pushed: Pushed | None
+    adapters: tuple[Published, ...] = ()  # a finetuned build's adapter artifacts (subject: the artifact)
 
 
 @dataclass(frozen=True)
@@ -433,7 +434,7 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
     if options.push_to:
         pushed = push([r.ref for r in (artifact, image) if r], options.push_to, reporter, store=store,
                       insecure=options.insecure)
-    return Packaging(artifact, image, pushed)
+    return Packaging(artifact, image, pushed, tuple(Published(a.ref, a.manifest.digest) for a in result.adapters))
 
 
 def push(refs: list[str], destination: str, reporter: Reporter | None = None, *,
@@ -442,7 +443,7 @@ def push(refs: list[str], destination: str, reporter: Reporter | None = None, *,
     reporter = reporter or NullReporter()
     st = store if isinstance(store, oci.Store) else oci.open_store(store)
     host, namespace = parse_destination(destination)
-    total = sum(sum(b.size for b in distribute.manifest_blobs(distribute.local_manifest(st, r)[1])) for r in refs)
+    total = distribute.push_total(st, refs)
     reporter.stage("push", f"{', '.join(refs)} to {host}/{namespace or ''}".rstrip("/"))
     progress = reporter.progress("uploading", total)
     try:
@@ -463,7 +464,9 @@ def push_with_image(ref: str, destination: str, reporter: Reporter | None = None
     refs = [ref]
     if with_image and not ref.endswith(SERVE_SUFFIX) and st.resolve(ref + SERVE_SUFFIX) is not None:
         refs.append(ref + SERVE_SUFFIX)
-    if sign_key:
+    if sign_key and package.is_adapter(st, ref):  # the adapter's manifest; its base was signed with it
+        package.sign_stored_adapter(st, ref, sign.load_signing_key(sign_key))
+    elif sign_key:
         key = sign.load_signing_key(sign_key)
         artifact = ref[:-len(SERVE_SUFFIX)] if ref.endswith(SERVE_SUFFIX) else ref
         image = artifact + SERVE_SUFFIX if st.resolve(artifact + SERVE_SUFFIX) is not None else None
@@ -496,16 +499,18 @@ def pull_for_serve(ref_text: str, reporter: Reporter | None = None, *, store: Pa
     reporter = reporter or NullReporter()
     st = oci.open_store(store)
     ref = parse_reference(ref_text)
-    guard = sign.PullGuard(ref_text, verify_key, None)
-    _, desc, manifest = distribute.fetch(ref, st, insecure=insecure or None,
-                                         on_event=lambda stage, msg: reporter.event(msg),
-                                         verify=guard.verify if guard.active else None)
+    # An adapter's reference brings its base: the folder holds both, keyed by the adapter's digest.
+    got = distribute.fetch_model(ref, st, insecure=insecure or None, on_event=lambda stage, msg: reporter.event(msg),
+                                 verify_key=verify_key)
+    guard, desc = got.base_guard, got.desc
     folder = cache_dir() / "models" / desc.digest.split(":", 1)[1]
     if not folder.is_dir():
-        distribute.materialize(st, manifest, folder, force=False, shown=ref_text,
-                               check=guard.check_folder if guard.active else None)
+        distribute.materialize(st, got.model, folder, force=False, shown=ref_text,
+                               check=guard.check_folder if guard.active else None,
+                               adapters=[got.adapter] if got.adapter else [])
     elif guard.active:  # unpacked by an earlier run: its files must still match the signature
-        guard.check_folder(folder)
+        with package.base_view(folder) as base:  # the model signature covers the base's files
+            guard.check_folder(base)
     reporter.stage("serve", f"{ref_text}@{desc.digest} from {folder}")
     return folder
 
