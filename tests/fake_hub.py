@@ -10,6 +10,8 @@ prints its port on the first line of stdout and serves until killed. CONFIG_JSON
   ``HfApi.repo_info``)
 - ``GET /api/models/{repo}/tree/{rev}?recursive=...``: the file list (``snapshot_download``)
 - ``HEAD|GET /{repo}/resolve/{rev}/{path}``: file metadata (``X-Repo-Commit``, ``ETag``) and bytes
+- ``GET /datasets/{repo}/resolve/{commit}/{path}``: a file of a dataset repo (``"datasets": {...}``
+  in CONFIG_JSON, entries like the repos'), as `finetune.dataset.hub` fetches them
 
 A repo with ``token`` is gated: without ``Authorization: Bearer <token>`` it answers 401 with
 ``X-Error-Code: GatedRepo`` (and a body that echoes what it got, to test redaction). ``fail``
@@ -72,6 +74,8 @@ class Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization") or ""
         with LOCK, open(LOG, "a") as f:
             f.write(json.dumps({"method": self.command, "path": path, "token": bool(auth)}) + "\n")
+        if path.startswith("/datasets/"):
+            return self._dataset(path[len("/datasets/"):])
         api = path.startswith("/api/models/")
         rest = path[len("/api/models/"):] if api else path.lstrip("/")
         parts = rest.split("/")
@@ -110,6 +114,20 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, data, {"X-Repo-Commit": commit, "ETag": f'"{_git_blob_sha(data)}"',
                                           "Content-Type": "application/octet-stream"})
         return self._error(404, "EntryNotFound", f"no route for {path}")
+
+    def _dataset(self, rest: str) -> None:
+        """``GET /datasets/{repo}/resolve/{commit}/{path}`` of a repo in CONFIG["datasets"]."""
+        parts = rest.split("/")
+        repo = CONFIG.get("datasets", {}).get("/".join(parts[:2]))
+        if repo is None or len(parts) < 5 or parts[2] != "resolve":
+            return self._error(404, "RepoNotFound", f"Dataset {'/'.join(parts[:2])} not found")
+        if parts[3] != repo["commit"]:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {parts[3]}")
+        name = "/".join(parts[4:])
+        data = _files(repo).get(name)
+        if data is None:
+            return self._error(404, "EntryNotFound", f"{name} does not exist at {parts[3]}")
+        return self._send(200, data, {"X-Repo-Commit": repo["commit"], "Content-Type": "application/octet-stream"})
 
 
 def main() -> None:

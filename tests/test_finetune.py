@@ -1,0 +1,313 @@
+"""Finetune recipes (LoRA with Olive before conversion): validation before any container
+starts, the planned Olive workflow, the cache key, Hub datasets, and real builds in the CPU
+builder image that deliver the base model plus an onnxruntime-genai adapter (or, with
+`merge: true`, a plain model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from builder.contract import INFO_FILE, WorkerSpec, adapters_in
+from conftest import no_partials, run_cli, write_recipe
+
+DATASET = Path(__file__).parent / "data" / "finetune" / "colors.jsonl"
+TEMPLATE = r"### Question: {instruction}\n### Answer: {response}"
+
+
+def finetune_recipe(tmp_path: Path, model: Path, *, target: str = "cpu-fp32", precision: str = "fp32",
+                    finetune: str = "", dataset: str | None = None, extra: str = "") -> Path:
+    data = tmp_path / "recipes" / "colors.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    if dataset is None:
+        shutil.copyfile(DATASET, data)
+    else:
+        data.write_text(dataset)
+    body = f"""
+        name: tiny-colors
+        version: 0.1.0
+        model:
+          path: {model}
+        target:
+          device: {target.split('-')[0]}
+          precision: {precision}
+        finetune:
+          adapter: colors
+          dataset:
+            path: ../colors.jsonl
+          template: "{TEMPLATE}"
+          max_steps: 30
+          learning_rate: 0.003
+          max_seq_len: 64
+          lora:
+            r: 8
+            target_modules: [q_proj, v_proj]
+        """
+    return write_recipe(tmp_path / "recipes" / "tiny", target,
+                        textwrap.dedent(body) + finetune + textwrap.dedent(extra))
+
+
+# ---- validation: every mistake is found before any container starts ------------------------
+
+BAD_DATASETS = {
+    "missing column": ('{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n',
+                       "colors.jsonl:2: column `response` of the template is missing"),
+    "null value": ('{"instruction": "a", "response": null}\n', "colors.jsonl:1: column `response` is null"),
+    "not an object": ('{"instruction": "a", "response": "b"}\n["x"]\n', "colors.jsonl:2: a list, not a JSON object"),
+    "not json": ('{"instruction": "a", "response": "b"}\n{oops\n', "colors.jsonl:2: not a JSON object"),
+    "empty": ("\n\n", "the dataset has no rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATASETS))
+def test_a_dataset_that_does_not_fit_the_template_fails_before_any_container(capsys, tmp_path, case):  # type: ignore[no-untyped-def]
+    content, expected = BAD_DATASETS[case]
+    recipe = finetune_recipe(tmp_path, tmp_path / "model", dataset=content)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    # The recipe is refused while it loads: no engine is asked for anything.
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--engine", "docker", "-o", str(tmp_path / "out"))
+    assert code == 2, err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+RECIPE_MISTAKES = {
+    "template attribute": ("", 'template: "{instruction.__class__}"', "is not a plain column name"),
+    "template without field": ("", 'template: "no fields here"', "uses no dataset column"),
+    "template unbalanced": ("", 'template: "{instruction"', "not a valid text template"),
+    "qlora on cpu": ("  method: qlora\n", None, "finetune.method: QLoRA"),
+    "typo": ("  max_step: 3\n", None, "finetune.max_step: unknown key. Perhaps you meant `max_steps`?"),
+    "adapter name": ("  adapter: Colors!\n", None, "finetune.adapter"),
+    "lora rank": ("", "r: 8", "finetune.lora.r"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPE_MISTAKES))
+def test_recipe_mistakes_in_finetune_are_reported_with_their_line(capsys, tmp_path, case):  # type: ignore[no-untyped-def]
+    addition, replace, expected = RECIPE_MISTAKES[case]
+    recipe = finetune_recipe(tmp_path, tmp_path / "model")
+    text = recipe.read_text()
+    if case == "adapter name":
+        text = text.replace("adapter: colors", "adapter: Colors!")
+    elif case == "lora rank":
+        text = text.replace("r: 8", "r: 0")
+    elif replace is not None:
+        text = text.replace(f'template: "{TEMPLATE}"', replace)
+    else:
+        text = text.replace("  max_steps: 30\n", "  max_steps: 30\n" + addition)
+    recipe.write_text(text)
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--dry-run")
+    assert code == 2, err
+    assert expected in err, err
+    assert f"{recipe}:" in err  # file:line
+    assert "Traceback" not in err
+
+
+def test_targets_and_options_an_adapter_cannot_have(capsys, tmp_path):  # type: ignore[no-untyped-def]
+    recipe = finetune_recipe(tmp_path, tmp_path / "model", target="cpu-int8", precision="int8",
+                             extra="olive:\n  passes:\n    a: {type: ModelBuilder, precision: fp32}\n")
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--dry-run")
+    assert code == 2
+    assert "finetune.merge: an adapter needs the base graph's LoRA inputs" in err
+    assert "olive.passes: `finetune` plans its own passes" in err
+
+
+def test_hub_datasets_must_be_pinned_and_stay_inside_their_repository(capsys, tmp_path):  # type: ignore[no-untyped-def]
+    recipe = finetune_recipe(tmp_path, tmp_path / "model")
+    recipe.write_text(recipe.read_text().replace(
+        "    path: ../colors.jsonl\n", "    hub: acme/colors\n    files: [../../etc/passwd, data.parquet]\n"))
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--dry-run")
+    assert code == 2
+    assert "a Hub dataset must be pinned: add `revision: <40-hex commit>`" in err
+    assert "'../../etc/passwd' must be a path inside the dataset repository" in err
+    assert "'data.parquet': use .jsonl, .json or .csv files" in err
+
+
+def test_csv_and_json_datasets_are_read_too(tmp_path):  # type: ignore[no-untyped-def]
+    from builder import dataset
+
+    csv_file = tmp_path / "d.csv"
+    csv_file.write_text('instruction,response\n"a, with comma",b\nc,\n')
+    info = dataset.check([("d.csv", csv_file)], ["instruction", "response"])
+    assert (info.rows, info.loader, info.columns) == (2, "csv", ("instruction", "response"))
+    no_column = tmp_path / "e.csv"
+    no_column.write_text("instruction\nx\n")
+    with pytest.raises(dataset.DatasetError, match="e.csv:2: column `response` of the template is missing"):
+        dataset.check([("e.csv", no_column)], ["instruction", "response"])
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps([{"instruction": "a", "response": 1}, {"instruction": "b", "response": "c"}]))
+    assert dataset.check([("d.json", array)], ["instruction", "response"]).rows == 2
+    array.write_text(json.dumps({"rows": []}))
+    with pytest.raises(dataset.DatasetError, match="must be an array of objects"):
+        dataset.check([("d.json", array)], ["instruction"])
+
+
+# ---- the plan and the cache key --------------------------------------------------------------
+
+def test_the_plan_trains_converts_and_extracts_in_that_order(tmp_path):  # type: ignore[no-untyped-def]
+    from builder import plan, recipe
+
+    (tmp_path / "model").mkdir()
+    loaded = recipe.load(finetune_recipe(tmp_path, tmp_path / "model"))
+    step = plan.plan(loaded, "olive-builder-cpu:test")
+    passes = step.olive_config["passes"]
+    assert list(passes) == ["finetune", "builder", "extract"]
+    assert passes["finetune"]["type"] == "LoRA" and passes["finetune"]["training_args"]["max_steps"] == 30
+    assert passes["extract"] == {"type": "ExtractAdapters", "save_format": "onnx_adapter"}
+    data = step.olive_config["data_configs"][0]
+    assert data["pre_process_data_config"]["text_template"] == TEMPLATE.replace(r"\n", "\n")
+    assert data["load_dataset_config"]["data_files"] == ["${DATA_DIR}/0.jsonl"]
+    # The worker spec keeps the pass order (Olive runs passes in the order of the mapping).
+    spec = WorkerSpec(step=step.to_json(), work_dir="/work")
+    spec.write(tmp_path / "spec.json")
+    assert list(WorkerSpec.read(tmp_path / "spec.json").step["olive_config"]["passes"]) == list(passes)
+
+    merged = finetune_recipe(tmp_path / "m", tmp_path / "model", target="cpu-int8", precision="int8",
+                             finetune="  merge: true\n")
+    passes = plan.plan(recipe.load(merged), "img").olive_config["passes"]
+    assert list(passes) == ["finetune", "merge", "builder", "quantize"]
+
+
+def test_the_cache_key_covers_the_dataset_content_and_the_training_settings(tmp_path):  # type: ignore[no-untyped-def]
+    from builder import cache, recipe
+
+    (tmp_path / "model").mkdir()
+    path = finetune_recipe(tmp_path, tmp_path / "model")
+
+    def key() -> str:
+        return cache.KeyInputs(cache.recipe_inputs(recipe.load(path)), "rev", "img", {}).key()
+
+    first = key()
+    data = tmp_path / "recipes" / "colors.jsonl"
+    data.write_text(data.read_text() + '{"instruction": "one more", "response": "row"}\n')
+    second = key()
+    assert second != first
+    path.write_text(path.read_text().replace("max_steps: 30", "max_steps: 31"))
+    assert key() != second
+    # Where the dataset lies does not matter, only its content.
+    moved = tmp_path / "elsewhere" / "colors.jsonl"
+    moved.parent.mkdir()
+    shutil.copyfile(data, moved)
+    path.write_text(path.read_text().replace("max_steps: 31", "max_steps: 30").replace(
+        "path: ../colors.jsonl", f"path: {moved}"))
+    assert key() == second
+
+
+# ---- Hub datasets ------------------------------------------------------------------------------
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_dataset(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """tests/fake_hub.py serving a dataset repository acme/colors at COMMIT."""
+    repo = tmp_path / "hub-dataset"
+    (repo / "data").mkdir(parents=True)
+    shutil.copyfile(DATASET, repo / "data" / "train.jsonl")
+    (repo / "data" / "bad.jsonl").write_text('{"instruction": "x"}\n')
+    config = tmp_path / "hub.json"
+    config.write_text(json.dumps({"repos": {}, "datasets": {"acme/colors": {"dir": str(repo), "commit": COMMIT}}}))
+    log = tmp_path / "hub.log"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_hub.py"), str(config), str(log)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _hub_recipe(tmp_path: Path, files: str) -> Path:
+    path = finetune_recipe(tmp_path, tmp_path / "model")
+    path.write_text(path.read_text().replace(
+        "    path: ../colors.jsonl\n", f"    hub: acme/colors\n    revision: {COMMIT}\n    files: [{files}]\n"))
+    (tmp_path / "model").mkdir(exist_ok=True)
+    return path
+
+
+def test_a_hub_dataset_is_fetched_once_per_commit_and_checked_against_the_template(tmp_path, hub_dataset):  # type: ignore[no-untyped-def]
+    from builder import hub, pipeline, plan, recipe
+    from builder.errors import DatasetError
+
+    loaded = recipe.load(_hub_recipe(tmp_path, "data/train.jsonl"))
+    step = pipeline.prepare_dataset(plan.plan(loaded, "img"), loaded, pipeline.NullReporter())
+    ds = step.finetune["dataset"] if step.finetune else {}
+    local = hub.dataset_folder("acme/colors", COMMIT) / "data" / "train.jsonl"
+    assert ds["files"] == [str(local.resolve())] and ds["rows"] == 48 and ds["source"] == "hub"
+    assert local.read_bytes() == DATASET.read_bytes()
+    fetched = [json.loads(line)["path"] for line in hub_dataset.read_text().splitlines()]
+    assert fetched == [f"/datasets/acme/colors/resolve/{COMMIT}/data/train.jsonl"]
+    pipeline.prepare_dataset(plan.plan(loaded, "img"), loaded, pipeline.NullReporter())
+    assert len(hub_dataset.read_text().splitlines()) == 1  # the second build reads the cached copy
+
+    bad = recipe.load(_hub_recipe(tmp_path / "b", "data/bad.jsonl"))
+    with pytest.raises(DatasetError, match=r"data/bad.jsonl:1: column `response` of the template is missing"):
+        pipeline.prepare_dataset(plan.plan(bad, "img"), bad, pipeline.NullReporter())
+    missing = recipe.load(_hub_recipe(tmp_path / "c", "data/nope.jsonl"))
+    with pytest.raises(DatasetError, match="no data/nope.jsonl in the dataset acme/colors"):
+        pipeline.prepare_dataset(plan.plan(missing, "img"), missing, pipeline.NullReporter())
+    assert not list(hub.dataset_folder("acme/colors", COMMIT).rglob("*.partial"))
+
+
+# ---- real builds in the CPU builder image -----------------------------------------------------
+
+@pytest.mark.integration
+def test_a_finetune_build_delivers_the_base_model_and_a_checked_evaluated_adapter(capsys, tmp_path, tiny_model, cpu_builder_image):  # type: ignore[no-untyped-def]
+    recipe = finetune_recipe(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "recipe", str(recipe), "-o", str(out), "--no-image")
+    assert code == 0, err
+    assert "trained 30 steps" in err
+    assert adapters_in(out) == {"colors": out / "adapters" / "colors.onnx_adapter"}
+    assert not (out / "adapter_weights.onnx_adapter").exists()
+    info = json.loads((out / INFO_FILE).read_text())
+    tuned = info["finetune"]
+    assert tuned["mode"] == "adapter" and tuned["method"] == "lora"
+    entry = tuned["adapters"][0]
+    assert entry["name"] == "colors" and entry["file"] == "adapters/colors.onnx_adapter"
+    assert entry["dataset"]["rows"] == 48 and entry["dataset"]["sha256"].startswith("sha256:")
+    assert entry["settings"]["max_steps"] == 30 and entry["training"]["seconds"] > 0
+    assert "peft_dir" not in tuned  # a container path: not part of the record
+    # The check generated with and without the adapter; finetuning changed the output.
+    check = info["check"]
+    assert check["adapters"]["colors"] != check["generated_ids"]
+    # The evaluation compared the adapted ONNX model with the finetuned PyTorch (PEFT) model:
+    # at fp32 they agree token for token.
+    ev = info["evaluation"]
+    assert ev["passed"] and ev["adapter"]["name"] == "colors"
+    acc = ev["accuracy"]
+    assert abs(acc["perplexity_ratio"] - 1.0) <= 1e-3
+    assert acc["greedy_prefix_min"] == acc["greedy_tokens"]
+    assert not no_partials(out.parent)
+
+    # The base graph with no adapter active is the base model: same greedy tokens as a plain build.
+    from builder.check import check_generates
+
+    plain = check_generates(out, new_tokens=8).generated_ids
+    assert plain == check["generated_ids"]
+
+
+@pytest.mark.integration
+def test_merge_true_builds_a_plain_model_with_the_adapter_in_its_weights(capsys, tmp_path, tiny_model, cpu_builder_image):  # type: ignore[no-untyped-def]
+    recipe = finetune_recipe(tmp_path, tiny_model, target="cpu-int4", precision="int4", finetune="  merge: true\n")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "recipe", str(recipe), "-o", str(out), "--no-image")
+    assert code == 0, err
+    assert not (out / "adapters").exists()
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["finetune"]["mode"] == "merged"
+    assert info["finetune"]["adapters"][0]["file"] is None
+    assert info["evaluation"]["adapter"]["mode"] == "merged"
+    assert info["evaluation"]["passed"]
