@@ -266,8 +266,11 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
 def retag_adapters(registry: Registry, repo: str, base_digest: str, base_tag: str) -> list[tuple[str, str]]:
     """Tag the adapters the registry lists for ``base_digest`` to go with its tag ``base_tag`` (a
     registry cache hit); returns (reference, digest) of each. Nothing is downloaded but manifests."""
-    from .package import valid_adapter_name
+    from .package import adapter_names, valid_adapter_name
 
+    got = registry.get_manifest(repo, base_digest)
+    if got is None or not adapter_names(oci.json_object(got[0], f"{registry.host}/{repo}@{base_digest}")):
+        return []  # a plain model: no adapters to look for
     out = []
     for d in referrers.list_remote(registry, repo, base_digest):
         name = d.annotations.get(ADAPTER_ANNOTATION, "")

@@ -392,3 +392,19 @@ def test_local_cache_hit_restores_the_adapters(capsys, tmp_path, two):  # type: 
     st.blob_path(layer).unlink()
     assert cache.reuse_local(st, key, "tiny:1.2-cpu-fp32", tmp_path / "other", force=False, runtime=lambda: None) is None
     assert not (tmp_path / "other").exists()
+
+
+def test_registry_cache_hit_tags_the_adapters_too(capsys, two, registry):  # type: ignore[no-untyped-def]
+    package_cli(capsys, two["colors"], "--push", f"{registry.host}/models")
+    key = json.loads((two["colors"] / "olive-builder.json").read_text())["cache_key"]
+    hit = cache.reuse_remote(registry.host, "models", key, "tiny:1.1-cpu-fp32", with_image=True)
+    assert hit is not None and hit.image_digest is None
+    refs = [r for r, _ in hit.remote]
+    assert refs == [f"{registry.host}/models/tiny:1.1-cpu-fp32",
+                    f"{registry.host}/models/tiny:{adapter_tag('1.1-cpu-fp32', 'colors')}"]
+    reg = Registry(registry.host)
+    try:
+        got = reg.get_manifest("models/tiny", adapter_tag("1.1-cpu-fp32", "colors"))
+        assert got is not None and json.loads(got[0])["subject"]["digest"] == hit.artifact_digest
+    finally:
+        reg.close()
