@@ -408,3 +408,39 @@ def test_registry_cache_hit_tags_the_adapters_too(capsys, two, registry):  # typ
         assert got is not None and json.loads(got[0])["subject"]["digest"] == hit.artifact_digest
     finally:
         reg.close()
+
+
+def test_signed_adapter_pulls_with_verify_and_an_other_key_is_refused(capsys, tmp_path, two, registry):  # type: ignore[no-untyped-def]
+    from builder import sign
+
+    sign.keygen(tmp_path / "k.pem", tmp_path / "k.pub")
+    sign.keygen(tmp_path / "other.pem", tmp_path / "other.pub")
+    package_cli(capsys, two["colors"], "--sign-key", str(tmp_path / "k.pem"), "--push", f"{registry.host}/s")
+    ref = f"{registry.host}/s/tiny:{adapter_tag('1.0-cpu-fp32', 'colors')}"
+    code, out, err = cli(capsys, "pull", ref, str(tmp_path / "pulled"), "--verify", str(tmp_path / "k.pub"),
+                         "--signature-out", str(tmp_path / "model.sig"))
+    assert code == 0, err
+    assert (tmp_path / "pulled" / "adapters" / "colors.onnx_adapter").is_file()
+    assert (tmp_path / "model.sig").is_file()  # the base's model signature
+    code, out, err = cli(capsys, "pull", ref, str(tmp_path / "refused"), "--verify", str(tmp_path / "other.pub"))
+    assert code != 0 and "is not signed by the key" in err and not (tmp_path / "refused").exists()
+
+    # an adapter packaged unsigned is refused by --verify even though its base is signed
+    package_cli(capsys, two["animals"], "--push", f"{registry.host}/s")
+    code, out, err = cli(capsys, "pull", f"{registry.host}/s/tiny:{adapter_tag('1.0-cpu-fp32', 'animals')}",
+                         str(tmp_path / "unsigned"), "--verify", str(tmp_path / "k.pub"))
+    assert code != 0 and "is not signed" in err and not (tmp_path / "unsigned").exists()
+
+
+def test_pull_for_serve_of_an_adapter_gives_a_folder_with_base_and_adapter(capsys, two, registry):  # type: ignore[no-untyped-def]
+    from builder import pipeline
+
+    package_cli(capsys, two["colors"], "--push", f"{registry.host}/m")
+    ref = f"{registry.host}/m/tiny:{adapter_tag('1.0-cpu-fp32', 'colors')}"
+    folder = pipeline.pull_for_serve(ref)
+    assert (folder / "adapters" / "colors.onnx_adapter").read_bytes() == \
+        (two["colors"] / "adapters" / "colors.onnx_adapter").read_bytes()
+    assert (folder / "model.onnx.data").is_file()
+    assert pipeline.pull_for_serve(ref) == folder  # unpacked once per manifest digest
+    base = pipeline.pull_for_serve(f"{registry.host}/m/{TAG}")
+    assert base != folder and not (base / "adapters").exists()
