@@ -341,8 +341,10 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
         artifact = Published(tag, hit.artifact_digest)
         image = Published(tag + SERVE_SUFFIX, hit.image_digest) if hit.image_digest else None
         # attestations (and signatures) for what the cache gave: idempotent when already attached
-        attest.attach_stored(store, tag, key=sign.load_signing_key(pkg.sign_key) if pkg.sign_key else None,
-                             image_ref=image.ref if image else None)
+        signer = sign.load_signing_key(pkg.sign_key) if pkg.sign_key else None
+        attest.attach_stored(store, tag, key=signer, image_ref=image.ref if image else None)
+        for adapter in package.stored_adapters(store, tag, hit.artifact_digest) if signer else []:
+            package.sign_stored_adapter(store, package.adapter_ref(tag, adapter.name), signer)
         pushed = None
         if pkg.push_to:
             pushed = push([r.ref for r in (artifact, image) if r], pkg.push_to, reporter,
