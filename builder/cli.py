@@ -164,6 +164,7 @@ def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
             "model": r.model.hub or r.model.path,
             "tag": loaded.tag,
         })
+    rows.sort(key=lambda row: str(row["id"]))  # by id: cpu-int4 before cpu-int4-faq (paths sort '-' before '.')
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif rows:

@@ -152,10 +152,16 @@ def make_model(hub: str, out: Path, tokenizer: Path) -> Path:
 
 
 def swapped_recipe(loaded: recipes.LoadedRecipe, model: Path, folder: Path) -> Path:
-    """The shipped recipe file as it is, with `hub`/`revision` replaced by `path` and the evaluation off."""
+    """The shipped recipe file as it is, with `hub`/`revision` replaced by `path` and the evaluation off
+    (a finetune recipe's dataset path made absolute)."""
     text = loaded.path.read_text()
     text = re.sub(r"(?m)^(\s+)hub: .*$", rf"\1path: {model}", text)
     text = re.sub(r"(?m)^\s+revision: .*\n", "", text)
+    # A finetune recipe trains for 8 steps here: what is tested is the architecture's LoRA
+    # modules, conversion with the adapter and extraction, not how well it learns.
+    text = re.sub(r"(?m)^(\s+)max_steps: .*$", r"\1max_steps: 8", text)
+    # A finetune recipe's dataset lies beside the shipped recipe, not beside the copy.
+    text = re.sub(r"(?m)^(\s+)path: (data/.*)$", lambda m: f"{m.group(1)}path: {loaded.path.parent / m.group(2)}", text)
     text = re.sub(r"(?m)^evaluate:.*\n(?:[ \t]+.*\n)*", "", text) + "evaluate: false\n"
     dest = folder / loaded.path.parent.name / loaded.path.name
     dest.parent.mkdir(parents=True, exist_ok=True)

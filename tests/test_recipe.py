@@ -95,9 +95,11 @@ def test_the_required_recipes_are_shipped() -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=[recipe.recipe_id(p) for p in SHIPPED])
 def test_shipped_recipe_validates(path: Path) -> None:
     loaded = recipe.load(path)
-    device, precision = path.stem.split("-", 1)
-    # The file name is the target: keep them in step.
+    device, precision, *variant = path.stem.split("-", 2)
+    # The file name is the target: keep them in step (a finetune recipe adds its adapter's name).
     assert (loaded.recipe.target.device, loaded.recipe.target.precision) == (device, precision)
+    ft = loaded.recipe.finetune
+    assert variant == ([ft.adapter] if ft is not None else [])
     assert loaded.recipe.model.hub and not loaded.recipe.model.trust_remote_code
 
 
