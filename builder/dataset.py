@@ -121,7 +121,7 @@ def _rows(name: str, path: Path) -> Iterator[tuple[int, dict[str, object]]]:
         raw = path.read_bytes()
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise DatasetError(f"{name}: not valid UTF-8 JSON: {e}") from None
         if not isinstance(data, list):
             raise DatasetError(f"{name}: a .json dataset must be an array of objects (or use JSON Lines)")
@@ -154,7 +154,7 @@ def _rows(name: str, path: Path) -> Iterator[tuple[int, dict[str, object]]]:
                 continue
             try:
                 row = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise DatasetError(f"{name}:{number}: not a JSON object: {e}") from None
             if not isinstance(row, dict):
                 raise DatasetError(f"{name}:{number}: a {type(row).__name__}, not a JSON object")

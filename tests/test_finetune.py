@@ -311,3 +311,31 @@ def test_merge_true_builds_a_plain_model_with_the_adapter_in_its_weights(capsys,
     assert info["finetune"]["adapters"][0]["file"] is None
     assert info["evaluation"]["adapter"]["mode"] == "merged"
     assert info["evaluation"]["passed"]
+
+
+def test_hostile_datasets_fail_fast_with_a_message(capsys, tmp_path):  # type: ignore[no-untyped-def]
+    import os
+
+    recipe = finetune_recipe(tmp_path, tmp_path / "model")
+    data = tmp_path / "recipes" / "colors.jsonl"
+    cases = {
+        "deep nesting": lambda: data.write_text('{"instruction": ' + "[" * 100000 + "]" * 100000 + "}\n"),
+        "fifo": lambda: (data.unlink(), os.mkfifo(data)),
+        "link to /dev/zero": lambda: (data.unlink(), data.symlink_to("/dev/zero")),
+        "a line without end": lambda: (data.unlink(), data.write_bytes(b'{"instruction": "' + b"a" * (17 << 20))),
+    }
+    expected = {
+        "deep nesting": "colors.jsonl:1: not a JSON object: maximum recursion depth",
+        "fifo": "is not a file",
+        "link to /dev/zero": "lies under a kernel pseudo-filesystem",
+        "a line without end": "a line longer than 16 MiB",
+    }
+    for case, make in cases.items():
+        if data.exists() or data.is_symlink():
+            data.unlink()
+        data.write_text("")
+        make()
+        code, out, err = run_cli(capsys, "recipe", str(recipe), "--dry-run")
+        assert code == 2, (case, err)
+        assert expected[case] in err, (case, err)
+        assert "Traceback" not in err
