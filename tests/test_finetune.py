@@ -339,3 +339,61 @@ def test_hostile_datasets_fail_fast_with_a_message(capsys, tmp_path):  # type: i
         assert code == 2, (case, err)
         assert expected[case] in err, (case, err)
         assert "Traceback" not in err
+
+
+@pytest.mark.integration
+@pytest.mark.docker
+def test_finetune_end_to_end_push_run_the_image_pick_the_adapter_pull_it(  # type: ignore[no-untyped-def]
+        capsys, tmp_path, tiny_model, cpu_builder_image, runtime_image, docker_client, registry):
+    """The user's whole path: build a finetune recipe and push it; docker run the runnable image
+    and ask for the base and for the adapter with the openai client; pull the adapter's tag."""
+    import openai
+
+    from builder.check import check_generates
+    from conftest import free_port, wait_healthy
+
+    recipe = finetune_recipe(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "recipe", str(recipe), "-q", "-o", str(out), "--push", f"{registry.host}/ft")
+    assert code == 0, err
+    base_id, adapter_id = "tiny-colors:0.1.0-cpu-fp32", "tiny-colors:0.1.0-cpu-fp32--colors"
+    adapter_line = next(line.split() for line in stdout.splitlines() if line.strip().startswith("LoRA adapter"))
+    assert adapter_line[2] == adapter_id, stdout
+
+    # What the built folder generates, base and adapted, with this host's onnxruntime-genai.
+    report = check_generates(out, new_tokens=6, adapters=adapters_in(out))
+    assert report.adapters["colors"] != report.generated_ids
+
+    image = f"{registry.host}/ft/{base_id}-serve"
+    subprocess.run(["docker", "pull", "-q", image], check=True, capture_output=True, timeout=300)
+    port = free_port()
+    container = docker_client.containers.run(image, detach=True, ports={"8000/tcp": ("127.0.0.1", port)})
+    try:
+        wait_healthy(port, lambda: container.reload() or container.status == "running",
+                     lambda: container.logs().decode()[-2000:])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        served = [m.id for m in client.models.list().data]
+        assert base_id in served and f"{base_id}:colors" in served
+        answers = {}
+        for model in (base_id, f"{base_id}:colors"):
+            r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Say hello."}],
+                                               max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+            answers[model] = r.choices[0].message.content
+        assert answers[base_id] != answers[f"{base_id}:colors"]
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=f"{base_id}:nope", messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=2)
+    finally:
+        container.remove(force=True)
+        docker_client.images.remove(image, force=True)
+
+    # `build pull` of the adapter's tag brings its base too: the very bytes that were built.
+    pulled = tmp_path / "pulled"
+    code, _, err = run_cli(capsys, "pull", f"{registry.host}/ft/{adapter_id}", str(pulled))
+    assert code == 0, err
+    built = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(pulled).as_posix() for p in pulled.rglob("*") if p.is_file()) == built
+    for name in built:
+        assert (pulled / name).read_bytes() == (out / name).read_bytes(), name
+    again = check_generates(pulled, new_tokens=6, adapters=adapters_in(pulled))
+    assert again.adapters == report.adapters and again.generated_ids == report.generated_ids
