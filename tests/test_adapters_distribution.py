@@ -444,3 +444,25 @@ def test_pull_for_serve_of_an_adapter_gives_a_folder_with_base_and_adapter(capsy
     assert pipeline.pull_for_serve(ref) == folder  # unpacked once per manifest digest
     base = pipeline.pull_for_serve(f"{registry.host}/m/{TAG}")
     assert base != folder and not (base / "adapters").exists()
+
+
+@pytest.mark.docker
+def test_runnable_image_pulled_by_docker_has_the_adapters_in_its_model_folder(capsys, two, runtime_image,  # type: ignore[no-untyped-def]
+                                                                             docker_client, registry):
+    need(shutil.which("docker") is not None, "the docker CLI is not installed")
+    code, out, err = cli(capsys, "package", str(two["colors"]), "--push", f"{registry.host}/img")
+    assert code == 0, err
+    (image,) = lines_with(out, "runnable image")
+    assert image[2] == TAG + "-serve"
+    remote = f"{registry.host}/img/{TAG}-serve"
+    subprocess.run(["docker", "pull", "-q", remote], check=True, capture_output=True, timeout=300)
+    try:
+        script = ("import hashlib, pathlib; m = pathlib.Path('/model')\n"
+                  "for p in sorted(m.rglob('*')):\n"
+                  "    p.is_file() and print(hashlib.sha256(p.read_bytes()).hexdigest(), p.relative_to(m))")
+        listing = docker_client.containers.run(remote, entrypoint=["python3", "-c", script], remove=True).decode()
+    finally:
+        docker_client.images.remove(remote, force=True)
+    sums = dict(reversed(line.split()) for line in listing.splitlines())
+    for rel in ("adapters/colors.onnx_adapter", "model.onnx.data"):
+        assert "sha256:" + sums[rel] == sha256_file(two["colors"] / rel)
