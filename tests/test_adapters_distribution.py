@@ -267,6 +267,13 @@ def test_second_adapter_of_a_base_uploads_only_the_adapter(capsys, two, registry
                 == [name]
     finally:
         reg.close()
+    code, shown, err = cli(capsys, "inspect", f"{dest}/{TAG}", "--json")
+    assert code == 0, err
+    assert [(a["name"], a["reference"]) for a in json.loads(shown)["adapters"]] == \
+        [("animals", f"{dest}/tiny:{adapter_tag('1.0-cpu-fp32', 'animals')}")]
+    code, shown, err = cli(capsys, "inspect", f"{dest}/tiny:{adapter_tag('1.0-cpu-fp32', 'colors')}")
+    assert code == 0, err
+    assert "(LoRA adapter)" in shown and "adapter       colors of the base" in shown
     # `build push` of an adapter alone (its base by digest, no tag moved) uploads nothing new
     code, out3, err = cli(capsys, "push", f"tiny:{adapter_tag('1.0-cpu-fp32', 'colors')}", "--to", f"{registry.host}/copy")
     assert code == 0, err
@@ -293,12 +300,14 @@ def test_pull_of_an_adapter_brings_its_base_pull_of_the_base_does_not(capsys, tm
     assert code == 0, err
     assert not (tmp_path / "base" / "adapters").exists()
     assert (tmp_path / "base" / "model.onnx.data").read_bytes() == (two["animals"] / "model.onnx.data").read_bytes()
-    # the local store's copy pulls the same way, and gc keeps a pulled adapter's (untagged) base
-    local = f"{registry.host}/models/tiny:{adapter_tag('1.0-cpu-fp32', 'colors')}"
+    # from the local store too: the colors adapter's base is no longer tagged there (the tag names
+    # the animals build), and gc keeps it all the same, since the adapter's tag reaches it
+    local = f"tiny:{adapter_tag('1.0-cpu-fp32', 'colors')}"
     oci.gc(store(), grace_seconds=0)
     code, out, err = cli(capsys, "pull", local, str(tmp_path / "again"))
     assert code == 0, err
-    assert (tmp_path / "again" / "adapters" / "colors.onnx_adapter").is_file()
+    for rel in ("adapters/colors.onnx_adapter", "olive-builder.json", "model.onnx.data"):
+        assert (tmp_path / "again" / rel).read_bytes() == (two["colors"] / rel).read_bytes()
     assert not no_partials(tmp_path)
 
 
