@@ -336,8 +336,7 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
     whose ``subject`` is that base; the runnable image carries the base and every adapter."""
     model_dir = Path(model_dir)
     adapters = adapter_files(model_dir)
-    if adapters:
-        check_adapters(model_dir, adapters)
+    check_adapters(model_dir, adapters)
     if not adapters:
         return _package(model_dir, store, created=created, runtime=runtime, on_bytes=on_bytes, extra=extra,
                         attestations=attestations, sign_key=sign_key, recipe_path=recipe_path)
@@ -449,11 +448,13 @@ def check_adapters(model_dir: Path, adapters: dict[str, Path]) -> None:
     record = read_record(model_dir)
     section = record.extra.get("finetune")
     listed = section.get("adapters") if isinstance(section, dict) else None
-    names = {e.get("name") for e in listed if isinstance(e, dict)} if isinstance(listed, list) else set()
+    # entries with no file: adapters merged into the weights (``merge: true``)
+    names = {e.get("name") for e in listed if isinstance(e, dict) and e.get("file")} if isinstance(listed, list) else set()
     missing = sorted(str(n) for n in names if n not in adapters)
     if missing:
         raise PackageError(f"{model_dir} lacks the adapter(s) {', '.join(missing)} that its build record lists.",
-                           hint="Rebuild the model with `build recipe`.")
+                           hint="A folder pulled from a base model's tag holds the base alone: pull the adapter's "
+                                "tag (<tag>--<adapter>) to get both, or rebuild the model with `build recipe`.")
     for name, path in adapters.items():
         want = adapter_entry(record, name).get("sha256")
         if want and sha256_file(path) != want:

@@ -200,6 +200,7 @@ def test_same_folder_packaged_twice_gives_the_same_digests(capsys, two):  # type
     (lambda f: (f / "adapters" / "notes.txt").write_text("x"), "is not an adapter"),
     (lambda f: (f / "adapters" / "colors.onnx_adapter").rename(f / "adapters" / "other.onnx_adapter"),
      "lacks the adapter(s) colors"),
+    (lambda f: shutil.rmtree(f / "adapters"), "pull the adapter's tag"),  # e.g. a base pulled alone
 ])
 def test_adapters_folder_that_does_not_match_the_record_is_refused(capsys, tmp_path, damage, message):  # type: ignore[no-untyped-def]
     folder = finetuned_folder(tmp_path / "out", "colors", 1)
