@@ -11,6 +11,16 @@ there instead of uploaded. A manifest that records a build cache key is also tag
 Pull verifies every blob's digest and size as it arrives (nothing unverified is kept),
 then unpacks the model layers into a hidden folder beside the destination, checks it,
 and renames it into place.
+
+LoRA adapters (finetuned builds) are artifacts of their own whose ``subject`` is the base
+model's manifest (see ``package``). A push of the base takes its adapters along: their blobs
+with the model's (so a second adapter of a base uploads only its own file and the small
+documents that name the build), their manifests after the base's, listed among the base's
+referrers (the referrers API, or the ``sha256-<hex>`` index where there is none) and tagged
+``<tag>--<adapter>``. A push of an adapter's tag alone puts its base by digest and moves no
+base tag. A pull of an adapter's tag fetches the base its subject names, by digest, from the
+same repository (one hop: a base must be a model artifact, never another adapter) and writes
+the adapter into the folder's adapters/ before the folder is put in place.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Two manifests share the very same model layer blobs:
   under ``/model``, where the runtime's server reads), with the runtime's entrypoint.
   Tag ``<name>:<version>-<target>-serve``.
 
+A finetuned build in adapter mode adds one artifact per LoRA adapter (``<tag>--<adapter>``,
+``subject``: the model artifact), and its runnable image one layer per adapter (under
+``/model/adapters``); the model artifact itself leaves adapters/ out (see "LoRA adapters" below).
+
 Layers are deterministic tars (sorted names, mtime 0, uid/gid 0, fixed modes) and every
 JSON document is written in one canonical form, so the same folder and the same creation
 time always give the same digests. Digests are computed while the tars are written.
