@@ -397,3 +397,44 @@ def test_finetune_end_to_end_push_run_the_image_pick_the_adapter_pull_it(  # typ
         assert (pulled / name).read_bytes() == (out / name).read_bytes(), name
     again = check_generates(pulled, new_tokens=6, adapters=adapters_in(pulled))
     assert again.adapters == report.adapters and again.generated_ids == report.generated_ids
+
+
+# ---- GPU targets without a GPU: trained on the CPU, converted for CUDA, cross-checked -----------
+
+@pytest.mark.integration
+def test_a_cuda_fp16_adapter_is_built_here_and_cross_checked_on_the_cpu(capsys, tmp_path, tiny_model,  # type: ignore[no-untyped-def]
+                                                                        local_engine_ready):
+    recipe = finetune_recipe(tmp_path, tiny_model, target="cuda-fp16", precision="fp16")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "recipe", str(recipe), "--engine", "local", "-o", str(out),
+                                "--store", str(tmp_path / "store"), "--no-image")
+    assert code == 0, err
+    assert "by a CPU cross-check" in err
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["check"]["mode"] == "cpu-cross-check"
+    assert info["check"]["adapters"]["colors"] != info["check"]["generated_ids"]
+    assert info["evaluation"]["passed"] and info["evaluation"]["adapter"]["name"] == "colors"
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert any("cuda" in p for p in genai["model"]["decoder"]["session_options"]["provider_options"])
+    assert "LoRA adapter    tiny-colors:0.1.0-cuda-fp16--colors" in stdout
+
+
+@pytest.mark.integration
+@pytest.mark.docker
+def test_the_cuda_builder_image_finetunes_too(capsys, tmp_path, tiny_model, docker_client):  # type: ignore[no-untyped-def]
+    """The CUDA builder image carries peft, accelerate and datasets: LoRA runs in it (on the CPU
+    where Docker gives no GPU), then the cuda int4 conversion with the adapter."""
+    from conftest import ensure_image
+
+    image = ensure_image(docker_client, "cuda")
+    recipe = finetune_recipe(tmp_path, tiny_model, target="cuda-int4", precision="int4",
+                             extra="evaluate: false\n")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "recipe", str(recipe), "-o", str(out), "--store", str(tmp_path / "store"),
+                                "--no-image")
+    assert code == 0, err
+    info = json.loads((out / INFO_FILE).read_text())
+    assert info["builder"]["image"] == image
+    assert info["tools"]["peft"] == "0.21.2"
+    assert adapters_in(out) == {"colors": out / "adapters" / "colors.onnx_adapter"}
+    assert info["check"]["adapters"]["colors"] != info["check"]["generated_ids"]
