@@ -798,8 +798,10 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         if self.runner is not None:
-            return JSONResponse({"status": "ok", "model": self.model_id,
-                                 "adapters": [f"{self.model_id}:{n}" for n in self.runner.adapter_names]})
+            body: dict[str, Any] = {"status": "ok", "model": self.model_id}
+            if self.runner.adapter_names:
+                body["adapters"] = [f"{self.model_id}:{n}" for n in self.runner.adapter_names]
+            return JSONResponse(body)
         if self.load_error is not None:
             return JSONResponse({"status": "error", "error": self.load_error}, status_code=500)
         return JSONResponse({"status": "loading"}, status_code=503)

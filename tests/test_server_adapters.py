@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port, need
+from conftest import free_port, need, wait_healthy
 from test_server import Running, serve, serve_python, server_env
 
 pytestmark = pytest.mark.integration
@@ -351,3 +351,30 @@ def test_a_model_without_adapters_serves_only_the_base(finetuned: Finetuned, tmp
         assert [m["id"] for m in json.loads(body)["data"]] == [BASE_ID]
         status, _, answer = running.post("/v1/completions", {"model": ADAPTED_ID, "prompt": PROMPT, "max_tokens": 2})
         assert status == 404 and answer["error"]["code"] == "model_not_found"
+
+
+def test_the_build_sides_onnxruntime_genai_serves_adapters_too(finetuned: Finetuned, tmp_path: Path) -> None:
+    """`build serve` on a host with the build side's 0.14.1 (no og.Engine): everything on the Generator path."""
+    ids = prompt_ids(finetuned.model)
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "builder.server", "--model", str(finetuned.model), "--port",
+                                 str(port), "--model-id", BASE_ID], stdout=sink, stderr=subprocess.STDOUT,
+                                env=server_env())
+    try:
+        wait_healthy(port, lambda: proc.poll() is None, log.read_text)
+        running = Running(proc, port, log)
+        for model_id, adapter in ((BASE_ID, None), (ADAPTED_ID, ADAPTER)):
+            status, _, body = running.post("/v1/completions", {"model": model_id, "prompt": PROMPT, "max_tokens": N,
+                                                               "temperature": 0, "ignore_eos": True})
+            assert status == 200, body
+            assert body["choices"][0]["text"] == text_of(finetuned.model, og_tokens(finetuned.model, ids, adapter))
+        assert running.metric('olive_server_generations_total{path="generator"}') == 2
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
