@@ -378,3 +378,30 @@ def test_the_build_sides_onnxruntime_genai_serves_adapters_too(finetuned: Finetu
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.docker
+def test_the_runtime_image_serves_the_adapters(finetuned: Finetuned, runtime_image: str, docker_client: Any) -> None:
+    """The runtime image (trimmed stdlib, stripped onnxruntime-genai, uid 1000) runs the same server."""
+    ids = prompt_ids(finetuned.model)
+    port = free_port()
+    container = docker_client.containers.run(
+        runtime_image, detach=True, ports={"8000/tcp": ("127.0.0.1", port)},
+        environment={"OLIVE_MODEL_ID": BASE_ID},
+        volumes={str(finetuned.model): {"bind": "/model", "mode": "ro"}},
+    )
+    try:
+        wait_healthy(port, lambda: container.reload() or container.status == "running",
+                     lambda: container.logs().decode()[-2000:])
+        running = Running(None, port, Path("/dev/null"))  # type: ignore[arg-type]
+        status, _, body = running.request("GET", "/v1/models")
+        assert [m["id"] for m in json.loads(body)["data"]] == [BASE_ID, ADAPTED_ID]
+        for model_id, adapter in ((BASE_ID, None), (ADAPTED_ID, ADAPTER)):
+            status, _, answer = running.post("/v1/completions", {"model": model_id, "prompt": PROMPT, "max_tokens": N,
+                                                                 "temperature": 0, "ignore_eos": True})
+            assert status == 200, answer
+            assert answer["choices"][0]["text"] == text_of(finetuned.model, og_tokens(finetuned.model, ids, adapter))
+        container.stop(timeout=30)
+        assert container.wait(timeout=60)["StatusCode"] == 0
+    finally:
+        container.remove(force=True)
