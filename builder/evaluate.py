@@ -266,13 +266,13 @@ def _generator(model: Any, max_length: int, adapters: Any, name: str | None, **s
 class _Reference:
     """What the source model said at each scored position (everything the comparison needs)."""
 
-    nll: list[float] = field(default_factory=list)
-    argmax: list[int] = field(default_factory=list)
-    topk_ids: list[Any] = field(default_factory=list)  # one tensor [k] per position
-    topk_logp: list[Any] = field(default_factory=list)
-    greedy: list[list[int]] = field(default_factory=list)
+    nll: list[float]
+    argmax: list[int]
+    topk_ids: Any  # tensor [positions, k], int64: the source's k most likely tokens per position
+    topk_logp: Any  # tensor [positions, k], float32: their log-probabilities
+    greedy: list[list[int]]
+    vocab: int
     dtype_note: str | None = None
-    vocab: int = 0
 
 
 def _windows(ids: list[int], max_tokens: int, window: int, bos: int | None) -> list[list[int]]:
@@ -375,8 +375,80 @@ def _available_memory() -> int | None:
     return None
 
 
+def _few_rows_linear_mode() -> Any:
+    """A torch function mode computing ``linear`` of a few rows (one token per prompt while
+    decoding) as ``weight @ x.T``.
+
+    For a handful of rows torch's ``x @ weight.T`` takes a slow single-threaded path: measured
+    here, 3 rows through a 151936 x 896 LM head took 170 ms, 3.2x one row, while
+    ``weight @ x.T`` took 53 ms, 1.3x one row. Decoding is bound by reading the weights, so
+    this is what makes decoding several prompts at once cheaper than one after the other.
+    Rounding differs from torch's own order only at the last bit of fp32."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    linear = torch.nn.functional.linear
+
+    class FewRows(TorchFunctionMode):
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if func is linear and len(args) >= 2:
+                x, weight = args[0], args[1]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                rows = x.numel() // max(1, x.shape[-1])
+                if 1 < rows <= 16 and weight.dim() == 2 and x.dtype == weight.dtype:
+                    out = (weight @ x.reshape(rows, x.shape[-1]).t()).t()
+                    if bias is not None:
+                        out = out + bias
+                    return out.reshape(*x.shape[:-1], weight.shape[0])
+            return func(*args, **kwargs)
+
+    return FewRows()
+
+
+def _greedy(model: Any, prompts: list[list[int]], vocab: int, batched: bool) -> list[list[int]]:
+    """GREEDY_TOKENS raw-argmax tokens after each prompt.
+
+    ``batched``: all prompts at once, left-padded, with their attention mask and positions, so
+    each step reads the weights once for every prompt instead of once per prompt (decoding is
+    bound by reading the fp32 weights: 3 prompts x 32 steps was a third of the source pass).
+    Masked positions get exactly zero attention, so each row computes what it would alone, up
+    to float rounding. Otherwise one prompt after the other (models with their own code,
+    whose handling of padding is not known)."""
+    import torch
+
+    if not batched:
+        out = []
+        for prompt in prompts:
+            logits, cache = _step(model, prompt, None)
+            tokens = [int(logits[-1, :vocab].argmax())]
+            while len(tokens) < GREEDY_TOKENS:
+                logits, cache = _step(model, [tokens[-1]], cache)
+                tokens.append(int(logits[-1, :vocab].argmax()))
+            out.append(tokens)
+        return out
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)  # the pad token's value is never attended to
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    steps = [result.logits[:, -1, :vocab].argmax(-1)]
+    with _few_rows_linear_mode():
+        while len(steps) < GREEDY_TOKENS:
+            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            result = model(input_ids=steps[-1][:, None], attention_mask=mask, position_ids=positions,
+                           use_cache=True, **{name: result.get(name)})
+            steps.append(result.logits[:, -1, :vocab].argmax(-1))
+    return torch.stack(steps, dim=1).tolist()
+
+
 def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[int]], trust_remote_code: bool,
-                 peft_dir: Path | None = None) -> _Reference:
+                 peft_dir: Path | None = None, dtype: Any = None) -> _Reference:
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
@@ -384,9 +456,7 @@ def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[
     hf_logging: Any = logging
     hf_logging.set_verbosity_error()  # the build log is not the place for loading progress bars
     hf_logging.disable_progress_bar()
-    ref = _Reference()
-    dtype, ref.dtype_note = _source_dtype(source_dir)
-    model: Any = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype,
+    model: Any = AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype or torch.float32,
                                                       trust_remote_code=trust_remote_code)
     if peft_dir is not None:
         from peft import PeftModel
@@ -395,44 +465,168 @@ def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[
         # path, decoder and head, as any source), with no second copy of the base held.
         model = PeftModel.from_pretrained(model, str(peft_dir)).merge_and_unload()
     model.eval()
-    vocab = ref.vocab = int(model.config.vocab_size)
+    vocab = int(model.config.vocab_size)
     k = min(TOP_K, vocab)
+    nll: list[float] = []
+    argmax: list[int] = []
+    top_ids, top_logp = [], []
     with torch.inference_mode():
         split = _can_split(model, windows[0])
         for window in windows:
             for s, logits in _window_logits(model, window, split):
                 targets = window[s + 1 : s + 1 + CHUNK]
-                nll, arg, ids, lp = _chunk_stats(logits[: len(targets), :vocab], targets, k)
-                ref.nll.extend(nll.tolist())
-                ref.argmax.extend(arg.tolist())
-                ref.topk_ids.extend(ids)
-                ref.topk_logp.extend(lp)
-        for prompt in prompts:
-            logits, cache = _step(model, prompt, None)
-            tokens = [int(logits[-1, :vocab].argmax())]
-            while len(tokens) < GREEDY_TOKENS:
-                logits, cache = _step(model, [tokens[-1]], cache)
-                tokens.append(int(logits[-1, :vocab].argmax()))
-            ref.greedy.append(tokens)
-    del model, cache, logits
+                n, arg, ids, lp = _chunk_stats(logits[: len(targets), :vocab], targets, k)
+                nll.extend(n.tolist())
+                argmax.extend(arg.tolist())
+                top_ids.append(ids)
+                top_logp.append(lp)
+            del logits
+        greedy = _greedy(model, prompts, vocab, batched=not trust_remote_code)
+    del model
     gc.collect()
-    return ref
+    return _Reference(nll=nll, argmax=argmax, topk_ids=torch.cat(top_ids), topk_logp=torch.cat(top_logp),
+                      greedy=greedy, vocab=vocab)
 
 
-def _kl(ref_ids: Any, ref_logp: Any, logp: Any) -> float:
-    """KL(source || built) over the source's top-k tokens plus one bucket for the rest.
+# ---------------------------------------------------------------------------- the source's figures, cached
 
-    Exact when k covers the vocabulary; otherwise a lower bound (merging tokens never raises
-    a KL divergence) that misses only the source's tail beyond its top k tokens."""
+# Bump when what _source_pass computes changes (its windows, its greedy decoding, what it keeps).
+REFERENCE_FORMAT = 1
+REFERENCE_CACHE_ENV = "OLIVE_BUILDER_EVAL_CACHE"  # a folder, or "off"
+REFERENCE_CACHE_KEEP = 64  # newest entries kept (one is ~2 MB per 1024 tokens)
+
+
+def reference_cache_dir() -> Path | None:
+    """Where the source model's figures are kept between builds (None: not kept)."""
+    value = os.environ.get(REFERENCE_CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value)
+    from .contract import cache_dir
+
+    return cache_dir() / "eval-reference"
+
+
+def _file_digests(folder: Path, memo_dir: Path | None) -> dict[str, str]:
+    """name -> content digest of every file of a model folder.
+
+    A Hugging Face cache snapshot links each file to a blob named by its own hash: that name is
+    the digest, nothing is read. Other files are hashed once; the digest is remembered by
+    path, size, mtime and inode (``file-digests.json`` in the cache folder), so a second build
+    from the same folder reads nothing either."""
+    from .contract import atomic_write, sha256_file
+
+    memo_path = memo_dir / "file-digests.json" if memo_dir is not None else None
+    memo: dict[str, str] = {}
+    if memo_path is not None:
+        try:
+            memo = json.loads(memo_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            memo = {}
+    out, changed = {}, False
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts):
+        name = path.relative_to(folder).as_posix()
+        target = path.resolve()
+        if path.is_symlink() and target.parent.name == "blobs":
+            out[name] = "blob:" + target.name
+            continue
+        st = target.stat()
+        stamp = f"{target}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if stamp not in memo:
+            memo[stamp] = sha256_file(target)
+            changed = True
+        out[name] = memo[stamp]
+    if changed and memo_path is not None:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(memo_path, json.dumps(dict(list(memo.items())[-4096:])))
+        except OSError:
+            pass  # a read-only cache only costs the hashing next time
+    return out
+
+
+def _reference_key(source_dir: Path, peft_dir: Path | None, windows: list[list[int]], prompts: list[list[int]],
+                   dtype: Any, batched: bool, cache: Path | None) -> str:
+    """What the source's figures depend on: the source's files (and the PEFT adapter's), the
+    tokens scored and prompted (so the text, its tokenizer, max_tokens and the windowing), how
+    they are computed, and the versions of the code that computes them."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    material = {
+        "format": REFERENCE_FORMAT,
+        "source": _file_digests(source_dir, cache),
+        "peft": _file_digests(peft_dir, cache) if peft_dir is not None else None,
+        "windows": hashlib.sha256(json.dumps(windows).encode()).hexdigest(),
+        "prompts": prompts,
+        "greedy_tokens": GREEDY_TOKENS, "top_k": TOP_K, "chunk": CHUNK, "batched": batched,
+        "dtype": str(dtype),
+        "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _load_reference(cache: Path, key: str) -> _Reference | None:
     import torch
 
-    p = ref_logp.exp()
-    q_logp = logp[ref_ids]
-    head = float((p * (ref_logp - q_logp)).sum())
-    rest_p = max(0.0, 1.0 - float(p.sum()))
-    rest_q = max(1e-30, 1.0 - float(q_logp.exp().sum()))
-    tail = rest_p * math.log(rest_p / rest_q) if rest_p > 1e-12 else 0.0
-    return max(0.0, head + tail) if torch.isfinite(torch.tensor(head)) else float("inf")
+    path = cache / f"{key}.pt"
+    try:
+        data = torch.load(path, weights_only=True)  # tensors, lists and numbers only: no code runs
+        ref = _Reference(nll=data["nll"].tolist(), argmax=data["argmax"].tolist(),
+                         topk_ids=data["topk_ids"].long(), topk_logp=data["topk_logp"],
+                         greedy=data["greedy"].tolist(), vocab=int(data["vocab"]))
+        os.utime(path)  # kept longest when used
+        return ref
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a damaged or foreign entry is recomputed, never trusted
+        return None
+
+
+def _save_reference(cache: Path, key: str, ref: _Reference) -> None:
+    import io
+
+    import torch
+
+    from .contract import atomic_write
+
+    buffer = io.BytesIO()
+    torch.save({"nll": torch.tensor(ref.nll, dtype=torch.float64), "argmax": torch.tensor(ref.argmax),
+                "topk_ids": ref.topk_ids.to(torch.int32), "topk_logp": ref.topk_logp.float(),
+                "greedy": torch.tensor(ref.greedy), "vocab": ref.vocab}, buffer)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache / f"{key}.pt", buffer.getvalue())
+        entries = sorted(cache.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in entries[REFERENCE_CACHE_KEEP:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # not kept: the next build computes it again
+
+
+def _kl(ref_ids: Any, ref_logp: Any, logp: Any) -> Any:
+    """KL(source || built) per position (a tensor [n]) over the source's top-k tokens plus one
+    bucket for the rest; ``ref_ids``/``ref_logp`` [n, k], ``logp`` [n, vocab].
+
+    Exact when k covers the vocabulary; otherwise a lower bound (merging tokens never raises
+    a KL divergence) that misses only the source's tail beyond its top k tokens. In float64:
+    the rest bucket is one minus a sum close to one."""
+    import torch
+
+    src = ref_logp.double()
+    q_logp = logp.gather(1, ref_ids).double()
+    p = src.exp()
+    head = (p * (src - q_logp)).sum(-1)
+    rest_p = (1.0 - p.sum(-1)).clamp(min=0.0)
+    rest_q = (1.0 - q_logp.exp().sum(-1)).clamp(min=1e-30)
+    tail = torch.where(rest_p > 1e-12, rest_p * torch.log(rest_p.clamp(min=1e-300) / rest_q),
+                       torch.zeros_like(rest_p))
+    kl = (head + tail).clamp(min=0.0)
+    return torch.where(torch.isfinite(head), kl, torch.full_like(kl, float("inf")))
 
 
 @dataclass
@@ -463,10 +657,10 @@ def _built_pass(model: Any, windows: list[list[int]], prompts: list[list[int]], 
             t = torch.tensor(targets, dtype=torch.long)
             built.nll.extend((-logp[torch.arange(len(targets)), t]).tolist())
             if ref is not None:
-                arg = logp.argmax(dim=-1).tolist()
-                for i in range(len(targets)):
-                    built.agree += int(arg[i] == ref.argmax[pos + i])
-                    built.kl.append(_kl(ref.topk_ids[pos + i], ref.topk_logp[pos + i], logp[i]))
+                rows = slice(pos, pos + len(targets))
+                arg = logp.argmax(dim=-1)
+                built.agree += int((arg == torch.tensor(ref.argmax[rows])).sum())
+                built.kl.extend(_kl(ref.topk_ids[rows], ref.topk_logp[rows], logp).tolist())
             pos += len(targets)
         del generator
     for prompt in prompts:
@@ -538,7 +732,9 @@ def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: i
     context = int(config.get("model", {}).get("context_length") or 0) or (prompt_tokens + decode_tokens + 1)
     # A model with a short context gets a shorter prompt; the record says how long it was.
     prompt_len = max(16, min(prompt_tokens, context - decode_tokens - 1))
-    text = load_text().text
+    # Any 512 tokens of English will do; the start of the text has them (not tokenizing all of it
+    # saves a quarter of a second per run).
+    text = load_text().text[: 16 * (prompt_len + 16)]
     loads, ttfts, decodes, threads = [], [], [], None
     for _ in range(runs):
         started = time.perf_counter()
@@ -623,6 +819,7 @@ class Evaluation:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per part: source, built, speed
     reason: str | None = None  # why not evaluated
     adapter: dict[str, Any] | None = None  # the adapter evaluated (AdapterUnderTest.to_json()); None: the base model
+    source_cached: bool = False  # the source's figures came from the cache (an earlier build of the same source)
 
     @property
     def passed(self) -> bool:
@@ -695,9 +892,23 @@ def evaluate(
             else:
                 prompt = content
             prompts.append(tok(prompt, add_special_tokens=True)["input_ids"])
-        say(f"source model (transformers, fp32){what}: {len(windows)} window(s) of up to {len(windows[0])} tokens")
-        ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code,
-                           peft_dir=Path(adapter.peft_dir) if adapter is not None and adapter.peft_dir else None)
+        dtype, dtype_note = _source_dtype(Path(source_dir))
+        peft_dir = Path(adapter.peft_dir) if adapter is not None and adapter.peft_dir else None
+        cache = reference_cache_dir()
+        key = _reference_key(Path(source_dir), peft_dir, windows, prompts, dtype, not trust_remote_code, cache) \
+            if cache is not None else None
+        ref = _load_reference(cache, key) if cache is not None and key is not None else None
+        if ref is not None:
+            # A second precision or target of the same source (a matrix build): the source's
+            # figures on these tokens are already known.
+            say(f"source model{what}: its figures on these tokens are cached ({cache})")
+            result.source_cached = True
+        else:
+            say(f"source model (transformers, fp32){what}: {len(windows)} window(s) of up to {len(windows[0])} tokens")
+            ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code, peft_dir=peft_dir, dtype=dtype)
+            if cache is not None and key is not None:
+                _save_reference(cache, key, ref)
+        ref.dtype_note = dtype_note
         result.timings["source_s"] = round(time.monotonic() - started, 2)
     else:
         import onnxruntime_genai as og
@@ -729,7 +940,7 @@ def evaluate(
                 "perplexity_ratio": round(_mean_ppl(built.nll) / src_ppl, 5),
                 "top1_agreement": round(built.agree / len(ref.argmax), 4),
                 "mean_kl": round(sum(built.kl) / len(built.kl), 6),
-                "kl_top_k": min(TOP_K, len(ref.topk_ids[0])),
+                "kl_top_k": int(ref.topk_ids.shape[1]),
                 "greedy_prompts": len(prefixes),
                 "greedy_tokens": GREEDY_TOKENS,
                 "greedy_prefix_mean": round(sum(prefixes) / len(prefixes), 2),
@@ -837,6 +1048,8 @@ def format_table(data: dict[str, Any]) -> str:
         if gate and gate in gates:
             limit = f"{'<=' if gate.startswith('max') else '>='} {gates[gate]:g}"
         rows.append((key, _fmt(value) + (f"   (limit {limit})" if limit else "")))
+    if data.get("source_cached"):
+        rows.append(("source_figures", "from the cache (an earlier evaluation of the same source, tokens and tools)"))
     text = data.get("text") or {}
     rows.append(("text", f"{text.get('tokens')} tokens in {text.get('windows')} window(s), {text.get('digest', '')[:19]}"))
     speed = data.get("speed") or {}
