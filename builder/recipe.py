@@ -519,6 +519,9 @@ def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any
                             "the dataset does not fit the template:\n    " + str(e).replace("\n", "\n    ")))
             except OSError as e:
                 out.append((("finetune", "dataset", "path"), f"{shown!r} cannot be read: {e.strerror or e}"))
+    if ft.adapter == "serve" or ft.adapter.endswith("-serve"):
+        out.append((("finetune", "adapter"), f"{ft.adapter!r} would make a tag ending in -serve, which names runnable "
+                                            "images: choose another name"))
     if ft.method == "qlora" and t.device != "cuda":
         out.append((("finetune", "method"), "QLoRA trains on a 4-bit base with bitsandbytes' CUDA kernels: it needs "
                                            "device cuda; use method: lora"))

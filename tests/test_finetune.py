@@ -87,6 +87,7 @@ RECIPE_MISTAKES = {
     "typo": ("  max_step: 3\n", None, "finetune.max_step: unknown key. Perhaps you meant `max_steps`?"),
     "adapter name": ("  adapter: Colors!\n", None, "finetune.adapter"),
     "lora rank": ("", "r: 8", "finetune.lora.r"),
+    "adapter named like an image": ("", None, "would make a tag ending in -serve"),
 }
 
 
@@ -97,6 +98,8 @@ def test_recipe_mistakes_in_finetune_are_reported_with_their_line(capsys, tmp_pa
     text = recipe.read_text()
     if case == "adapter name":
         text = text.replace("adapter: colors", "adapter: Colors!")
+    elif case == "adapter named like an image":
+        text = text.replace("adapter: colors", "adapter: fast-serve")
     elif case == "lora rank":
         text = text.replace("r: 8", "r: 0")
     elif replace is not None:
