@@ -137,7 +137,8 @@ def _og(model: str) -> tuple[Any, Any, Any]:
 
     m = og.Model(model)
     adapters = og.Adapters(m)
-    adapters.load(str(Path(model) / "adapters" / f"{ADAPTER}.onnx_adapter"), ADAPTER)
+    for path in sorted((Path(model) / "adapters").glob("*.onnx_adapter")):
+        adapters.load(str(path), path.name.removesuffix(".onnx_adapter"))
     return m, og.Tokenizer(m), adapters
 
 
@@ -258,6 +259,46 @@ def test_concurrent_base_and_adapter_requests_do_not_mix(server: Running, finetu
         results = list(pool.map(ask, order))
     assert all(text == expected[model_id] for model_id, text in results), results
     assert server.metric("olive_server_adapter_generations_total") - before == 6
+
+
+def _scaled_adapter(source: Path, target: Path, factor: float) -> None:
+    """Another valid adapter of the same base: the LoRA B matrices scaled."""
+    import onnxruntime as ort
+
+    params = ort.AdapterFormat.read_adapter(str(source)).get_parameters()
+    scaled = {name: ort.OrtValue.ortvalue_from_numpy(value.numpy() * (factor if "lora_B" in name else 1.0))
+              for name, value in params.items()}
+    out = ort.AdapterFormat()
+    out.set_adapter_version(1)
+    out.set_model_version(1)
+    out.set_parameters(scaled)
+    out.export_adapter(str(target))
+
+
+def test_two_adapters_and_the_base_at_once_each_get_their_own(finetuned: Finetuned, tmp_path: Path) -> None:
+    """One generator per request, each with its own adapter: 12 requests over 3 models, 4 at a time."""
+    model = tmp_path / "model"
+    shutil.copytree(finetuned.model, model)
+    _scaled_adapter(model / "adapters" / f"{ADAPTER}.onnx_adapter", model / "adapters" / "strong.onnx_adapter", 3.0)
+    ids = prompt_ids(model)
+    expected = {BASE_ID: text_of(model, og_tokens(model, ids, None)),
+                ADAPTED_ID: text_of(model, og_tokens(model, ids, ADAPTER)),
+                f"{BASE_ID}:strong": text_of(model, og_tokens(model, ids, "strong"))}
+    assert len(set(expected.values())) == 3  # three different answers
+    with serve(model, tmp_path, "--model-id", BASE_ID, "--max-concurrency", "4") as running:
+        status, _, body = running.request("GET", "/v1/models")
+        assert [m["id"] for m in json.loads(body)["data"]] == [BASE_ID, ADAPTED_ID, f"{BASE_ID}:strong"]
+
+        def ask(model_id: str) -> tuple[str, str]:
+            status, _, answer = running.post("/v1/completions", {"model": model_id, "prompt": PROMPT, "max_tokens": N,
+                                                                 "temperature": 0, "ignore_eos": True})
+            assert status == 200, answer
+            return model_id, answer["choices"][0]["text"]
+
+        order = list(expected) * 4
+        with concurrent.futures.ThreadPoolExecutor(len(order)) as pool:
+            results = list(pool.map(ask, order))
+        assert all(text == expected[model_id] for model_id, text in results), results
 
 
 def test_sampling_with_a_seed_on_an_adapter_is_reproducible(client: Any) -> None:
