@@ -16,7 +16,8 @@
    cost of the LoRA weights from the cost of the path.
 
 Prints medians of aggregate tokens/s and of each request's own tokens/s (end to end: prefill,
-waiting for a slot and decode), and the ratios adapter/base.
+waiting for a slot and decode), the ratios adapter/base, and the aggregate when half of the
+concurrent requests name the base and half the adapter.
 """
 
 from __future__ import annotations
@@ -119,11 +120,12 @@ def stream(port: int, model: str, n: int) -> tuple[int, float]:
     return tokens, time.perf_counter() - t0
 
 
-def round_(port: int, model: str, clients: int, n: int) -> tuple[float, float]:
-    """N requests at once: (aggregate tokens/s, median of each request's tokens/s end to end)."""
+def round_(port: int, models: list[str], n: int) -> tuple[float, float]:
+    """One request per entry of ``models``, all at once: (aggregate tokens/s, median of each request's
+    tokens/s end to end)."""
     t0 = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: stream(port, model, n), range(clients)))
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        results = list(pool.map(lambda model: stream(port, model, n), models))
     wall = time.perf_counter() - t0
     return sum(r[0] for r in results) / wall, statistics.median(r[0] / r[1] for r in results)
 
@@ -160,28 +162,32 @@ class Server:
 def measure(server: Server, clients: list[int], n: int, runs: int) -> dict[tuple[str, int], list[tuple[float, float]]]:
     adapted = f"{MODEL_ID}:{ADAPTER}"
     for model in (MODEL_ID, adapted):  # warm-up
-        round_(server.port, model, 1, 8)
+        round_(server.port, [model], 8)
     out: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for c in clients:
+        kinds = {"base": [MODEL_ID] * c, "adapter": [adapted] * c}
+        if c >= 2:  # half of the requests name the base, half the adapter
+            kinds["mixed"] = [MODEL_ID if i % 2 == 0 else adapted for i in range(c)]
         for i in range(runs):
-            # Alternate which goes first, so that a trend in machine load hits both.
-            for model in ((MODEL_ID, adapted) if i % 2 == 0 else (adapted, MODEL_ID)):
-                out.setdefault(("base" if model == MODEL_ID else "adapter", c), []).append(
-                    round_(server.port, model, c, n))
+            # Rotate which goes first, so that a trend in machine load hits all.
+            order = list(kinds)[i % len(kinds):] + list(kinds)[:i % len(kinds)]
+            for kind in order:
+                out.setdefault((kind, c), []).append(round_(server.port, kinds[kind], n))
     return out
 
 
 def report(title: str, results: dict[tuple[str, int], list[tuple[float, float]]], clients: list[int]) -> None:
     print(f"\n{title}")
     print(f"{'clients':>7}  {'base tok/s':>10}  {'adapter tok/s':>13}  {'ratio':>6}  "
-          f"{'base per-req':>12}  {'adapter per-req':>15}  {'ratio':>6}")
+          f"{'base per-req':>12}  {'adapter per-req':>15}  {'ratio':>6}  {'half/half tok/s':>15}")
     for c in clients:
         base = results[("base", c)]
         adapter = results[("adapter", c)]
         b_agg, a_agg = statistics.median(r[0] for r in base), statistics.median(r[0] for r in adapter)
         b_one, a_one = statistics.median(r[1] for r in base), statistics.median(r[1] for r in adapter)
+        mixed = f"{statistics.median(r[0] for r in results[('mixed', c)]):.1f}" if ("mixed", c) in results else "-"
         print(f"{c:>7}  {b_agg:>10.1f}  {a_agg:>13.1f}  {a_agg / b_agg:>6.2f}  {b_one:>12.1f}  {a_one:>15.1f}  "
-              f"{a_one / b_one:>6.2f}")
+              f"{a_one / b_one:>6.2f}  {mixed:>15}")
 
 
 def main() -> None:
