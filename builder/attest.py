@@ -79,6 +79,9 @@ class BuildFacts:
     recipe_path: str | None = None  # as the user named it (relative paths stay relative)
     recipe_text: str | None = None
     lock_entry: Mapping[str, Any] | None = None  # this recipe's olive-builder.lock entry, if locked
+    # Files only the runnable image holds: a finetuned build's adapters/<name>.onnx_adapter (the
+    # model artifact leaves them out; each is an artifact of its own, see ``adapter_sbom``).
+    image_files: tuple[FileDigest, ...] = ()
 
 
 def file_digests(model_dir: Path, files: Iterable[str]) -> tuple[FileDigest, ...]:
@@ -274,9 +277,10 @@ def _purl_oci(name: str, digest: str, repository_url: str | None = None) -> str:
 
 
 def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (),
-         base: Mapping[str, str] | None = None) -> dict[str, Any]:
+         base: Mapping[str, str] | None = None, image: bool = False) -> dict[str, Any]:
     """A CycloneDX 1.6 SBOM (JSON document) of ``subject``: the model, its source, its tools and
-    (for the runnable image) ``packages`` from the image's layers on ``base``."""
+    (for the runnable image, ``image``) ``packages`` from the image's layers on ``base`` and the
+    files only the image holds (``facts.image_files``: a finetuned build's adapters)."""
     try:  # the current locations; older cyclonedx-python-lib releases have only the old ones
         from cyclonedx.contrib.license.factories import LicenseFactory
         from cyclonedx.contrib.this.builders import this_component
@@ -292,15 +296,17 @@ def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (
 
     info = facts.info
     source = info.get("source") or {}
-    builder = info.get("builder") or {}
     target = info.get("target") or {}
     licenses = LicenseFactory()
+    extra = facts.image_files if image else ()
 
     def sha256(hexdigest: str) -> HashType:
         return HashType(alg=HashAlgorithm.SHA_256, content=hexdigest)
 
     files = [Component(type=ComponentType.FILE, name=f.path, bom_ref=f"file:{f.path}", hashes=[sha256(f.sha256)],
-                       properties=[Property(name="olive-builder:size", value=str(f.size))]) for f in facts.files]
+                       properties=[Property(name="olive-builder:size", value=str(f.size))]
+                       + ([Property(name="olive-builder:image-path", value=f"/model/{f.path}")] if f in extra else []))
+             for f in [*facts.files, *extra]]
     ancestors = []
     hub = source.get("hub")
     commit = source.get("resolved_revision")
@@ -327,18 +333,10 @@ def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (
             ("execution-provider", target.get("execution_provider")), ("precision", target.get("precision")),
             ("recipe-digest", info.get("recipe_digest")), ("cache-key", info.get("cache_key"))) if v],
     )
-    tools = [Component(type=ComponentType.APPLICATION, name=name, version=str(version),
-                       purl=PackageURL(type="pypi", name=name, version=str(version)), bom_ref=f"tool:{name}")
-             for name, version in sorted((info.get("tools") or {}).items())]
-    tools.append(Component(type=ComponentType.APPLICATION, name="olive-builder",
-                           version=str(builder.get("version") or __version__), bom_ref="tool:olive-builder"))
-    if builder.get("image_id"):
-        tools.append(Component(type=ComponentType.CONTAINER, name=str(builder.get("image") or "builder image"),
-                               version=str(builder["image_id"]), bom_ref="tool:builder-image",
-                               hashes=[sha256(str(builder["image_id"]).split(":", 1)[-1])]))
+    tools = _tool_components(info)
     tools.append(this_component())
     subject_component = Component(
-        type=ComponentType.MACHINE_LEARNING_MODEL if not packages and base is None else ComponentType.CONTAINER,
+        type=ComponentType.MACHINE_LEARNING_MODEL if not image and not packages and base is None else ComponentType.CONTAINER,
         name=subject.name, version=subject.digest, bom_ref="subject",
         purl=PackageURL.from_string(_purl_oci(subject.name, subject.digest)),
     )
@@ -374,6 +372,27 @@ def sbom(facts: BuildFacts, subject: Subject, *, packages: Iterable[Package] = (
     doc: dict[str, Any] = json.loads(JsonV1Dot6(bom).output_as_string())
     _add_model_card(doc, info, facts)
     return doc
+
+
+def _tool_components(info: Mapping[str, Any]) -> list[Any]:
+    """The tools that made a build (the record's ``tools`` with pypi purls, olive-builder, the
+    builder image by digest) as CycloneDX components."""
+    from cyclonedx.model import HashAlgorithm, HashType
+    from cyclonedx.model.component import Component, ComponentType
+    from packageurl import PackageURL
+
+    builder = info.get("builder") or {}
+    tools = [Component(type=ComponentType.APPLICATION, name=name, version=str(version),
+                       purl=PackageURL(type="pypi", name=name, version=str(version)), bom_ref=f"tool:{name}")
+             for name, version in sorted((info.get("tools") or {}).items())]
+    tools.append(Component(type=ComponentType.APPLICATION, name="olive-builder",
+                           version=str(builder.get("version") or __version__), bom_ref="tool:olive-builder"))
+    if builder.get("image_id"):
+        tools.append(Component(type=ComponentType.CONTAINER, name=str(builder.get("image") or "builder image"),
+                               version=str(builder["image_id"]), bom_ref="tool:builder-image",
+                               hashes=[HashType(alg=HashAlgorithm.SHA_256,
+                                                content=str(builder["image_id"]).split(":", 1)[-1])]))
+    return tools
 
 
 def _add_model_card(doc: dict[str, Any], info: Mapping[str, Any], facts: BuildFacts) -> None:
@@ -489,7 +508,8 @@ def build_attestations(facts: BuildFacts, artifact: Subject, image: Subject | No
     subjects = [artifact] + ([image] if image else [])
     return Attestations(
         artifact_sbom=oci.canonical_json(sbom(facts, artifact)),
-        image_sbom=oci.canonical_json(sbom(facts, image, packages=image_packages, base=base)) if image else None,
+        image_sbom=oci.canonical_json(sbom(facts, image, packages=image_packages, base=base, image=True))
+        if image else None,
         provenance=oci.canonical_json(provenance(facts, subjects, env)),
         evaluation=oci.canonical_json(evaluation(facts, subjects)),
     )
@@ -534,11 +554,12 @@ def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifa
                  recipe_text: str | None = None, lock_entry: Mapping[str, Any] | None = None,
                  key: Any = None, files: Iterable[str] | None = None,
                  precomputed: tuple[FileDigest, ...] | None = None,
-                 env: Mapping[str, str] | None = None) -> Attached:
+                 env: Mapping[str, str] | None = None, image_files: tuple[FileDigest, ...] = ()) -> Attached:
     """Attach the SBOMs, provenance and evaluation of a packaged build as referrers of its manifests,
     and with ``key`` (a ``sign.SigningKey``) sign the model folder (OpenSSF model signing) and
-    both manifests and the attestations (cosign's format). Idempotent: what is already attached
-    (by this key) is kept, so packaging the same build again adds nothing."""
+    both manifests and the attestations (cosign's format). ``image_files``: files the runnable image
+    holds beyond ``model_dir``'s (a finetuned build's adapters), listed in its SBOM. Idempotent: what
+    is already attached (by this key) is kept, so packaging the same build again adds nothing."""
     from . import package as package_mod
     from . import referrers, sign
 
@@ -546,7 +567,7 @@ def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifa
     if precomputed is None:
         names = list(files) if files is not None else package_mod.model_files(model_dir)
         precomputed = file_digests(model_dir, names)
-    facts = BuildFacts(info, precomputed, created, recipe_path, recipe_text, lock_entry)
+    facts = BuildFacts(info, precomputed, created, recipe_path, recipe_text, lock_entry, image_files)
     a_subject = Subject(artifact_ref, artifact.digest)
     i_subject = Subject(image_ref, image.digest) if image is not None and image_ref else None
     packages = _runtime_packages(store, runtime) if runtime is not None and i_subject else []
@@ -675,13 +696,49 @@ def _recipe_shown(path: Path) -> str:
 
 def attach_packaged(store: oci.Store, model_dir: Path, packaged: Any, *, info: Mapping[str, Any],
                     created: dt.datetime, runtime: Any = None, digests: BackgroundDigests | None = None,
-                    sign_key: Any = None, recipe_path: Path | None = None) -> Attached:
-    """``attach_build`` for what ``package.package`` just stored."""
+                    sign_key: Any = None, recipe_path: Path | None = None,
+                    adapters: Mapping[str, Path] | None = None) -> Attached:
+    """``attach_build`` for what ``package.package`` just stored; ``adapters`` (name -> file) are in
+    its runnable image."""
     path, text, entry = recipe_inputs(recipe_path)
     return attach_build(store, model_dir, artifact_ref=packaged.artifact_ref, artifact=packaged.artifact,
                         image_ref=packaged.image_ref, image=packaged.image, runtime=runtime, created=created,
                         info=info, recipe_path=path, recipe_text=text, lock_entry=entry, key=sign_key,
-                        precomputed=digests.result() if digests is not None else None)
+                        precomputed=digests.result() if digests is not None else None,
+                        image_files=adapter_file_digests(adapters or {}) if packaged.image is not None else ())
+
+
+def adapter_file_digests(adapters: Mapping[str, Path]) -> tuple[FileDigest, ...]:
+    """``adapters/<name>.onnx_adapter`` of each adapter file, with its digest (for the image's SBOM)."""
+    from .contract import ADAPTER_SUFFIX, ADAPTERS_DIR
+
+    out = []
+    for name, path in sorted(adapters.items()):
+        (found,) = file_digests(Path(path).parent, [Path(path).name])
+        out.append(FileDigest(f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}", found.sha256, found.size))
+    return tuple(out)
+
+
+def image_adapter_files(store: oci.Store, image: oci.Descriptor) -> tuple[FileDigest, ...]:
+    """The adapter files a stored runnable image holds (its ``model/adapters/*`` layers), hashed
+    from the layers themselves: what ``docker run`` will find under /model/adapters."""
+    from .contract import ADAPTERS_DIR
+
+    prefix = f"model/{ADAPTERS_DIR}/"
+    out = []
+    for d in store.read_json(image.digest).get("layers") or []:
+        path = str((d.get("annotations") or {}).get(oci.ANN_FILEPATH) or "")
+        if not path.startswith(prefix):
+            continue
+        with store.open_blob(d["digest"]) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                if member.isfile() and member.name == path:
+                    f = tar.extractfile(member)
+                    h = hashlib.sha256()
+                    while f is not None and (chunk := f.read(oci.CHUNK)):
+                        h.update(chunk)
+                    out.append(FileDigest(path[len("model/"):], h.hexdigest(), member.size))
+    return tuple(sorted(out, key=lambda f: f.path))
 
 
 def attach_stored(store: oci.Store, artifact_ref: str, *, key: Any = None, image_ref: str | None = None) -> Attached:
@@ -715,7 +772,8 @@ def attach_stored(store: oci.Store, artifact_ref: str, *, key: Any = None, image
         info = json.loads((folder / "olive-builder.json").read_text(encoding="utf-8"))
         runtime = _stored_runtime(store, image) if image is not None else None
         return attach_build(store, folder, artifact_ref=artifact_ref, artifact=desc, image_ref=image_ref if image else None,
-                            image=image, runtime=runtime, created=created, info=info, key=key)
+                            image=image, runtime=runtime, created=created, info=info, key=key,
+                            image_files=image_adapter_files(store, image) if image is not None else ())
 
 
 @dataclass(frozen=True)
@@ -736,3 +794,325 @@ def _stored_runtime(store: oci.Store, image: oci.Descriptor) -> _StoredRuntime |
         return None
     return _StoredRuntime(str(ann.get("org.opencontainers.image.base.name") or "runtime image"),
                           oci.Descriptor(oci.MANIFEST, base, 0), layers)
+
+
+# ---- LoRA adapters -------------------------------------------------------------------------------
+#
+# An adapter artifact (``package.package_adapter``: one layer, the .onnx_adapter file; ``subject``:
+# the base model artifact) gets the proofs a model artifact gets, as referrers of its own manifest:
+# an SBOM (the adapter file, the base by digest, the training dataset, the tools), a SLSA provenance
+# (the base manifest, the source model and the dataset as resolved dependencies; the finetune
+# settings as external parameters) and the evaluation, PASSED/FAILED where the build evaluated
+# this adapter, else WARNED. Everything is read from the adapter's manifest and config and the
+# base's build record, so a stored adapter can be attested (and signed) again at any time.
+
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What an adapter artifact's attestations say beyond its manifest."""
+
+    name: str
+    file: FileDigest  # adapters/<name>.onnx_adapter; its sha256 is the adapter layer's digest
+    entry: Mapping[str, Any]  # the build record's finetune.adapters entry of this adapter
+    base: Subject  # the base model artifact (the adapter manifest's subject)
+    info: Mapping[str, Any]  # the build record
+    created: dt.datetime
+
+    @property
+    def dataset(self) -> Mapping[str, Any]:
+        found = self.entry.get("dataset")
+        return found if isinstance(found, dict) else {}
+
+    @property
+    def section(self) -> Mapping[str, Any]:
+        found = self.info.get("finetune")
+        return found if isinstance(found, dict) else {}
+
+
+def _dataset_label(dataset: Mapping[str, Any]) -> str:
+    if dataset.get("hub"):
+        return str(dataset["hub"])
+    names = dataset.get("names") or dataset.get("files") or ([dataset["file"]] if dataset.get("file") else [])
+    return ", ".join(str(n) for n in names) or "training dataset"
+
+
+def _dataset_uri(dataset: Mapping[str, Any]) -> str | None:
+    if dataset.get("hub"):
+        uri = f"https://huggingface.co/datasets/{dataset['hub']}"
+        return uri + (f"/tree/{dataset['revision']}" if dataset.get("revision") else "")
+    return None
+
+
+def _property_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def adapter_evaluation_section(facts: AdapterFacts) -> dict[str, Any] | None:
+    """The evaluation of this adapter: its own record entry's, or the build's evaluation when that
+    loaded this adapter (its ``adapter`` entry names it, and the same file where it says which)."""
+    own = facts.entry.get("evaluation")
+    if isinstance(own, dict):
+        return own
+    section = evaluation_results(facts.info)
+    tested = (section or {}).get("adapter")
+    if not isinstance(tested, dict) or tested.get("name") != facts.name:
+        return None
+    if tested.get("sha256") and str(tested["sha256"]).split(":", 1)[-1] != facts.file.sha256:
+        return None
+    return section
+
+
+def adapter_sbom(facts: AdapterFacts, subject: Subject) -> dict[str, Any]:
+    """A CycloneDX 1.6 SBOM of an adapter artifact: the adapter (a model whose one file is the
+    .onnx_adapter, with its digest), the base model artifact it needs (by digest, with the source
+    model it was converted from as its ancestor), the training dataset (digest, source, rows) and
+    the tools (peft, olive-ai, torch, ... as the build record names them)."""
+    try:
+        from cyclonedx.contrib.license.factories import LicenseFactory
+        from cyclonedx.contrib.this.builders import this_component
+    except ImportError:  # pragma: no cover
+        from cyclonedx.builder.this import this_component
+        from cyclonedx.factory.license import LicenseFactory
+    from cyclonedx.model import ExternalReference, ExternalReferenceType, HashAlgorithm, HashType, Property, XsUri
+    from cyclonedx.model.bom import Bom, BomMetaData
+    from cyclonedx.model.component import Component, ComponentType, Pedigree
+    from cyclonedx.model.tool import ToolRepository
+    from cyclonedx.output.json import JsonV1Dot6
+    from packageurl import PackageURL
+
+    info = facts.info
+    source = info.get("source") or {}
+    target = info.get("target") or {}
+    dataset = facts.dataset
+    licenses = LicenseFactory()
+    lic = [licenses.make_from_string(str(info["license"]))] if info.get("license") else []
+
+    def sha256(hexdigest: str) -> HashType:
+        return HashType(alg=HashAlgorithm.SHA_256, content=hexdigest)
+
+    def props(pairs: Iterable[tuple[str, Any]]) -> list[Property]:
+        return [Property(name=f"olive-builder:{k}", value=_property_value(v)) for k, v in pairs
+                if v is not None and v != "" and v != [] and v != {}]
+
+    file = Component(type=ComponentType.FILE, name=facts.file.path, bom_ref=f"file:{facts.file.path}",
+                     hashes=[sha256(facts.file.sha256)], properties=props([("size", str(facts.file.size))]))
+    ancestors = []
+    hub = source.get("hub")
+    commit = source.get("resolved_revision")
+    if hub:
+        org, _, repo_name = str(hub).rpartition("/")
+        ancestors.append(Component(
+            type=ComponentType.MACHINE_LEARNING_MODEL, name=repo_name, group=org or None,
+            version=commit or source.get("revision"), bom_ref=f"source:{hub}",
+            purl=PackageURL(type="huggingface", namespace=org or None, name=repo_name, version=commit) if commit else None,
+            licenses=list(lic), external_references=[ExternalReference(
+                type=ExternalReferenceType.DISTRIBUTION, url=XsUri(f"https://huggingface.co/{hub}"))]))
+    elif source.get("local"):
+        ancestors.append(Component(type=ComponentType.MACHINE_LEARNING_MODEL, name="local model folder",
+                                   bom_ref="source:local", version=commit))
+    base = Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL, name=facts.base.name, version=facts.base.digest, bom_ref="base",
+        purl=PackageURL.from_string(_purl_oci(facts.base.name, facts.base.digest)),
+        hashes=[sha256(facts.base.digest.split(":", 1)[1])],  # the manifest's own digest
+        description="the base model artifact this adapter is loaded on (the adapter manifest's subject)",
+        pedigree=Pedigree(ancestors=ancestors) if ancestors else None,
+        properties=props([("target", info.get("id")), ("device", target.get("device")),
+                          ("execution-provider", target.get("execution_provider")),
+                          ("precision", target.get("precision"))]))
+    dataset_digest = str(dataset.get("sha256") or "")
+    data = Component(
+        type=ComponentType.DATA, name=_dataset_label(dataset), bom_ref="dataset",
+        version=str(dataset["revision"]) if dataset.get("hub") and dataset.get("revision") else None,
+        hashes=[sha256(dataset_digest.split(":", 1)[1])] if dataset_digest.startswith("sha256:") else [],
+        description="the training dataset (its sha256 is one digest over its files' content, in order)",
+        external_references=[ExternalReference(type=ExternalReferenceType.DISTRIBUTION, url=XsUri(uri))]
+        if (uri := _dataset_uri(dataset)) else [],
+        properties=props([("dataset.source", dataset.get("source") or ("hub" if dataset.get("hub") else "file")),
+                          ("dataset.files", dataset.get("names")), ("dataset.rows", dataset.get("rows")),
+                          ("dataset.columns", dataset.get("columns")), ("dataset.format", dataset.get("format"))]))
+    settings = facts.entry.get("settings") if isinstance(facts.entry.get("settings"), dict) else {}
+    training = facts.entry.get("training") if isinstance(facts.entry.get("training"), dict) else {}
+    adapter = Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL, name=facts.name, group=str(info.get("name") or "") or None,
+        version=str(info.get("version")), bom_ref="adapter", licenses=lic, components=[file],
+        description=f"LoRA adapter {facts.name!r} of {facts.base.name} ({facts.base.digest})",
+        properties=props([("adapter", facts.name), ("finetune.mode", facts.section.get("mode")),
+                          ("finetune.method", facts.section.get("method")), ("target", info.get("id"))]
+                         + [(f"finetune.{k}", v) for k, v in sorted((settings or {}).items())]
+                         + [(f"training.{k}", v) for k, v in sorted((training or {}).items())]))
+    tools = _tool_components(info)
+    tools.append(this_component())
+    subject_component = Component(type=ComponentType.MACHINE_LEARNING_MODEL, name=subject.name,
+                                  version=subject.digest, bom_ref="subject",
+                                  purl=PackageURL.from_string(_purl_oci(subject.name, subject.digest)))
+    bom = Bom(serial_number=uuid.uuid5(_SERIAL_NS, subject.digest),
+              metadata=BomMetaData(timestamp=facts.created.astimezone(dt.UTC), component=subject_component,
+                                   tools=ToolRepository(components=tools)),
+              components=[adapter, base, data])
+    bom.register_dependency(subject_component, [adapter])
+    bom.register_dependency(adapter, [base, data])
+    doc: dict[str, Any] = json.loads(JsonV1Dot6(bom).output_as_string())
+    # the model card (the library has no type for it yet; the 1.6 schema does)
+    card: dict[str, Any] = {"modelParameters": {"task": "text-generation", "approach": {"type": "supervised"},
+                                                "datasets": [{"ref": "dataset"}]}}
+    if info.get("architecture"):
+        card["modelParameters"]["modelArchitecture"] = str(info["architecture"])
+    metrics = [{"type": str(k), "value": str(v)} for k, v in sorted(
+        ((adapter_evaluation_section(facts) or {}).get("accuracy") or {}).items())
+        if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
+    if metrics:
+        card["quantitativeAnalysis"] = {"performanceMetrics": metrics}
+    for c in doc.get("components", []):
+        if c.get("bom-ref") == "adapter":
+            c["modelCard"] = card
+    return doc
+
+
+def adapter_provenance(facts: AdapterFacts, subject: Subject, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A SLSA v1 provenance of an adapter artifact: the finetune settings in; the base model
+    artifact, the source model and the training dataset resolved (by digest); the builder."""
+    info = facts.info
+    source = info.get("source") or {}
+    builder = info.get("builder") or {}
+    dataset = facts.dataset
+    external: dict[str, Any] = {
+        "recipe": {"digest": info.get("recipe_digest")},
+        "target": {"id": info.get("id"), **(info.get("target") or {})},
+        "finetune": {k: v for k, v in (
+            ("adapter", facts.name), ("mode", facts.section.get("mode")), ("method", facts.section.get("method")),
+            ("settings", dict(facts.entry.get("settings") or {})),
+            ("dataset", {k: dataset.get(k) for k in ("source", "hub", "revision", "names", "file")
+                         if dataset.get(k) is not None})) if v is not None},
+    }
+    deps: list[dict[str, Any]] = [{
+        "name": facts.base.name, "uri": _purl_oci(facts.base.name, facts.base.digest),
+        "digest": _digest_map(facts.base.digest), "mediaType": facts.base.media_type,
+        "annotations": {"role": "base model artifact (the adapter manifest's subject)"}}]
+    hub, commit = source.get("hub"), source.get("resolved_revision")
+    if hub:
+        dep: dict[str, Any] = {"name": hub, "uri": f"https://huggingface.co/{hub}" + (f"/tree/{commit}" if commit else ""),
+                               "annotations": {"role": "source model"}}
+        if commit:
+            dep["digest"] = {"gitCommit": commit}
+        deps.append(dep)
+    elif source.get("local") and commit:
+        deps.append({"name": "local model folder", "annotations": {"role": "source model", "revision": commit},
+                     **({"digest": _digest_map(commit)} if ":" in commit else {})})
+    dataset_dep: dict[str, Any] = {"name": f"dataset:{_dataset_label(dataset)}",
+                                   "annotations": {k: v for k, v in (("role", "training dataset"),
+                                                                     ("source", dataset.get("source")),
+                                                                     ("rows", dataset.get("rows")),
+                                                                     ("files", dataset.get("names"))) if v is not None}}
+    if dataset.get("sha256"):
+        dataset_dep["digest"] = _digest_map(str(dataset["sha256"]))
+    if dataset.get("hub") and dataset.get("revision"):
+        dataset_dep["digest"] = {**dataset_dep.get("digest", {}), "gitCommit": str(dataset["revision"])}
+    if _dataset_uri(dataset):
+        dataset_dep["uri"] = _dataset_uri(dataset)
+    deps.append(dataset_dep)
+    if builder.get("image_id"):
+        deps.append({"name": builder.get("image") or "builder image", "digest": _digest_map(builder["image_id"])})
+    internal: dict[str, Any] = {"engine": builder.get("engine"), "tools": dict(info.get("tools") or {})}
+    if info.get("cache_key"):
+        internal["cacheKey"] = info["cache_key"]
+    if facts.entry.get("training"):
+        internal["training"] = dict(facts.entry["training"])
+    builder_id, invocation = builder_identity(env)
+    metadata: dict[str, Any] = {"finishedOn": rfc3339(facts.created)}
+    if invocation:
+        metadata["invocationId"] = invocation
+    predicate = {
+        "buildDefinition": {"buildType": BUILD_TYPE, "externalParameters": external,
+                            "internalParameters": internal, "resolvedDependencies": deps},
+        "runDetails": {"builder": {"id": builder_id,
+                                   "version": {"olive-builder": str(builder.get("version") or __version__)}},
+                       "metadata": metadata},
+    }
+    return statement([subject], SLSA_PROVENANCE_V1, predicate)
+
+
+def adapter_evaluation(facts: AdapterFacts, subject: Subject) -> dict[str, Any]:
+    """The test-result statement of an adapter artifact: the build's evaluation where it loaded this
+    adapter (PASSED/FAILED), else WARNED ("not evaluated"): the base's evaluation is not the adapter's."""
+    section = adapter_evaluation_section(facts)
+    if section is None:
+        section = {"evaluated": False, "reason": f"the build's evaluation did not load the adapter {facts.name!r}"}
+    info = {k: v for k, v in facts.info.items() if k not in ("evaluation", "eval", "check")}
+    st = evaluation(BuildFacts({**info, "evaluation": section}, (), facts.created), [subject])
+    st["predicate"]["configuration"][0]["annotations"]["adapter"] = facts.name
+    return st
+
+
+def stored_record(store: oci.Store, base_digest: str) -> dict[str, Any]:
+    """The build record (olive-builder.json) inside a stored model artifact, read from its layer."""
+    from .contract import INFO_FILE
+
+    wanted = f"model/{INFO_FILE}"
+    for d in store.read_json(base_digest).get("layers") or []:
+        ann = d.get("annotations") or {}
+        listed = str(ann.get("org.olive-builder.files") or "").split(",")
+        if ann.get(oci.ANN_FILEPATH) != wanted and INFO_FILE not in listed:
+            continue
+        with store.open_blob(d["digest"]) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                if member.isfile() and member.name == wanted and member.size < (16 << 20):
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        found: dict[str, Any] = json.loads(f.read())
+                        return found
+    raise StoreError(f"The model artifact {base_digest} in the local store has no {INFO_FILE}.",
+                     hint="Package the build again.")
+
+
+def attach_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, *, info: Mapping[str, Any] | None = None,
+                   key: Any = None, env: Mapping[str, str] | None = None) -> Attached:
+    """Attach an adapter artifact's SBOM, provenance and evaluation as referrers of its manifest
+    and, with ``key``, sign the manifest and the attestations (cosign's formats, as for a model).
+    ``info``: the build record (else read from the base artifact in the store). Idempotent."""
+    from . import referrers, sign
+    from .contract import ADAPTER_ANNOTATION, ADAPTER_SUFFIX, ADAPTERS_DIR
+    from .package import parse_rfc3339, sign_adapter
+
+    name = ref.rpartition(":")[0]
+    kinds = {d.annotations.get(ANN_KIND) for d in referrers.list_local(store, name, desc.digest)}
+    if {"sbom", "provenance", "evaluation"} <= kinds and (key is None or (
+            _signed_by(store, name, desc.digest, referrers.SIG_SUFFIX, key)
+            and _signed_by(store, name, desc.digest, referrers.ATT_SUFFIX, key))):
+        return Attached((), key is not None)
+    manifest = store.read_json(desc.digest)
+    layer = oci.Descriptor.from_json(manifest["layers"][0])
+    config = store.read_json(manifest["config"]["digest"])
+    ann = manifest.get("annotations") or {}
+    adapter = str(ann[ADAPTER_ANNOTATION])
+    base_digest = str(manifest["subject"]["digest"])
+    base_ref = str((config.get("base") or {}).get("reference") or f"{name}@{base_digest}")
+    created_text = ann.get("org.opencontainers.image.created")
+    created = parse_rfc3339(created_text) if created_text else dt.datetime.fromtimestamp(0, dt.UTC)
+    facts = AdapterFacts(
+        adapter, FileDigest(f"{ADAPTERS_DIR}/{adapter}{ADAPTER_SUFFIX}", layer.digest.split(":", 1)[1], layer.size),
+        dict(config.get("finetune") or {}), Subject(base_ref, base_digest),
+        dict(info) if info is not None else stored_record(store, base_digest), created)
+    subject = Subject(ref, desc.digest)
+    statements = {"provenance": (oci.canonical_json(adapter_provenance(facts, subject, env)), SLSA_PROVENANCE_V1),
+                  "evaluation": (oci.canonical_json(adapter_evaluation(facts, subject)), TEST_RESULT_V01)}
+    sbom_doc = oci.canonical_json(adapter_sbom(facts, subject))
+    when = {"org.opencontainers.image.created": rfc3339(created)}
+    out: list[tuple[str, str, oci.Descriptor]] = []
+    d = referrers.attach(store, name, desc, SBOM_MEDIA, [(sbom_doc, SBOM_MEDIA, {})],
+                         annotations={**when, ANN_KIND: "sbom"})
+    out.append(("sbom", desc.digest, d))
+    for kind, (doc, ptype) in statements.items():
+        d = referrers.attach(store, name, desc, INTOTO_MEDIA, [(doc, INTOTO_MEDIA, {ANN_PREDICATE_TYPE: ptype})],
+                             annotations={**when, ANN_KIND: kind, ANN_PREDICATE_TYPE: ptype})
+        out.append((kind, desc.digest, d))
+    if key is None:
+        return Attached(tuple(out), False)
+    sign_adapter(store, ref, desc, key, created)
+    if not _signed_by(store, name, desc.digest, referrers.ATT_SUFFIX, key):
+        sbom_statement = oci.canonical_json(statement([subject], CYCLONEDX_PREDICATE, json.loads(sbom_doc)))
+        layers = [(sign.dsse_envelope(key, doc), sign.DSSE_MEDIA,
+                   {sign.ANN_SIGNATURE: "", sign.ANN_PREDICATE_TYPE: ptype, ANN_KEY_ID: key.key_id})
+                  for doc, ptype in [(sbom_statement, CYCLONEDX_PREDICATE), *statements.values()]]
+        d = referrers.replace_local_tagged(store, name, desc, referrers.ATT_SUFFIX, sign.COSIGN_ATT_ARTIFACT,
+                                           layers, annotations=when)
+        out.append(("attestations", desc.digest, d))
+    return Attached(tuple(out), True)

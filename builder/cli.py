@@ -414,15 +414,22 @@ def keygen_cmd(prefix: Path) -> None:
 @insecure_option
 def verify_cmd(ref: str, key: Path, as_json: bool, store: Path | None, insecure: bool) -> None:
     """Check that REF is signed by KEY (cosign's format), that its signed SLSA provenance names this
-    manifest, and that a signed SBOM and a passing evaluation are attached. Exit 5 if not."""
+    manifest, and that a signed SBOM and a passing evaluation are attached. A LoRA adapter's REF:
+    also its file against the signed digests, and its base model the same way. Exit 5 if not."""
     from . import oci, sign
 
     v = sign.verify_reference(ref, key, oci.open_store(store), insecure=insecure or None)
     if as_json:
-        click.echo(json.dumps({"reference": ref, "digest": v.digest, "signature": v.signature,
-                               "predicates": sorted(v.predicates), "evaluation": v.evaluation_result,
-                               "modelSignature": v.model_bundle is not None, "referrers": list(v.referrers)},
-                              indent=2))
+        def summary(x: sign.Verified) -> dict[str, Any]:
+            return {"digest": x.digest, "signature": x.signature, "predicates": sorted(x.predicates),
+                    "evaluation": x.evaluation_result, "modelSignature": x.model_bundle is not None,
+                    "referrers": list(x.referrers)}
+
+        out: dict[str, Any] = {"reference": ref, **summary(v)}
+        if v.base is not None:
+            out["adapter"] = v.adapter
+            out["base"] = summary(v.base)
+        click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"verified {ref}@{v.digest}")
     click.echo(f"  signature          cosign simple signing, key {key}")
@@ -431,6 +438,15 @@ def verify_cmd(ref: str, key: Path, as_json: bool, store: Path | None, insecure:
     click.echo(f"  evaluation         {v.evaluation_result}"
                + ("  (not evaluated)" if v.evaluation_result == "WARNED" else ""))
     click.echo(f"  model signature    {'attached (OpenSSF model signing)' if v.model_bundle else 'none'}")
+    if v.base is not None:
+        b = v.base
+        click.echo(f"  adapter            {v.adapter}: its file matches the signed manifest and SBOM")
+        click.echo(f"verified its base (the adapter's subject) @{b.digest}")
+        click.echo(f"  signature          cosign simple signing, key {key}")
+        for ptype in sorted(b.predicates):
+            click.echo(f"  attestation        {ptype}")
+        click.echo(f"  evaluation         {b.evaluation_result}" + ("  (not evaluated)" if b.evaluation_result == "WARNED" else ""))
+        click.echo(f"  model signature    {'attached (OpenSSF model signing)' if b.model_bundle else 'none'}")
 
 
 @cli.command("inspect")

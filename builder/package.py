@@ -352,7 +352,7 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
     info = {**record.to_json(), **(extra or {})}
     when = created or created_time(model_dir=model_dir)
     done = tuple(package_adapter(store, packaged, name, path, info, adapter_entry(record, name), when,
-                                 sign_key=sign_key) for name, path in adapters.items())
+                                 sign_key=sign_key, attestations=attestations) for name, path in adapters.items())
     return dataclasses.replace(packaged, adapters=done)
 
 
@@ -390,7 +390,7 @@ def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, 
     packaged = Packaged(artifact_ref, artifact, image_ref, image, tuple(layers), written, ann)
     if digests is not None:
         attest.attach_packaged(store, model_dir, packaged, info=info, created=created, runtime=runtime,
-                               digests=digests, sign_key=sign_key, recipe_path=recipe_path)
+                               digests=digests, sign_key=sign_key, recipe_path=recipe_path, adapters=adapters)
     return packaged
 
 
@@ -530,11 +530,12 @@ def adapter_annotations(info: dict[str, Any], entry: dict[str, Any], name: str, 
 
 
 def package_adapter(store: oci.Store, base: Packaged, name: str, path: Path, info: dict[str, Any],
-                    entry: dict[str, Any], created: dt.datetime, *, sign_key: Any = None) -> PackagedAdapter:
+                    entry: dict[str, Any], created: dt.datetime, *, sign_key: Any = None,
+                    attestations: bool = True) -> PackagedAdapter:
     """Store adapter ``name`` (file ``path``) as an artifact whose subject is ``base``'s manifest, tag it
     ``adapter_ref(base, name)`` and list it among the base's referrers (``build inspect`` shows it;
-    a push takes it along)."""
-    from . import referrers
+    a push takes it along), with its SBOM, provenance and evaluation (``attest.attach_adapter``)."""
+    from . import attest, referrers
 
     with store.writer() as w, path.open("rb") as f:
         while chunk := f.read(oci.CHUNK):
@@ -552,7 +553,9 @@ def package_adapter(store: oci.Store, base: Packaged, name: str, path: Path, inf
     repo = base.artifact_ref.rpartition(":")[0]
     referrers.add_local(store, repo, base.artifact.digest, desc)
     store.tag(ref, desc)
-    if sign_key is not None:
+    if attestations:
+        attest.attach_adapter(store, ref, desc, info=info, key=sign_key)
+    elif sign_key is not None:
         sign_adapter(store, ref, desc, sign_key, created)
     return PackagedAdapter(name, ref, desc, layer)
 
@@ -582,12 +585,14 @@ def is_adapter(store: oci.Store, ref: str) -> bool:
 
 
 def sign_stored_adapter(store: oci.Store, ref: str, key: Any) -> None:
-    """`build push --sign-key` of an adapter packaged unsigned."""
+    """`build push --sign-key` of an adapter packaged unsigned (or a cache hit's): its manifest and
+    its attestations (attached first where they are missing), as packaging with the key does."""
+    from . import attest
+
     desc = store.resolve(ref)
     if desc is None:
         raise UsageError(f"{ref} is not in the local store {store.root}.")
-    created = (store.read_json(desc.digest).get("annotations") or {}).get("org.opencontainers.image.created")
-    sign_adapter(store, ref, desc, key, parse_rfc3339(created) if created else dt.datetime.fromtimestamp(0, dt.UTC))
+    attest.attach_adapter(store, ref, desc, key=key)
 
 
 def adapter_image_layer(store: oci.Store, name: str, path: Path) -> oci.Descriptor:

@@ -343,8 +343,8 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
         # attestations (and signatures) for what the cache gave: idempotent when already attached
         signer = sign.load_signing_key(pkg.sign_key) if pkg.sign_key else None
         attest.attach_stored(store, tag, key=signer, image_ref=image.ref if image else None)
-        for adapter in package.stored_adapters(store, tag, hit.artifact_digest) if signer else []:
-            package.sign_stored_adapter(store, package.adapter_ref(tag, adapter.name), signer)
+        for adapter in package.stored_adapters(store, tag, hit.artifact_digest):
+            attest.attach_adapter(store, package.adapter_ref(tag, adapter.name), adapter.manifest, key=signer)
         pushed = None
         if pkg.push_to:
             pushed = push([r.ref for r in (artifact, image) if r], pkg.push_to, reporter,

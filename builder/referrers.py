@@ -25,12 +25,14 @@ Kyverno and policy-controller look for signatures.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
@@ -417,6 +419,20 @@ class LocalContent:
     def referrers(self, subject_digest: str) -> list[oci.Descriptor]:
         return list_local(self.store, self.name, subject_digest)
 
+    def check_blob(self, desc: oci.Descriptor) -> None:
+        """Refuse a blob (of any size: it is hashed as it is read) whose bytes are not ``desc``'s."""
+        if not self.store.has(desc.digest):
+            raise StoreError(f"The local store lacks {desc.digest}.", hint="Pull or package it again.")
+        h = hashlib.sha256()
+        size = 0
+        with self.store.open_blob(desc.digest) as f:
+            while chunk := f.read(oci.CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        if "sha256:" + h.hexdigest() != desc.digest or size != desc.size:
+            raise ContentError(f"The local store's copy of {desc.digest} does not match its digest: it was changed "
+                               "or is damaged.", hint="Do not use it; pull or package it again from a good copy.")
+
 
 class RemoteContent:
     """A registry repository seen through the same reads (every byte checked against its digest)."""
@@ -453,6 +469,13 @@ class RemoteContent:
 
     def referrers(self, subject_digest: str) -> list[oci.Descriptor]:
         return list_remote(self.registry, self.repo, subject_digest)
+
+    def check_blob(self, desc: oci.Descriptor) -> None:
+        """Download a blob into a throwaway store, refusing it unless its digest and size are ``desc``'s."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="olive-builder-check-") as tmp:
+            self.registry.fetch_blob(self.repo, desc, oci.Store(Path(tmp)))
 
 
 @contextmanager

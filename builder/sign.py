@@ -345,6 +345,8 @@ class Verified:
     evaluation_result: str | None  # PASSED | WARNED | FAILED (the test-result predicate's)
     model_bundle: bytes | None  # the OpenSSF model signing bundle by this key, if attached
     referrers: tuple[str, ...]  # artifact types of every referrer listed
+    adapter: str | None = None  # a LoRA adapter's name, when the reference is an adapter artifact
+    base: Verified | None = None  # then: its base model artifact (its subject), verified the same way
 
 
 def verify_signature(content: Any, subject_digest: str, key: PublicKey, shown: str) -> None:
@@ -481,9 +483,47 @@ class PullGuard:
 
 
 def verify_reference(ref_text: str, key_path: Path, store: Any, *, insecure: bool | None = None) -> Verified:
-    """`build verify REF --key PUB`: the signature, the provenance's subject, the SBOM and the evaluation."""
-    from . import referrers
+    """`build verify REF --key PUB`: the signature, the provenance's subject, the SBOM and the
+    evaluation; for a LoRA adapter also its file and its base (``verify_adapter``)."""
+    from . import oci, referrers
+    from .contract import ADAPTER_ARTIFACT_TYPE
 
     key = load_public_key(key_path)
     with referrers.open_content(ref_text, store, insecure=insecure) as (content, digest):
-        return verify_subject(content, digest, key, ref_text, require_attestations=True)
+        found = verify_subject(content, digest, key, ref_text, require_attestations=True)
+        manifest = content.manifest(oci.Descriptor(oci.MANIFEST, digest, 0))
+        if manifest.get("artifactType") != ADAPTER_ARTIFACT_TYPE:
+            return found
+        return verify_adapter(content, manifest, found, key, ref_text)
+
+
+def verify_adapter(content: Any, manifest: dict[str, Any], found: Verified, key: PublicKey, shown: str) -> Verified:
+    """An adapter artifact whose own signature and attestations ``found`` holds: its one layer (the
+    .onnx_adapter file) is downloaded and must match the digest the signed manifest names and its
+    signed SBOM lists; its signed provenance must name the base it is the subject of; and that base
+    must itself be a model artifact signed by ``key`` with its own attestations."""
+    import dataclasses
+
+    from . import attest, oci
+    from .distribute import adapter_of
+
+    info = adapter_of(manifest, shown)
+    content.check_blob(info.layer)
+    want = info.layer.digest.split(":", 1)[1]
+    bom = found.predicates[attest.CYCLONEDX_PREDICATE].get("predicate") or {}
+    listed = {h.get("content") for c in bom.get("components") or [] for f in c.get("components") or []
+              if f.get("type") == "file" for h in f.get("hashes") or []}
+    if want not in listed:
+        raise VerificationError(f"{shown}: its signed SBOM does not list the adapter file {info.layer.digest}.",
+                                hint="The attestations belong to other content: do not use it.")
+    provenance = found.predicates[attest.SLSA_PROVENANCE_V1].get("predicate") or {}
+    deps = (provenance.get("buildDefinition") or {}).get("resolvedDependencies") or []
+    if not any((d.get("digest") or {}).get("sha256") == info.base.digest.split(":", 1)[1] for d in deps):
+        raise VerificationError(f"{shown}: its signed provenance does not name its base {info.base.digest}.",
+                                hint="The attestations belong to other content: do not use it.")
+    base_shown = f"{shown} (its base {info.base.digest})"
+    if content.manifest(info.base).get("artifactType") != oci.MODEL_ARTIFACT:
+        raise VerificationError(f"{base_shown} is not a model artifact.",
+                                hint="An adapter's subject is the model it was trained for; do not use this one.")
+    base = verify_subject(content, info.base.digest, key, base_shown, require_attestations=True)
+    return dataclasses.replace(found, adapter=info.name, base=base)
