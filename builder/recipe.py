@@ -525,6 +525,10 @@ def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any
     if ft.method == "qlora" and t.device != "cuda":
         out.append((("finetune", "method"), "QLoRA trains on a 4-bit base with bitsandbytes' CUDA kernels: it needs "
                                            "device cuda; use method: lora"))
+    if not ft.merge and t.device == "cuda":
+        out.append((("finetune", "merge"), "an adapter cannot be built for cuda yet: the CUDA builder's onnxruntime-gpu "
+                                          "1.26 (the newest for onnxruntime-genai-cuda 0.14.1) crashes running a graph "
+                                          "with LoRA inputs, so it could not be checked; use merge: true"))
     if not ft.merge and t.precision == "int8":
         out.append((("finetune", "merge"), "an adapter needs the base graph's LoRA inputs, which int8's dynamic "
                                           "quantization does not keep: use merge: true, or precision int4 or fp32"))

@@ -404,34 +404,28 @@ def test_finetune_end_to_end_push_run_the_image_pick_the_adapter_pull_it(  # typ
 
 # ---- GPU targets without a GPU: trained on the CPU, converted for CUDA, cross-checked -----------
 
-@pytest.mark.integration
-def test_a_cuda_fp16_adapter_is_built_here_and_cross_checked_on_the_cpu(capsys, tmp_path, tiny_model,  # type: ignore[no-untyped-def]
-                                                                        local_engine_ready):
-    recipe = finetune_recipe(tmp_path, tiny_model, target="cuda-fp16", precision="fp16")
-    out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "recipe", str(recipe), "--engine", "local", "-o", str(out),
-                                "--store", str(tmp_path / "store"), "--no-image")
+def test_an_adapter_for_cuda_is_refused_merge_is_not(capsys, tmp_path):  # type: ignore[no-untyped-def]
+    """The CUDA builder's onnxruntime-gpu 1.26 crashes (exit 139) running a graph with LoRA inputs,
+    so an adapter for cuda could not be checked: refused before anything runs."""
+    recipe = finetune_recipe(tmp_path, tmp_path / "model", target="cuda-fp16", precision="fp16")
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--dry-run")
+    assert code == 2 and "an adapter cannot be built for cuda yet" in err and "use merge: true" in err
+    merged = finetune_recipe(tmp_path / "m", tmp_path / "model", target="cuda-fp16", precision="fp16",
+                             finetune="  merge: true\n")
+    code, out, err = run_cli(capsys, "recipe", str(merged), "--dry-run")
     assert code == 0, err
-    assert "by a CPU cross-check" in err
-    info = json.loads((out / INFO_FILE).read_text())
-    assert info["check"]["mode"] == "cpu-cross-check"
-    assert info["check"]["adapters"]["colors"] != info["check"]["generated_ids"]
-    assert info["evaluation"]["passed"] and info["evaluation"]["adapter"]["name"] == "colors"
-    genai = json.loads((out / "genai_config.json").read_text())
-    assert any("cuda" in p for p in genai["model"]["decoder"]["session_options"]["provider_options"])
-    assert "LoRA adapter    tiny-colors:0.1.0-cuda-fp16--colors" in stdout
 
 
 @pytest.mark.integration
 @pytest.mark.docker
-def test_the_cuda_builder_image_finetunes_too(capsys, tmp_path, tiny_model, docker_client):  # type: ignore[no-untyped-def]
+def test_the_cuda_builder_image_finetunes_and_merges(capsys, tmp_path, tiny_model, docker_client):  # type: ignore[no-untyped-def]
     """The CUDA builder image carries peft, accelerate and datasets: LoRA runs in it (on the CPU
-    where Docker gives no GPU), then the cuda int4 conversion with the adapter."""
+    where Docker gives no GPU), the adapter is merged, and the cuda fp16 model is cross-checked."""
     from conftest import ensure_image
 
     image = ensure_image(docker_client, "cuda")
-    recipe = finetune_recipe(tmp_path, tiny_model, target="cuda-int4", precision="int4",
-                             extra="evaluate: false\n")
+    recipe = finetune_recipe(tmp_path, tiny_model, target="cuda-fp16", precision="fp16",
+                             finetune="  merge: true\n", extra="evaluate: false\n")
     out = tmp_path / "out"
     code, stdout, err = run_cli(capsys, "recipe", str(recipe), "-o", str(out), "--store", str(tmp_path / "store"),
                                 "--no-image")
@@ -439,5 +433,5 @@ def test_the_cuda_builder_image_finetunes_too(capsys, tmp_path, tiny_model, dock
     info = json.loads((out / INFO_FILE).read_text())
     assert info["builder"]["image"] == image
     assert info["tools"]["peft"] == "0.21.2"
-    assert adapters_in(out) == {"colors": out / "adapters" / "colors.onnx_adapter"}
-    assert info["check"]["adapters"]["colors"] != info["check"]["generated_ids"]
+    assert info["finetune"]["mode"] == "merged" and not (out / "adapters").exists()
+    assert info["finetune"]["adapters"][0]["training"]["seconds"] > 0
