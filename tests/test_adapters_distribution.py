@@ -93,7 +93,9 @@ def finetuned_folder(folder: Path, adapter: str, seed: int) -> Path:
                   "transformers": "5.24.0", "torch": "2.13.0+cpu", "peft": "0.18.0"},
         "finetune": {"mode": "adapter", "adapters": [{
             "name": adapter, "file": f"adapters/{adapter}.onnx_adapter", "sha256": sha256_file(file),
-            "size": file.stat().st_size, "dataset": {"file": f"{adapter}.jsonl", "sha256": "sha256:" + "4" * 64},
+            "size": file.stat().st_size,
+            "dataset": {"source": "file", "hub": None, "revision": None, "names": [f"{adapter}.jsonl"], "rows": 24,
+                        "columns": ["instruction", "response"], "sha256": "sha256:" + "4" * 64, "format": "json"},
             "settings": settings, "training": {"steps": 30, "seconds": 1.5, "final_loss": 0.5}}]},
     }))
     return folder
