@@ -306,3 +306,59 @@ def test_signed_attestations_that_do_not_list_the_adapter_file_are_refused(tmp_p
     assert sign.verify_adapter(content, manifest, found, sign.load_public_key(pub), ADAPTER_TAG).adapter == "colors"
     assert distribute.adapter_of(manifest, ADAPTER_TAG).base.digest == p.artifact.digest
     assert manifest["artifactType"] == ADAPTER_ARTIFACT_TYPE
+
+
+# ------------------------------------------------------------------------------- a real build
+
+@pytest.mark.integration
+def test_a_real_finetune_build_signed_pushed_and_verified_and_a_cache_hit_signs_again(  # type: ignore[no-untyped-def]
+        capsys, tmp_path, tiny_model, cpu_builder_image, registry):
+    """Olive trains and converts a real adapter (the CPU builder image); its record (dataset, settings,
+    the evaluation of the adapted model) becomes the adapter's attestations, which verify through
+    the CLI from the registry; a local cache hit with another key attests and signs it again."""
+    from in_toto_attestation.predicates.provenance.v1 import provenance_pb2
+    from in_toto_attestation.predicates.test_result.v0 import test_result_pb2
+
+    from test_finetune import finetune_recipe
+
+    recipe = finetune_recipe(tmp_path, tiny_model)
+    key, pub = keypair(tmp_path, "ci")
+    key2, pub2 = keypair(tmp_path, "second")
+    dest = f"{registry.host}/ft"
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "-q", "-o", str(tmp_path / "out"), "--no-image",
+                             "--sign-key", str(key), "--push", dest)
+    assert code == 0, err
+    ref = f"{dest}/tiny-colors:{adapter_tag('0.1.0-cpu-fp32', 'colors')}"
+    code, out, err = run_cli(capsys, "verify", ref, "--key", str(pub), "--json")
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["adapter"] == "colors" and got["evaluation"] == "PASSED"  # the build evaluated the adapter
+    assert got["base"]["evaluation"] == "PASSED" and got["base"]["modelSignature"] is True
+
+    docs = {}
+    for kind in ("sbom", "provenance", "evaluation"):
+        code, shown, err = run_cli(capsys, "inspect", ref, f"--{kind}", "--store", str(tmp_path / "s-inspect"))
+        assert code == 0, err
+        docs[kind] = shown.encode()
+    assert_cyclonedx_16(docs["sbom"])
+    record = json.loads((tmp_path / "out" / "olive-builder.json").read_text())
+    dataset = record["finetune"]["adapters"][0]["dataset"]
+    data = next(c for c in json.loads(docs["sbom"])["components"] if c["bom-ref"] == "dataset")
+    assert data["hashes"][0]["content"] == dataset["sha256"].split(":")[1]
+    assert {"name": "olive-builder:dataset.rows", "value": "48"} in data["properties"]
+    prov = assert_statement(docs["provenance"], provenance_pb2.Provenance())
+    assert prov["predicate"]["buildDefinition"]["externalParameters"]["finetune"]["settings"]["max_steps"] == 30
+    assert {"sha256": got["base"]["digest"].split(":")[1]} in \
+        [d.get("digest") for d in prov["predicate"]["buildDefinition"]["resolvedDependencies"]]
+    assert assert_statement(docs["evaluation"], test_result_pb2.TestResult())["predicate"]["result"] == "PASSED"
+
+    # a local cache hit, signed with another key: the adapter is signed (and attested) by it too
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "-q", "-o", str(tmp_path / "out"), "--no-image",
+                             "--sign-key", str(key2))
+    assert code == 0, err
+    assert "Cached" in out, out
+    local = f"tiny-colors:{adapter_tag('0.1.0-cpu-fp32', 'colors')}"
+    for public in (pub, pub2):
+        code, out, err = run_cli(capsys, "verify", local, "--key", str(public))
+        assert code == 0, err
+        assert "verified its base" in out
