@@ -32,6 +32,7 @@ needed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import gc
 import hashlib
 import inspect
@@ -434,8 +435,12 @@ def _greedy(model: Any, prompts: list[list[int]], vocab: int, batched: bool) -> 
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    parameters = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in parameters else "past_key_values"
+    # Only the last position's logits are wanted (the LM head over every prompt position is a
+    # few GFLOP at a 150k vocabulary).
+    last = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    result = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last)
     steps = [result.logits[:, -1, :vocab].argmax(-1)]
     with _few_rows_linear_mode():
         while len(steps) < GREEDY_TOKENS:
@@ -506,13 +511,18 @@ def reference_cache_dir() -> Path | None:
     return cache_dir() / "eval-reference"
 
 
-def _file_digests(folder: Path, memo_dir: Path | None) -> dict[str, str]:
+class _Unknown(Exception):
+    """A file's digest is not known without reading it (and reading was not wanted)."""
+
+
+def _file_digests(folder: Path, memo_dir: Path | None, *, read: bool = True) -> dict[str, str]:
     """name -> content digest of every file of a model folder.
 
     A Hugging Face cache snapshot links each file to a blob named by its own hash: that name is
     the digest, nothing is read. Other files are hashed once; the digest is remembered by
     path, size, mtime and inode (``file-digests.json`` in the cache folder), so a second build
-    from the same folder reads nothing either."""
+    from the same folder reads nothing either. ``read=False`` raises _Unknown instead of
+    hashing a file."""
     from .contract import atomic_write, sha256_file
 
     memo_path = memo_dir / "file-digests.json" if memo_dir is not None else None
@@ -532,6 +542,8 @@ def _file_digests(folder: Path, memo_dir: Path | None) -> dict[str, str]:
         st = target.stat()
         stamp = f"{target}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         if stamp not in memo:
+            if not read:
+                raise _Unknown(name)
             memo[stamp] = sha256_file(target)
             changed = True
         out[name] = memo[stamp]
@@ -545,10 +557,11 @@ def _file_digests(folder: Path, memo_dir: Path | None) -> dict[str, str]:
 
 
 def _reference_key(source_dir: Path, peft_dir: Path | None, windows: list[list[int]], prompts: list[list[int]],
-                   dtype: Any, batched: bool, cache: Path | None) -> str:
+                   dtype: Any, batched: bool, cache: Path | None, *, read: bool = True) -> str:
     """What the source's figures depend on: the source's files (and the PEFT adapter's), the
     tokens scored and prompted (so the text, its tokenizer, max_tokens and the windowing), how
-    they are computed, and the versions of the code that computes them."""
+    they are computed, and the versions of the code that computes them. ``read=False``: raises
+    _Unknown when a file would have to be hashed."""
     from importlib import metadata
 
     versions: dict[str, str | None] = {}
@@ -559,8 +572,8 @@ def _reference_key(source_dir: Path, peft_dir: Path | None, windows: list[list[i
             versions[package] = None
     material = {
         "format": REFERENCE_FORMAT,
-        "source": _file_digests(source_dir, cache),
-        "peft": _file_digests(peft_dir, cache) if peft_dir is not None else None,
+        "source": _file_digests(source_dir, cache, read=read),
+        "peft": _file_digests(peft_dir, cache, read=read) if peft_dir is not None else None,
         "windows": hashlib.sha256(json.dumps(windows).encode()).hexdigest(),
         "prompts": prompts,
         "greedy_tokens": GREEDY_TOKENS, "top_k": TOP_K, "chunk": CHUNK, "batched": batched,
@@ -710,6 +723,14 @@ def cpu_info() -> dict[str, Any]:
     return {"model": model, "logical_cores": os.cpu_count(), "usable_cores": usable}
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _process_threads() -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -857,6 +878,7 @@ def evaluate(
     settings = settings or Settings()
     say = on_progress or (lambda message: None)
     started = time.monotonic()
+    cpu_started = _cpu_seconds()
     model_dir = Path(model_dir)
     if adapter is not None:
         adapter.validate()
@@ -895,9 +917,18 @@ def evaluate(
         dtype, dtype_note = _source_dtype(Path(source_dir))
         peft_dir = Path(adapter.peft_dir) if adapter is not None and adapter.peft_dir else None
         cache = reference_cache_dir()
-        key = _reference_key(Path(source_dir), peft_dir, windows, prompts, dtype, not trust_remote_code, cache) \
-            if cache is not None else None
-        ref = _load_reference(cache, key) if cache is not None and key is not None else None
+        key_args = (Path(source_dir), peft_dir, windows, prompts, dtype, not trust_remote_code, cache)
+        key: str | None = None
+        ref = None
+        if cache is not None:
+            try:
+                key = _reference_key(*key_args, read=False)
+                ref = _load_reference(cache, key)
+            except _Unknown:
+                # Files never hashed here: no earlier evaluation can have seen them (short of a
+                # copy elsewhere), so nothing is looked up, and the hashing for storing the
+                # figures runs beside the source pass instead of before it.
+                pass
         if ref is not None:
             # A second precision or target of the same source (a matrix build): the source's
             # figures on these tokens are already known.
@@ -905,11 +936,19 @@ def evaluate(
             result.source_cached = True
         else:
             say(f"source model (transformers, fp32){what}: {len(windows)} window(s) of up to {len(windows[0])} tokens")
-            ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code, peft_dir=peft_dir, dtype=dtype)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                keying = pool.submit(_reference_key, *key_args) if cache is not None and key is None else None
+                ref = _source_pass(Path(source_dir), windows, prompts, trust_remote_code, peft_dir=peft_dir,
+                                   dtype=dtype)
+                try:
+                    key = keying.result() if keying is not None else key
+                except OSError:
+                    key = None  # unreadable now: the figures are not kept
             if cache is not None and key is not None:
                 _save_reference(cache, key, ref)
         ref.dtype_note = dtype_note
         result.timings["source_s"] = round(time.monotonic() - started, 2)
+        result.timings["source_cpu_s"] = round(_cpu_seconds() - cpu_started, 2)
     else:
         import onnxruntime_genai as og
 
@@ -929,7 +968,9 @@ def evaluate(
     built = _built_pass(model, windows, prompts, ref, adapter)
     del model
     gc.collect()
-    result.timings["built_s"] = round(time.monotonic() - started - sum(result.timings.values()), 2)
+    result.timings["built_s"] = round(time.monotonic() - started - result.timings.get("source_s", 0.0), 2)
+    built_cpu = _cpu_seconds() - cpu_started
+    result.timings["built_cpu_s"] = round(built_cpu - result.timings.get("source_cpu_s", 0.0), 2)
     acc: dict[str, Any] = {"perplexity": round(_mean_ppl(built.nll), 4)}
     if ref is not None:
         src_ppl = _mean_ppl(ref.nll)
@@ -955,11 +996,15 @@ def evaluate(
         before = time.monotonic()
         result.speed = measure_speed(model_dir, device=device, adapter=adapter)
         result.timings["speed_s"] = round(time.monotonic() - before, 2)
+        result.timings["speed_cpu_s"] = round(_cpu_seconds() - cpu_started - built_cpu, 2)
     else:
         result.speed = {"measured": False, "reason": "speed not measured: `evaluate.speed: false` in the recipe"}
     result.gates = applicable_gates(acc, precision, settings.gates, ref.vocab) if ref is not None else {}
     result.failures = check_gates(acc, result.gates)
     result.seconds = round(time.monotonic() - started, 3)
+    # CPU seconds of this process and the speed child: what the stage costs on a machine that
+    # is busy with other work, where wall time says more about the neighbours.
+    result.timings["cpu_s"] = round(_cpu_seconds() - cpu_started, 2)
     return result
 
 

@@ -160,3 +160,62 @@ def test_build_eval_runs_in_the_builder_image(capsys, builds, trained_model, tmp
                                "--no-speed")
     assert code == 4, err
     assert "FAILED" in shown and "failed its evaluation gates (int4)" in err
+
+
+def test_build_eval_of_a_pulled_reference(capsys, builds, trained_model, tmp_path_factory, tmp_path, monkeypatch,
+                                          local_engine_ready, registry):  # type: ignore[no-untyped-def]
+    """`build eval REF`: the reference is pulled from a real registry into a machine with an empty
+    store, verified, and evaluated like a folder."""
+    out, _ = built(capsys, builds, trained_model, tmp_path_factory, "fp32")
+    recorded = json.loads((out / "olive-builder.json").read_text())
+    tag = recorded["tags"][0]
+    code, _, err = run_cli(capsys, "package", str(out), "--no-image")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "push", tag, "--to", f"{registry.host}/models", "--no-image")
+    assert code == 0, err
+    # a second machine: nothing in its store or cache; only the registry holds the model
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "machine-2" / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "machine-2" / "cache"))
+    ref = f"{registry.host}/models/{tag}"
+    code, shown, err = run_cli(capsys, "eval", ref, "--against", str(trained_model), "--no-speed", "--json",
+                               "--engine", "local")
+    assert code == 0, err
+    data = json.loads(shown)
+    assert data["passed"] and data["precision"] == "fp32"  # the pulled build record's precision
+    assert data["gates"] == ev.gates_for("fp32")
+    # the same model on the same tokens: the figures the build recorded
+    for key in ("perplexity", "perplexity_ratio", "top1_agreement", "greedy_prefix_mean"):
+        assert data["accuracy"][key] == pytest.approx(recorded["evaluation"]["accuracy"][key], abs=1e-4), key
+    assert data["text"]["digest"] == recorded["evaluation"]["text"]["digest"]
+    assert any((tmp_path / "machine-2" / "cache" / "olive-builder" / "models").iterdir()), "pulled where it belongs"
+    # without --against: this build record names a local source folder, so the model is measured
+    # alone (no ratios, no gates on them), and `build eval` says how to compare
+    code, shown, err = run_cli(capsys, "eval", ref, "--no-speed", "--engine", "local", "--json")
+    assert code == 0, err
+    assert "pass --against" in err
+    alone = json.loads(shown)
+    assert "perplexity_ratio" not in alone["accuracy"]
+    assert alone["accuracy"]["perplexity"] == pytest.approx(data["accuracy"]["perplexity"], rel=1e-4)
+
+
+def test_a_cache_hit_does_not_evaluate_again(capsys, tmp_path, trained_model, local_engine_ready):  # type: ignore[no-untyped-def]
+    code, first, out = build(capsys, tmp_path, trained_model, "int8")
+    assert code == 0, first
+    assert "==> evaluate:" in first and "within the gates" in first
+    recorded = json.loads((out / "olive-builder.json").read_text())
+    tag = recorded["tags"][0]
+    code, shown_first, err = run_cli(capsys, "inspect", tag)
+    assert code == 0, err
+
+    code, second, out2 = build(capsys, tmp_path, trained_model, "int8")
+    assert code == 0, second
+    assert "was built before" in second
+    assert "==> evaluate:" not in second and "==> check:" not in second, "a cache hit ran the build's stages"
+    again = json.loads((out2 / "olive-builder.json").read_text())
+    assert again["evaluation"] == recorded["evaluation"]  # the figures of the build that was reused
+    code, shown, err = run_cli(capsys, "inspect", tag)
+    assert code == 0, err
+    evaluation_lines = [line for line in shown.splitlines() if "org.olive-builder.eval" in line or
+                        "org.olive-builder.bench" in line]
+    assert evaluation_lines and all(line in shown_first for line in evaluation_lines)
+    assert re.search(r"org\.olive-builder\.eval +passed\n", shown), shown
