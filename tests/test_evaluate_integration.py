@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import shutil
 import textwrap
@@ -219,3 +220,65 @@ def test_a_cache_hit_does_not_evaluate_again(capsys, tmp_path, trained_model, lo
                         "org.olive-builder.bench" in line]
     assert evaluation_lines and all(line in shown_first for line in evaluation_lines)
     assert re.search(r"org\.olive-builder\.eval +passed\n", shown), shown
+
+
+def test_the_source_figures_are_cached_for_the_next_build_of_the_same_source(
+        capsys, builds, trained_model, tmp_path_factory, local_engine_ready):  # type: ignore[no-untyped-def]
+    """A matrix build evaluates every precision against the same source on the same tokens: the
+    second one reads the source's figures instead of running the source model again."""
+    int4, _ = built(capsys, builds, trained_model, tmp_path_factory, "int4")
+    fp32, _ = built(capsys, builds, trained_model, tmp_path_factory, "fp32")
+    settings = ev.Settings(speed=False, max_tokens=256)
+    cache = ev.reference_cache_dir()  # this test's own (conftest isolates XDG_CACHE_HOME)
+    assert cache is not None
+    before = set(cache.glob("*.pt"))  # the builds above (when they ran in this test) kept theirs
+    first = ev.evaluate(int4, trained_model, precision="int4", settings=settings)
+    assert not first.source_cached and len(set(cache.glob("*.pt")) - before) == 1
+    second = ev.evaluate(fp32, trained_model, precision="fp32", settings=settings)
+    again = ev.evaluate(int4, trained_model, precision="int4", settings=settings)
+    assert second.source_cached and again.source_cached
+    assert again.accuracy == first.accuracy  # the same figures as from the source model itself
+    assert second.accuracy["perplexity_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert "from the cache" in ev.format_table(again.to_json())
+    # other tokens (max_tokens, the text) are other figures
+    other = ev.evaluate(int4, trained_model, precision="int4", settings=ev.Settings(speed=False, max_tokens=200))
+    assert not other.source_cached and len(set(cache.glob("*.pt")) - before) == 2
+    # a damaged entry is computed again, never trusted
+    for entry in cache.glob("*.pt"):
+        entry.write_bytes(b"not a tensor file")
+    damaged = ev.evaluate(int4, trained_model, precision="int4", settings=settings)
+    assert not damaged.source_cached and damaged.accuracy == first.accuracy
+
+
+def test_the_fast_paths_compute_what_the_plain_ones_do(trained_model) -> None:  # type: ignore[no-untyped-def]
+    """Decoding the chat prompts together (few-row linear as weight @ x.T) gives the tokens of
+    decoding them one by one; the KL of a chunk equals the KL computed position by position."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trained_model))
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                           tokenize=False))["input_ids"] for c in ev.CHAT_PROMPTS]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the padding is exercised
+    model = AutoModelForCausalLM.from_pretrained(str(trained_model), dtype=torch.float32).eval()
+    vocab = int(model.config.vocab_size)
+    with torch.inference_mode():
+        assert ev._greedy(model, prompts, vocab, batched=True) == ev._greedy(model, prompts, vocab, batched=False)
+        x, w, b = torch.randn(3, 64), torch.randn(200, 64), torch.randn(200)
+        with ev._few_rows_linear_mode():
+            fast = torch.nn.functional.linear(x, w, b)
+        assert torch.allclose(fast, torch.nn.functional.linear(x, w, b), atol=1e-5)
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.log_softmax(torch.randn(5, 50, generator=g) * 3, -1)
+    built_logp = torch.log_softmax(src + 0.3 * torch.randn(5, 50, generator=g), -1)
+    top = torch.topk(src, 8, -1)
+    rows = ev._kl(top.indices, top.values, built_logp)
+    for i in range(5):  # the definition, one position at a time, in float64
+        p, q = top.values[i].double().exp(), built_logp[i][top.indices[i]].double()
+        head = float((p * (top.values[i].double() - q)).sum())
+        rest_p, rest_q = 1 - float(p.sum()), 1 - float(q.exp().sum())
+        assert float(rows[i]) == pytest.approx(head + rest_p * math.log(rest_p / rest_q), rel=1e-9, abs=1e-12)
+    full = torch.topk(src, 50, -1)  # k covers the vocabulary: the exact KL divergence
+    exact = (src.exp() * (src - built_logp)).sum(-1).double()
+    assert torch.allclose(ev._kl(full.indices, full.values, built_logp), exact, atol=1e-6)
