@@ -250,14 +250,24 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         raise WorkerFailure("check_failed", e.message, e.hint or "") from None
     how = "natively" if report.reason is None else f"by a CPU cross-check ({report.reason})"
     event("check", f"generated {len(report.generated_ids)} tokens from a {report.prompt_tokens}-token prompt, {how}")
-    under_test = None
-    if tuned is not None:
+    if tuned is None:
+        evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
+    else:
         from .evaluate import AdapterUnderTest
 
         entry = tuned["adapters"][0]
         under_test = AdapterUnderTest(name=entry["name"], peft_dir=Path(tuned.pop("peft_dir")),
                                       onnx_adapter=adapters.get(entry["name"]))
-    evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason, adapter=under_test)
+        if under_test.onnx_adapter is None:
+            # Merged: the artifact is the finetuned model, measured against the finetuned PyTorch model.
+            evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason, adapter=under_test)
+        else:
+            # Each artifact carries its own figures: the base artifact (no adapter active) against the
+            # source model, with the speed; the adapter against the finetuned PyTorch model.
+            evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
+            event("evaluate", f"the adapter {entry['name']!r}, active, against the finetuned PyTorch model")
+            entry["evaluation"] = evaluate_build(step, checked, model_dir, cross_check=report.reason,
+                                                 adapter=under_test, speed=False)
     out: dict[str, Any] = {
         "ok": True,
         "resolved_revision": resolved,
@@ -339,7 +349,7 @@ def finetune_outcome(finetune: dict[str, Any], output: Path, meta: Path, train_l
 
 
 def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross_check: str | None = None,
-                   adapter: Any = None) -> dict[str, Any]:
+                   adapter: Any = None, speed: bool = True) -> dict[str, Any]:
     """The evaluation stage: the checked model against its source; a gate failure fails the build.
 
     With ``cross_check`` (why the target's hardware is missing) ``output`` is the CPU copy the
@@ -351,7 +361,7 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross
 
     settings = Settings.from_json(step.get("evaluate"))
     wanted_speed = settings.speed
-    if cross_check is not None:
+    if cross_check is not None or not speed:
         settings = dataclasses.replace(settings, speed=False)
     if not settings.enabled:
         event("evaluate", "not evaluated: `evaluate: false` in the recipe")
@@ -369,6 +379,9 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross
         )
         if cross_check is not None and wanted_speed:
             result.speed = {"measured": False, "reason": f"speed not measured: cpu-cross-check ({cross_check})"}
+        elif not speed and wanted_speed:
+            result.speed = {"measured": False, "reason": "speed is measured once per build, on the base model "
+                                                         "(see the base artifact)"}
         raise_for_gates(result)
     except BuilderError as e:  # EvaluationError (a gate), CheckError (the model would not load)
         raise WorkerFailure("evaluation_failed", e.message, e.hint or "") from None

@@ -286,13 +286,18 @@ def test_a_finetune_build_delivers_the_base_model_and_a_checked_evaluated_adapte
     # The check generated with and without the adapter; finetuning changed the output.
     check = info["check"]
     assert check["adapters"]["colors"] != check["generated_ids"]
-    # The evaluation compared the adapted ONNX model with the finetuned PyTorch (PEFT) model:
-    # at fp32 they agree token for token.
-    ev = info["evaluation"]
-    assert ev["passed"] and ev["adapter"]["name"] == "colors"
-    acc = ev["accuracy"]
-    assert abs(acc["perplexity_ratio"] - 1.0) <= 1e-3
-    assert acc["greedy_prefix_min"] == acc["greedy_tokens"]
+    # Two evaluations, one per artifact: the base (no adapter active) against the source model,
+    # with the speed; the adapter, active, against the finetuned PyTorch (PEFT) model: at fp32
+    # both agree token for token.
+    base_ev, adapter_ev = info["evaluation"], entry["evaluation"]
+    assert base_ev["passed"] and base_ev.get("adapter") is None and base_ev["speed"]["measured"]
+    assert adapter_ev["passed"] and adapter_ev["adapter"]["name"] == "colors"
+    assert adapter_ev["adapter"]["sha256"] == entry["sha256"]
+    assert adapter_ev["speed"]["measured"] is False and "base model" in adapter_ev["speed"]["reason"]
+    for ev in (base_ev, adapter_ev):
+        acc = ev["accuracy"]
+        assert abs(acc["perplexity_ratio"] - 1.0) <= 1e-3
+        assert acc["greedy_prefix_min"] == acc["greedy_tokens"]
     assert not no_partials(out.parent)
 
     # The base graph with no adapter active is the base model: same greedy tokens as a plain build.
