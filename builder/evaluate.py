@@ -105,6 +105,7 @@ class Settings:
     text: str | None = None  # a local text file; None: the committed text
     max_tokens: int = DEFAULT_MAX_TOKENS
     speed: bool = True
+    text_source: str | None = None  # what ``text`` is a copy of (a Hub dataset file: hub_text_label)
 
     @classmethod
     def from_json(cls, data: Any) -> Settings:
@@ -118,6 +119,7 @@ class Settings:
             text=data.get("text"),
             max_tokens=int(data.get("max_tokens") or DEFAULT_MAX_TOKENS),
             speed=bool(data.get("speed", True)),
+            text_source=data.get("text_source"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -172,7 +174,57 @@ class EvalText:
     source: str
 
 
-def load_text(path: str | Path | None = None) -> EvalText:
+HUB_TEXT_LIMIT = 64 << 20  # an evaluation text uses its first tokens; a larger file is a mistake
+
+
+@dataclass(frozen=True)
+class HubText:
+    """An evaluation text that is a file of a Hugging Face dataset repository at a pinned commit
+    (the recipe's ``evaluate.text: {hub: OWNER/NAME, revision: <40-hex commit>, file: PATH}``)."""
+
+    hub: str
+    revision: str
+    file: str
+
+    @classmethod
+    def from_json(cls, data: Any) -> HubText:
+        """From the recipe's mapping; a clear error for anything else."""
+        import re
+
+        if not isinstance(data, dict) or set(data) != {"hub", "revision", "file"}:
+            raise EvaluationError(f"evaluate.text {data!r}: a Hub text is {{hub: OWNER/NAME, revision: COMMIT, "
+                                  "file: PATH}, nothing else.", hint="Or name a local UTF-8 file.")
+        hub, revision, file = (str(data[k]) for k in ("hub", "revision", "file"))
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", hub):
+            raise EvaluationError(f"evaluate.text.hub {hub!r} is not a Hub dataset id (OWNER/NAME).")
+        if not re.fullmatch(r"[0-9a-f]{40}", revision):
+            raise EvaluationError(f"evaluate.text.revision {revision!r} is not a commit (40 hex digits).",
+                                  hint="Pin the dataset: a branch or tag could name other text tomorrow, and the "
+                                  "figures would not be comparable.")
+        parts = file.split("/")
+        if file.startswith("/") or not file or any(part in ("", ".", "..") for part in parts):
+            raise EvaluationError(f"evaluate.text.file {file!r} is not a path inside the dataset repository.")
+        return cls(hub, revision, file)
+
+    @property
+    def label(self) -> str:
+        return f"Hugging Face dataset {self.hub}@{self.revision[:12]}: {self.file}"
+
+    def fetch(self) -> Path:
+        """The local copy, downloaded once per commit (``hub.fetch_dataset``: HF_ENDPOINT, HF_TOKEN)."""
+        from . import hub
+        from .errors import DatasetError
+
+        try:
+            return hub.fetch_dataset(self.hub, self.revision, [self.file], max_bytes=HUB_TEXT_LIMIT)[0]
+        except DatasetError as e:
+            raise EvaluationError(f"The evaluation text cannot be fetched: {e.message}",
+                                  hint="Check `evaluate.text` (hub, revision, file), the network (or HF_ENDPOINT) "
+                                  "and, for a gated dataset, HF_TOKEN; or name a local copy of the file.") from None
+
+
+def load_text(path: str | Path | None = None, source: str | None = None) -> EvalText:
+    """The committed text, or a local file (``source``: what it is a copy of, for the record)."""
     if path is None:
         raw = resources.files("builder").joinpath("data", BUILTIN_TEXT).read_bytes()
         source = BUILTIN_TEXT_SOURCE
@@ -182,7 +234,7 @@ def load_text(path: str | Path | None = None) -> EvalText:
         except OSError as e:
             raise EvaluationError(f"Cannot read the evaluation text {path}: {e}",
                                   hint="Fix `evaluate.text` in the recipe (a file relative to the recipe).") from None
-        source = Path(path).name
+        source = source or Path(path).name
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -882,7 +934,7 @@ def evaluate(
     model_dir = Path(model_dir)
     if adapter is not None:
         adapter.validate()
-    text = load_text(text_path if text_path is not None else settings.text)
+    text = load_text(text_path, None) if text_path is not None else load_text(settings.text, settings.text_source)
     config = _genai_config(model_dir)
     context = int(config.get("model", {}).get("context_length") or 2048)
     cuda_reason = cuda_unavailable_reason() if device == "cuda" or _uses_cuda(model_dir) else None
@@ -952,9 +1004,8 @@ def evaluate(
     else:
         import onnxruntime_genai as og
 
-        probe = _og_model(model_dir, force_cpu=cuda_reason is not None)
-        ids = list(og.Tokenizer(probe).encode(text.text))
-        del probe
+        model = _og_model(model_dir, force_cpu=cuda_reason is not None)  # its tokenizer, then the pass below
+        ids = list(og.Tokenizer(model).encode(text.text))
         windows = _windows(ids, settings.max_tokens, min(context, settings.max_tokens), None)
     result.text = {
         "source": text.source,
@@ -964,7 +1015,8 @@ def evaluate(
         "window_tokens": max(len(w) for w in windows),
     }
     say(f"built model (onnxruntime-genai){what}" + (" on the CPU provider: " + cuda_reason if cuda_reason else ""))
-    model = _og_model(model_dir, force_cpu=cuda_reason is not None)
+    if source_dir is not None:
+        model = _og_model(model_dir, force_cpu=cuda_reason is not None)
     built = _built_pass(model, windows, prompts, ref, adapter)
     del model
     gc.collect()

@@ -215,3 +215,66 @@ def test_agreement_gates_are_not_applied_to_a_source_that_knows_nothing() -> Non
     acc = {"source_perplexity": 60.0, "perplexity_ratio": 1.01, "top1_agreement": 0.07}
     assert "min_top1_agreement" in ev.applicable_gates(acc, "int4", None, vocab=1024)
     assert ev.check_gates(acc, ev.applicable_gates(acc, "int4", None, vocab=1024))
+
+
+# ---- an evaluation text from the Hub ------------------------------------------------------------
+
+TEXT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_texts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """tests/fake_hub.py serving a dataset repository acme/texts at TEXT_COMMIT (its request log)."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub-texts"
+    (repo / "books").mkdir(parents=True)
+    (repo / "books" / "coriolanus.txt").write_bytes((REPO / "builder" / "data" / "eval-text.txt").read_bytes()[:20000])
+    config = tmp_path / "hub.json"
+    config.write_text(json.dumps({"repos": {}, "datasets": {"acme/texts": {"dir": str(repo), "commit": TEXT_COMMIT}}}))
+    log = tmp_path / "hub.log"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_hub.py"), str(config), str(log)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{int(proc.stdout.readline())}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_a_hub_text_is_named_by_a_pinned_commit() -> None:
+    spec = ev.HubText.from_json({"hub": "acme/texts", "revision": TEXT_COMMIT, "file": "books/a.txt"})
+    assert spec.label == "Hugging Face dataset acme/texts@0123456789ab: books/a.txt"
+    bad = [({"hub": "acme/texts", "revision": "main", "file": "a.txt"}, "is not a commit"),
+           ({"hub": "acme/texts", "revision": TEXT_COMMIT, "file": "../a.txt"}, "not a path inside"),
+           ({"hub": "acme/texts", "revision": TEXT_COMMIT, "file": "/etc/passwd"}, "not a path inside"),
+           ({"hub": "no-owner", "revision": TEXT_COMMIT, "file": "a.txt"}, "not a Hub dataset id"),
+           ({"hub": "acme/texts", "revision": TEXT_COMMIT, "file": "a.txt", "split": "x"}, "nothing else")]
+    for data, message in bad:
+        with pytest.raises(EvaluationError, match=message):
+            ev.HubText.from_json(data)
+    settings = ev.Settings.from_json({"text": "/cache/a.txt", "text_source": spec.label})
+    assert settings.text_source == spec.label and ev.Settings.from_json(settings.to_json()) == settings
+
+
+def test_a_hub_text_is_fetched_once_and_recorded_by_its_origin_and_digest(hub_texts: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ev.HubText("acme/texts", TEXT_COMMIT, "books/coriolanus.txt")
+    path = spec.fetch()
+    text = ev.load_text(path, spec.label)
+    raw = (REPO / "builder" / "data" / "eval-text.txt").read_bytes()[:20000]
+    assert text.digest == "sha256:" + hashlib.sha256(raw).hexdigest() and text.source == spec.label
+    assert spec.fetch() == path  # a commit never changes: the second build reads the copy
+    requested = [json.loads(line)["path"] for line in hub_texts.read_text().splitlines()]
+    assert requested == [f"/datasets/acme/texts/resolve/{TEXT_COMMIT}/books/coriolanus.txt"]
+
+    with pytest.raises(EvaluationError, match="404") as missing:
+        ev.HubText("acme/texts", TEXT_COMMIT, "books/missing.txt").fetch()
+    assert "evaluate.text" in (missing.value.hint or "")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EvaluationError, match="HF_HUB_OFFLINE"):
+        ev.HubText("acme/texts", TEXT_COMMIT, "books/other.txt").fetch()
