@@ -245,6 +245,27 @@ def load_text(path: str | Path | None = None, source: str | None = None) -> Eval
     return EvalText(text=text, digest="sha256:" + hashlib.sha256(raw).hexdigest(), source=source)
 
 
+def preload() -> Any:
+    """Import what the source pass needs (torch, transformers: 2-3 s on a busy 2-core machine) in
+    a background thread, so that a caller with other work first (the worker, while Olive
+    converts in its own process) does not wait for it later. Returns the thread."""
+    import threading
+
+    def run() -> None:
+        # Before torch loads, as in evaluate(): passive OpenMP waiting on a busy machine.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+            from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        except Exception:  # noqa: BLE001, S110 - only a head start: evaluate() imports (and reports) for real
+            pass
+
+    thread = threading.Thread(target=run, name="olive-builder-preload", daemon=True)
+    thread.start()
+    return thread
+
+
 # ---------------------------------------------------------------------------- the models
 
 
