@@ -221,6 +221,10 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     )
     passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step["olive_config"]["passes"].items())
     event("finetune" if finetune else "convert", f"olive run: {passes}")
+    if (step.get("evaluate") or {}).get("enabled", True):
+        from .evaluate import preload
+
+        preload()  # torch and transformers imported for the evaluation while Olive runs in its own process
     started = time.monotonic()
     code, train_loss = _olive_run(config_path, env, watch_loss=bool(finetune))
     olive_seconds = time.monotonic() - started
