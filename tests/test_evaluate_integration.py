@@ -282,3 +282,43 @@ def test_the_fast_paths_compute_what_the_plain_ones_do(trained_model) -> None:  
     full = torch.topk(src, 50, -1)  # k covers the vocabulary: the exact KL divergence
     exact = (src.exp() * (src - built_logp)).sum(-1).double()
     assert torch.allclose(ev._kl(full.indices, full.values, built_logp), exact, atol=1e-6)
+
+
+def _architectures() -> list:  # type: ignore[type-arg]
+    from test_architectures import CONFIGS, SLOW_MODELS
+
+    out = []
+    for path in sorted(CONFIGS.glob("*.json")):
+        hub = path.stem.replace("--", "/")
+        out.append(pytest.param(path, id=hub, marks=[pytest.mark.slow] if hub in SLOW_MODELS else []))
+    return out
+
+
+@pytest.mark.parametrize("config_file", _architectures())
+def test_the_prompts_decoded_together_give_each_prompts_own_tokens(config_file: Path, tmp_path: Path) -> None:
+    """The source's greedy prompts are decoded as one left-padded batch: for every architecture a
+    shipped recipe names (its published config at 2 layers, random weights), the tokens are those
+    of decoding each prompt alone (positions, masks, rope scaling, sliding windows)."""
+    need(importlib.util.find_spec("torch") is not None, "torch and transformers are not installed")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from test_architectures import cut_config
+    from tinymodel import make_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "tok"))
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
+                                           tokenize=False))["input_ids"] for c in ev.CHAT_PROMPTS]
+    published = json.loads(config_file.read_text())
+    data = cut_config(published, {"eos": tok.convert_tokens_to_ids("<|im_end|>"),
+                                  "pad": tok.convert_tokens_to_ids("<|endoftext|>")}, len(tok))
+    model_type = data.pop("model_type")
+    for key in ("architectures", "transformers_version", "torch_dtype"):
+        data.pop(key, None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data), dtype=torch.float32).eval()
+    vocab = int(model.config.vocab_size)
+    with torch.inference_mode():
+        together = ev._greedy(model, prompts, vocab, batched=True)
+        alone = ev._greedy(model, prompts, vocab, batched=False)
+    assert together == alone
