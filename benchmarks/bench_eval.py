@@ -1,6 +1,6 @@
 """What the evaluation stage adds to a build: its time against the rest of `build recipe`.
 
-    python benchmarks/bench_eval.py [--models tiny,bench,qwen0.5b] [--precision int4] [--max-tokens N]
+    python benchmarks/bench_eval.py [--models tiny,bench,qwen0.5b] [--precision int4] [--max-tokens N] [--then int8]
     python benchmarks/bench_eval.py --calibrate
 
 --calibrate prints what the default gates (builder/evaluate.py DEFAULT_GATES) rest on: the
@@ -12,7 +12,11 @@ For each model, one real `build recipe --engine local` (the evaluation on, packa
 fresh store, no runnable image); the build record says how long the evaluation took, and the
 rest of the wall time is the build without it. Printed per model: build time without the
 evaluation, the evaluation's time (accuracy part and speed part), their ratio (the target is at
-most 0.25), and the figures.
+most 0.25), and the figures. The same in CPU seconds (the evaluation's own, speed child included,
+against the rest of the build's): on a machine shared with other work wall time also measures
+the neighbours. ``--then PRECISION`` builds a second precision of the same model afterwards,
+with the cache folders kept, as a matrix build does: its evaluation reads the source model's
+figures from the cache instead of running the source model again.
 
 Models (made here; nothing is downloaded):
   tiny      the tiny model of the tests, trained 200 steps on the evaluation text
@@ -58,12 +62,19 @@ def run(kind: str, root: Path, precision: str, max_tokens: int | None) -> dict[s
     hf = make(kind, root / "hf")
     made = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in hf.iterdir())
+    return {"model": kind, "weights_mb": round(size / 2**20), "made_s": round(made, 1),
+            **build(kind, hf, root, precision, max_tokens)}
+
+
+def build(kind: str, hf: Path, root: Path, precision: str, max_tokens: int | None) -> dict[str, Any]:
+    """One `build recipe` of ``hf`` at ``precision``; the XDG folders under ``root`` are kept between
+    calls, so a second precision finds what the first left in the cache (as in a matrix build)."""
     recipe = root / "recipes" / f"bench-{kind.replace('.', '')}" / f"cpu-{precision}.yaml"
-    recipe.parent.mkdir(parents=True)
+    recipe.parent.mkdir(parents=True, exist_ok=True)
     evaluate = f"evaluate:\n  max_tokens: {max_tokens}\n" if max_tokens else ""
     recipe.write_text(f"name: bench-{kind.replace('.', '')}\nversion: 0.1.0\nmodel:\n  path: {hf}\n"
                       f"target:\n  device: cpu\n  precision: {precision}\n{evaluate}")
-    out = root / "out"
+    out = root / "out" / precision
     env = {**os.environ, "XDG_STATE_HOME": str(root / "state"), "XDG_DATA_HOME": str(root / "data"),
            "XDG_CACHE_HOME": str(root / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0, c0 = time.perf_counter(), _children_cpu()
@@ -79,11 +90,12 @@ def run(kind: str, root: Path, precision: str, max_tokens: int | None) -> dict[s
     # CPU seconds too: on a machine shared with other work, wall time also measures the neighbours.
     eval_cpu = (ev.get("timings") or {}).get("cpu_s")
     build_cpu = cpu - eval_cpu if eval_cpu is not None else None
-    return {"model": kind, "weights_mb": round(size / 2**20), "made_s": round(made, 1), "build_s": round(build_s, 1),
-            "eval_s": ev["seconds"], "ratio": round(ev["seconds"] / build_s, 3),
+    return {"precision": precision, "build_s": round(build_s, 1), "eval_s": ev["seconds"],
+            "ratio": round(ev["seconds"] / build_s, 3),
             "build_cpu_s": round(build_cpu, 1) if build_cpu is not None else None, "eval_cpu_s": eval_cpu,
             "cpu_ratio": round(eval_cpu / build_cpu, 3) if build_cpu else None, "accuracy": ev["accuracy"],
-            "text": ev["text"], "speed": ev["speed"], "timings": ev.get("timings")}
+            "text": ev["text"], "speed": ev["speed"], "timings": ev.get("timings"),
+            "source_cached": bool(ev.get("source_cached"))}
 
 
 def _children_cpu() -> float:
@@ -128,6 +140,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--precision", default="int4", choices=["int4", "int8", "fp32"])
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate.max_tokens [default: the default]")
+    parser.add_argument("--then", metavar="PRECISION", choices=["int4", "int8", "fp32"],
+                        help="then build this precision of the same model, as a matrix build would: its "
+                        "evaluation reads the source's figures from the cache")
     parser.add_argument("--calibrate", action="store_true", help="the figures behind the default gates")
     args = parser.parse_args()
     if args.calibrate:
@@ -139,6 +154,7 @@ def main() -> None:
             raise SystemExit(f"unknown model {kind!r}; choose from {', '.join(MODELS)}")
         with tempfile.TemporaryDirectory(prefix=f"bench-eval-{kind}-") as tmp:
             r = run(kind, Path(tmp), args.precision, args.max_tokens)
+            then = build(kind, Path(tmp) / "hf", Path(tmp), args.then, args.max_tokens) if args.then else None
         acc, sp = r["accuracy"], r["speed"]
         print(f"{kind}: {r['weights_mb']} MB fp32 -> {args.precision}; build without evaluation {r['build_s']} s, "
               f"evaluation {r['eval_s']} s {r['timings']}: ratio {r['ratio']:.2f} (target <= 0.25)")
@@ -153,7 +169,12 @@ def main() -> None:
             print(f"  speed: load {sp['load_s']} s, TTFT {sp['ttft_s']} s ({sp['prompt_tokens']}-token prompt, "
                   f"{sp['prompt_tokens_per_s']} tok/s), decode {sp['decode_tokens_per_s']} tok/s, "
                   f"peak RSS {sp['peak_rss_mb']} MB; {sp['cpu']}")
-        print(json.dumps(r), flush=True)
+        if then is not None:
+            print(f"  then {args.then}: build without evaluation {then['build_s']} s, evaluation {then['eval_s']} s "
+                  f"{then['timings']} (source figures {'from the cache' if then['source_cached'] else 'computed'}): "
+                  f"ratio {then['ratio']:.2f}; CPU seconds {then['build_cpu_s']} / {then['eval_cpu_s']}: "
+                  f"ratio {then['cpu_ratio']:.2f}")
+        print(json.dumps({**r, "then": then}), flush=True)
 
 
 if __name__ == "__main__":
