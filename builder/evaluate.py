@@ -1294,8 +1294,10 @@ def evaluate_in_image(engine: Any, image: str, model_dir: Path, source_dir: Path
         if adapter.onnx_adapter is None:
             args.append("--merged")
         else:
-            mounts.append(Mount(adapter.onnx_adapter.resolve(), "/eval/adapter.onnx_adapter", read_only=True))
-            args += ["--adapter-file", "/eval/adapter.onnx_adapter"]
+            # Under its own file name: the record names the file.
+            inside = f"/eval/adapter/{adapter.onnx_adapter.name}"
+            mounts.append(Mount(adapter.onnx_adapter.resolve(), inside, read_only=True))
+            args += ["--adapter-file", inside]
         if adapter.peft_dir is not None and source_dir is not None:
             mounts.append(Mount(Path(adapter.peft_dir).resolve(), "/eval/peft", read_only=True))
             args += ["--peft", "/eval/peft"]

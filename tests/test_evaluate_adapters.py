@@ -137,3 +137,22 @@ def test_evaluate_command_line_with_an_adapter(finetuned, tmp_path: Path) -> Non
         proc = subprocess.run([*cmd, *extra], capture_output=True, text=True, env=env, check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.docker
+def test_the_adapter_is_evaluated_the_same_in_the_builder_image(finetuned, cpu_builder_image) -> None:  # type: ignore[no-untyped-def]
+    """`evaluate_in_image` (hosts without the build stack): the adapter file and the PEFT folder
+    are mounted read-only beside the model and the source; the figures are those measured here."""
+    from builder.engine import DockerEngine
+
+    base, out, peft = finetuned
+    adapter = ev.AdapterUnderTest("colors", peft, out / "adapters" / "colors.onnx_adapter")
+    settings = ev.Settings(max_tokens=256, speed=False)
+    lines: list[str] = []
+    there = ev.evaluate_in_image(DockerEngine(), cpu_builder_image, out, base, precision="fp32", device="cpu",
+                                 settings=settings, text_path=None, on_line=lines.append, adapter=adapter)
+    here = ev.evaluate(out, base, precision="fp32", settings=settings, adapter=adapter)
+    assert there.passed, (there.failures, lines[-20:])
+    assert there.adapter == here.adapter and there.adapter is not None and there.adapter["name"] == "colors"
+    assert there.accuracy["top1_agreement"] == here.accuracy["top1_agreement"] == 1.0
+    assert there.accuracy["perplexity_ratio"] == pytest.approx(here.accuracy["perplexity_ratio"], abs=1e-4)
