@@ -572,7 +572,7 @@ def _source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[
 # Bump when what _source_pass computes changes (its windows, its greedy decoding, what it keeps).
 REFERENCE_FORMAT = 1
 REFERENCE_CACHE_ENV = "OLIVE_BUILDER_EVAL_CACHE"  # a folder, or "off"
-REFERENCE_CACHE_KEEP = 64  # newest entries kept (one is ~2 MB per 1024 tokens)
+REFERENCE_CACHE_BYTES = 256 << 20  # the newest entries up to this size are kept (one: ~2 MB per 1024 tokens)
 
 
 def reference_cache_dir() -> Path | None:
@@ -688,9 +688,11 @@ def _save_reference(cache: Path, key: str, ref: _Reference) -> None:
     try:
         cache.mkdir(parents=True, exist_ok=True)
         atomic_write(cache / f"{key}.pt", buffer.getvalue())
-        entries = sorted(cache.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[REFERENCE_CACHE_KEEP:]:
-            old.unlink(missing_ok=True)
+        kept = 0
+        for entry in sorted(cache.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True):
+            kept += entry.stat().st_size
+            if kept > REFERENCE_CACHE_BYTES:
+                entry.unlink(missing_ok=True)
     except OSError:
         pass  # not kept: the next build computes it again
 

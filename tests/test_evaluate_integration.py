@@ -322,3 +322,29 @@ def test_the_prompts_decoded_together_give_each_prompts_own_tokens(config_file: 
         together = ev._greedy(model, prompts, vocab, batched=True)
         alone = ev._greedy(model, prompts, vocab, batched=False)
     assert together == alone
+
+
+def test_the_source_figures_cache_keeps_the_newest_entries_within_its_size(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    need(importlib.util.find_spec("torch") is not None, "torch is not installed")
+    import os
+
+    import torch
+
+    ref = ev._Reference(nll=[1.0] * 64, argmax=[3] * 64, topk_ids=torch.zeros(64, 8, dtype=torch.long),
+                        topk_logp=torch.full((64, 8), -2.0), greedy=[[1, 2, 3]], vocab=100)
+    ev._save_reference(tmp_path, "a", ref)
+    size = (tmp_path / "a.pt").stat().st_size
+    os.utime(tmp_path / "a.pt", (1, 1))  # the oldest
+    monkeypatch.setattr(ev, "REFERENCE_CACHE_BYTES", 2 * size + 10)
+    ev._save_reference(tmp_path, "b", ref)
+    ev._save_reference(tmp_path, "c", ref)
+    assert sorted(p.stem for p in tmp_path.glob("*.pt")) == ["b", "c"]
+    back = ev._load_reference(tmp_path, "c")
+    assert back is not None and back.nll == ref.nll and back.greedy == ref.greedy and back.vocab == 100
+    assert torch.equal(back.topk_ids, ref.topk_ids) and back.topk_ids.dtype == torch.long
+    assert ev._load_reference(tmp_path, "a") is None
+    monkeypatch.setenv(ev.REFERENCE_CACHE_ENV, "off")
+    assert ev.reference_cache_dir() is None
+    monkeypatch.setenv(ev.REFERENCE_CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert ev.reference_cache_dir() == tmp_path / "elsewhere"
