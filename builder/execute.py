@@ -32,6 +32,7 @@ from .contract import (
     Target,
     WorkerResult,
     WorkerSpec,
+    cache_dir,
     hf_home,
     hf_token,
     log_dir,
@@ -190,6 +191,14 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
         env["HF_TOKEN_PATH"] = "/run/secrets/hf_token"
     package = Path(__file__).resolve().parent
     mounts.append(Mount(package, "/opt/olive-builder/builder", read_only=True))
+    if (step.evaluate or {}).get("enabled", True) and os.environ.get("OLIVE_BUILDER_EVAL_CACHE", "") != "off":
+        # The evaluation's cache of source-model figures outlives the container, so a second
+        # precision or target of the same source skips the source pass (builder.evaluate).
+        figures = Path(os.environ.get("OLIVE_BUILDER_EVAL_CACHE") or cache_dir() / "eval-reference")
+        figures.mkdir(parents=True, exist_ok=True)
+        figures_mount = Mount(figures, "/eval-cache", read_only=False)
+        mounts.append(figures_mount)
+        env["OLIVE_BUILDER_EVAL_CACHE"] = engine.path_for(figures_mount)
     step_json = step.to_json()
     text = (step.evaluate or {}).get("text")
     if text:

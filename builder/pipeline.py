@@ -253,6 +253,7 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
 
     preflight_model(step)
     step = prepare_dataset(step, loaded, reporter)
+    step = prepare_eval_text(step, reporter)
     if options.package.sign_key:  # a key that cannot be used fails now, not after the build
         sign.load_signing_key(options.package.sign_key)
     engine = options.engine if not isinstance(options.engine, str) else make_engine(options.engine)
@@ -283,6 +284,21 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
     packaging = package_folder(result.output, pkg, reporter, recipe_path=loaded.path, docker=engine.docker())
     return BuildOutcome(step.id, result.output, pinned.key, result, None, packaging,
                         packaging.pushed if packaging else None)
+
+
+def prepare_eval_text(step: BuildStep, reporter: Reporter) -> BuildStep:
+    """A Hub dataset file as the evaluation text: fetched on the host (once per commit), then
+    mounted into the builder like a local text."""
+    hub_text = (step.evaluate or {}).get("text_hub")
+    if not hub_text:
+        return step
+    from .evaluate import HubText
+
+    spec = HubText.from_json(hub_text)
+    reporter.stage("evaluate", f"evaluation text: {spec.label}")
+    path = spec.fetch()
+    settings = {k: v for k, v in (step.evaluate or {}).items() if k != "text_hub"}
+    return dataclasses.replace(step, evaluate={**settings, "text": str(path.resolve()), "text_source": spec.label})
 
 
 def prepare_dataset(step: BuildStep, loaded: LoadedRecipe, reporter: Reporter) -> BuildStep:

@@ -204,6 +204,8 @@ def evaluate_settings(loaded: LoadedRecipe) -> dict[str, Any]:
         text = evaluation_text(loaded.recipe, loaded.path)
         if text is not None:
             out["text"] = str(text)  # a host path: execute mounts it into the builder
+        elif ev.text is not None and not isinstance(ev.text, str):
+            out["text_hub"] = ev.text.model_dump()  # fetched on the host before the build (pipeline)
         if ev.max_tokens is not None:
             out["max_tokens"] = ev.max_tokens
         out["speed"] = ev.speed

@@ -149,14 +149,23 @@ class EvaluationGates(_Strict):
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
+class HubTextSource(_Strict):
+    """An evaluation text that is a file of a Hugging Face dataset repository, pinned to a commit."""
+
+    hub: Annotated[str, Field(pattern=_HUB_ID_RE)] = Field(description="The dataset id, e.g. acme/eval-texts.")
+    revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")] = Field(description="The commit (40 hex digits).")
+    file: Annotated[str, Field(min_length=1, max_length=512)] = Field(description="The UTF-8 text file in it.")
+
+
 class Evaluation(_Strict):
     """The evaluation stage: accuracy against the source model and speed, before packaging."""
 
     enabled: bool = Field(default=True, description="false: no evaluation (the artifact says it was not evaluated).")
     gates: EvaluationGates | None = None
-    text: Annotated[str, Field(min_length=1)] | None = Field(
+    text: Annotated[str, Field(min_length=1)] | HubTextSource | None = Field(
         default=None,
-        description="A local UTF-8 text file to measure on, relative to the recipe; defaults to the committed text.",
+        description="A local UTF-8 text file to measure on, relative to the recipe, or {hub, revision, file} of a "
+        "Hub dataset; defaults to the committed text.",
     )
     max_tokens: Annotated[int, Field(ge=64, le=65536)] | None = Field(
         default=None, description="Tokens of the text to measure on (default 1024), windowed to the model's context."
@@ -364,7 +373,7 @@ def load(path: str | Path) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(loaded.data)
     except ValidationError as e:
-        problems.extend(_describe(err, loaded, shown) for err in e.errors())
+        problems.extend(_describe(err, loaded, shown) for err in e.errors() if not _other_branch(err))
     if recipe is not None:
         for key_path, message in semantic_problems(recipe):
             problems.append(f"{shown}:{loaded.line_of(key_path)}: {_dotted(key_path)}: {message}")
@@ -443,13 +452,19 @@ def model_path_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[A
 def evaluation_text(recipe: Recipe, recipe_path: Path) -> Path | None:
     """The recipe's own evaluation text, resolved against the recipe file; None for the committed text."""
     ev = recipe.evaluate
-    if ev is None or ev.text is None:
+    if ev is None or not isinstance(ev.text, str):
         return None
     p = Path(ev.text).expanduser()
     return p if p.is_absolute() else (recipe_path.parent / p).resolve()
 
 
 def evaluation_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
+    ev = recipe.evaluate
+    if ev is not None and isinstance(ev.text, HubTextSource):
+        parts = ev.text.file.split("/")
+        if ev.text.file.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in ev.text.file:
+            return [(("evaluate", "text", "file"), f"{ev.text.file!r} must be a path inside the dataset repository")]
+        return []
     text = evaluation_text(recipe, recipe_path)
     if text is not None and not text.is_file():
         return [(("evaluate", "text"), f"{text} is not a file; name a UTF-8 text file, relative to the recipe")]
@@ -597,8 +612,21 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) if loc else "(top level)"
 
 
+def _other_branch(err: Any) -> bool:
+    """An error of the string branch of a `str | Mapping` field given a mapping: the mapping
+    branch's own errors say what is wrong."""
+    if "constrained-str" in err["loc"] and err["type"] == "string_type" and isinstance(err["input"], dict):
+        return True
+    # ... and the mapping branch's complaint about a scalar, where the string branch's error says more.
+    return err["type"] == "model_type" and not isinstance(err["input"], dict) \
+        and any(isinstance(p, str) and p in _MODEL_TAGS for p in err["loc"])
+
+
+_MODEL_TAGS = {"HubTextSource", "DatasetSource", "LoraSettings", "EvaluationGates", "constrained-str"}
+
+
 def _describe(err: Any, loaded: _yaml.LoadedYaml, shown: str) -> str:
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # drop union tags
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _MODEL_TAGS)))  # union tags
     line = loaded.line_of(loc)
     kind = err["type"]
     if kind == "extra_forbidden":

@@ -440,3 +440,38 @@ def test_the_cuda_builder_image_finetunes_and_merges(capsys, tmp_path, tiny_mode
     assert info["tools"]["peft"] == "0.21.2"
     assert info["finetune"]["mode"] == "merged" and not (out / "adapters").exists()
     assert info["finetune"]["adapters"][0]["training"]["seconds"] > 0
+
+
+def test_a_hub_dataset_file_as_the_evaluation_text_is_fetched_before_the_build(tmp_path, hub_dataset):  # type: ignore[no-untyped-def]
+    """`evaluate.text: {hub, revision, file}`: pinned, fetched on the host, mounted like a local text."""
+    from builder import hub, pipeline, plan, recipe
+
+    (tmp_path / "model").mkdir()
+    path = write_recipe(tmp_path / "recipes" / "m", "cpu-int4", f"""
+        name: m
+        version: "1"
+        model: {{path: {tmp_path / 'model'}}}
+        target: {{device: cpu, precision: int4}}
+        evaluate:
+          text: {{hub: acme/colors, revision: {COMMIT}, file: data/train.jsonl}}
+        """)
+    loaded = recipe.load(path)
+    step = plan.plan(loaded, "img")
+    assert step.evaluate is not None and step.evaluate["text_hub"]["file"] == "data/train.jsonl"
+    step = pipeline.prepare_eval_text(step, pipeline.NullReporter())
+    local = hub.dataset_folder("acme/colors", COMMIT) / "data" / "train.jsonl"
+    assert step.evaluate == {"enabled": True, "speed": True, "text": str(local.resolve()),
+                             "text_source": f"Hugging Face dataset acme/colors@{COMMIT[:12]}: data/train.jsonl"}
+    assert local.read_bytes() == DATASET.read_bytes()
+
+    bad = write_recipe(tmp_path / "recipes" / "b", "cpu-int4", f"""
+        name: m
+        version: "1"
+        model: {{path: {tmp_path / 'model'}}}
+        target: {{device: cpu, precision: int4}}
+        evaluate:
+          text: {{hub: acme/colors, revision: main, file: ../x.txt}}
+        """)
+    with pytest.raises(Exception) as info:
+        recipe.load(bad)
+    assert "evaluate.text" in str(info.value)
