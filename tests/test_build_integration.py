@@ -180,6 +180,9 @@ def _interrupt_mid_build(recipe: Path, out: Path, engine: str) -> tuple[int, str
     proc = subprocess.Popen(
         [sys.executable, "-m", "builder", "recipe", str(recipe), "--engine", engine, "-o", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # As a terminal would have it: a test run started in the background (`cmd &` without job
+        # control) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     seen = []
