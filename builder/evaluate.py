@@ -201,8 +201,9 @@ class HubText:
             raise EvaluationError(f"evaluate.text.revision {revision!r} is not a commit (40 hex digits).",
                                   hint="Pin the dataset: a branch or tag could name other text tomorrow, and the "
                                   "figures would not be comparable.")
-        parts = file.split("/")
-        if file.startswith("/") or not file or any(part in ("", ".", "..") for part in parts):
+        from .hub import inside_repository
+
+        if not inside_repository(file):
             raise EvaluationError(f"evaluate.text.file {file!r} is not a path inside the dataset repository.")
         return cls(hub, revision, file)
 

@@ -21,6 +21,12 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 HUB_IGNORE = ("original/*", "*.gguf", "onnx/*", "*.msgpack", "*.h5", "*.ot", "*.pth")
 
 
+def inside_repository(name: str) -> bool:
+    """A file path that stays inside a Hub repository: relative, no '.', '..' or empty parts, no '\\'."""
+    return bool(name) and not name.startswith("/") and "\\" not in name \
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+
+
 def is_commit(revision: str | None) -> bool:
     return bool(revision) and bool(COMMIT.match(revision or ""))
 
@@ -70,6 +76,7 @@ def snapshot_files(hub: str, commit: str) -> dict[str, str]:
 
 # A dataset file larger than this is refused while it downloads (the check reads it row by row).
 MAX_DATASET_FILE = 4 << 30
+STALL_SECONDS = float(os.environ.get("OLIVE_BUILDER_HUB_STALL_SECONDS", "60"))
 
 
 def dataset_folder(hub: str, commit: str) -> Path:
@@ -85,14 +92,22 @@ def fetch_dataset(hub: str, commit: str, files: list[str], *, max_bytes: int = M
 
     import requests
 
+    from .registry import _Watchdog, _watched_adapter
+
     folder = dataset_folder(hub, commit)
     out: list[Path] = []
+    # The registry client's watchdog: a Hub (or proxy) that drips bytes is cut once it moves
+    # less than MIN_PROGRESS bytes in a window, which a per-read timeout alone would not do.
+    watchdog = _Watchdog()
+    session = requests.Session()
+    session.mount("http://", _watched_adapter(watchdog))
+    session.mount("https://", _watched_adapter(watchdog))
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     token = hf_token()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     for name in files:
         dest = folder / name
-        if folder.resolve() not in dest.resolve().parents:  # recipe validation refuses these already
+        if not inside_repository(name) or folder.resolve() not in dest.resolve().parents:
             raise DatasetError(f"{name!r} is not a path inside the dataset {hub}.")
         out.append(dest)
         if dest.is_file():
@@ -105,7 +120,8 @@ def fetch_dataset(hub: str, commit: str, files: list[str], *, max_bytes: int = M
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
         try:
-            with os.fdopen(fd, "wb") as f, requests.get(
+            watchdog.arm(STALL_SECONDS, window=True)
+            with os.fdopen(fd, "wb") as f, session.get(
                     url, stream=True, timeout=30, headers={"Authorization": f"Bearer {token}"} if token else {}) as r:
                 if r.status_code in (401, 403):
                     raise DatasetError(f"The Hub refused {hub} ({r.status_code}): it is private or gated.",
@@ -117,7 +133,8 @@ def fetch_dataset(hub: str, commit: str, files: list[str], *, max_bytes: int = M
                     raise DatasetError(f"The Hub answered {r.status_code} for {name} of the dataset {hub}.",
                                        hint="Wait a minute and build again (HF_TOKEN gets a higher rate limit).")
                 size = 0
-                for chunk in r.iter_content(1 << 20):
+                for chunk in r.iter_content(1 << 16):
+                    watchdog.progress(len(chunk))
                     size += len(chunk)
                     if size > max_bytes:
                         raise DatasetError(f"{name} of the dataset {hub} is larger than {max_bytes >> 20} MiB.",
@@ -126,9 +143,14 @@ def fetch_dataset(hub: str, commit: str, files: list[str], *, max_bytes: int = M
             os.chmod(tmp, 0o644)
             os.replace(tmp, dest)
         except requests.RequestException as e:
+            if watchdog.expired:
+                raise DatasetError(f"Fetching {name} of the dataset {hub} stalled: less than 64 KiB in "
+                                   f"{STALL_SECONDS:.0f} s.", hint="Check the network (or HF_ENDPOINT) and build "
+                                   "again.") from None
             raise DatasetError(f"Fetching {name} of the dataset {hub} failed: {type(e).__name__}",
                                hint="Check the network (or HF_ENDPOINT) and build again.") from None
         finally:
+            watchdog.disarm()
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return out

@@ -323,6 +323,9 @@ def prepare_dataset(step: BuildStep, loaded: LoadedRecipe, reporter: Reporter) -
     try:
         info = dataset.check(list(zip(names, paths, strict=True)), dataset.template_fields(ft.template))
     except dataset.DatasetError as e:
+        if ft.dataset.hub is not None:  # not kept: the next build fetches it again rather than trust it
+            for path in paths:
+                path.unlink(missing_ok=True)
         raise DatasetError(f"The training dataset does not fit the template of {loaded.path}:\n  "
                            + str(e).replace("\n", "\n  "),
                            hint="Every {field} of `finetune.template` must be a column of every row.") from None

@@ -459,10 +459,11 @@ def evaluation_text(recipe: Recipe, recipe_path: Path) -> Path | None:
 
 
 def evaluation_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
+    from . import hub
+
     ev = recipe.evaluate
     if ev is not None and isinstance(ev.text, HubTextSource):
-        parts = ev.text.file.split("/")
-        if ev.text.file.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in ev.text.file:
+        if not hub.inside_repository(ev.text.file):
             return [(("evaluate", "text", "file"), f"{ev.text.file!r} must be a path inside the dataset repository")]
         return []
     text = evaluation_text(recipe, recipe_path)
@@ -483,7 +484,7 @@ def dataset_path(recipe: Recipe, recipe_path: Path) -> Path | None:
 def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
     """`finetune:` as a whole: the dataset is there and has every column the template names
     (read row by row here, before any container starts), and the target can carry an adapter."""
-    from . import dataset
+    from . import dataset, hub
 
     ft = recipe.finetune
     if ft is None:
@@ -504,8 +505,7 @@ def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any
         if ds.files is None:
             out.append((("finetune", "dataset"), "name the dataset's files to train on: `files: [train.jsonl]`"))
         for i, name in enumerate(ds.files or []):
-            parts = Path(name).parts
-            if name.startswith("/") or ".." in parts or "\\" in name:
+            if not hub.inside_repository(name):
                 out.append((("finetune", "dataset", "files", i), f"{name!r} must be a path inside the dataset "
                                                                   "repository (no '/', '..' or '\\' tricks)"))
             elif Path(name).suffix.lower() not in dataset.FORMATS:

@@ -8,7 +8,9 @@ CI must never pass by skipping. GPU tests (marker `gpu`) always skip without a G
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -293,3 +295,24 @@ def auth_registry(tmp_path: Path):  # type: ignore[no-untyped-def]
     reg = RegistryProcess(folder, htpasswd).start()
     yield reg
     reg.stop()
+
+
+@contextlib.contextmanager
+def fake_hub_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      datasets: dict[str, tuple[Path, str]]) -> Iterator[Path]:
+    """tests/fake_hub.py serving dataset repositories (id -> (folder, commit)) on loopback, with
+    HF_ENDPOINT pointing at it; yields its request log."""
+    config = tmp_path / "hub.json"
+    config.write_text(json.dumps({"repos": {}, "datasets": {
+        name: {"dir": str(folder), "commit": commit} for name, (folder, commit) in datasets.items()}}))
+    log = tmp_path / "hub.log"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_hub.py"), str(config), str(log)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{int(proc.stdout.readline())}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

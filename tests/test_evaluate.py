@@ -225,25 +225,13 @@ TEXT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture
 def hub_texts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """tests/fake_hub.py serving a dataset repository acme/texts at TEXT_COMMIT (its request log)."""
-    import subprocess
-    import sys
+    from conftest import fake_hub_datasets
 
     repo = tmp_path / "hub-texts"
     (repo / "books").mkdir(parents=True)
     (repo / "books" / "coriolanus.txt").write_bytes((REPO / "builder" / "data" / "eval-text.txt").read_bytes()[:20000])
-    config = tmp_path / "hub.json"
-    config.write_text(json.dumps({"repos": {}, "datasets": {"acme/texts": {"dir": str(repo), "commit": TEXT_COMMIT}}}))
-    log = tmp_path / "hub.log"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_hub.py"), str(config), str(log)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{int(proc.stdout.readline())}")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with fake_hub_datasets(tmp_path, monkeypatch, {"acme/texts": (repo, TEXT_COMMIT)}) as log:
         yield log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_a_hub_text_is_named_by_a_pinned_commit() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -211,25 +210,15 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture
 def hub_dataset(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
-    """tests/fake_hub.py serving a dataset repository acme/colors at COMMIT."""
+    """tests/fake_hub.py serving a dataset repository acme/colors at COMMIT (its request log)."""
+    from conftest import fake_hub_datasets
+
     repo = tmp_path / "hub-dataset"
     (repo / "data").mkdir(parents=True)
     shutil.copyfile(DATASET, repo / "data" / "train.jsonl")
     (repo / "data" / "bad.jsonl").write_text('{"instruction": "x"}\n')
-    config = tmp_path / "hub.json"
-    config.write_text(json.dumps({"repos": {}, "datasets": {"acme/colors": {"dir": str(repo), "commit": COMMIT}}}))
-    log = tmp_path / "hub.log"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fake_hub.py"), str(config), str(log)],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with fake_hub_datasets(tmp_path, monkeypatch, {"acme/colors": (repo, COMMIT)}) as log:
         yield log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _hub_recipe(tmp_path: Path, files: str) -> Path:
@@ -258,6 +247,7 @@ def test_a_hub_dataset_is_fetched_once_per_commit_and_checked_against_the_templa
     bad = recipe.load(_hub_recipe(tmp_path / "b", "data/bad.jsonl"))
     with pytest.raises(DatasetError, match=r"data/bad.jsonl:1: column `response` of the template is missing"):
         pipeline.prepare_dataset(plan.plan(bad, "img"), bad, pipeline.NullReporter())
+    assert not (hub.dataset_folder("acme/colors", COMMIT) / "data" / "bad.jsonl").exists(), "a bad file is not kept"
     missing = recipe.load(_hub_recipe(tmp_path / "c", "data/nope.jsonl"))
     with pytest.raises(DatasetError, match="no data/nope.jsonl in the dataset acme/colors"):
         pipeline.prepare_dataset(plan.plan(missing, "img"), missing, pipeline.NullReporter())
