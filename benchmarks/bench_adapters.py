@@ -133,7 +133,7 @@ def round_(port: int, models: list[str], n: int) -> tuple[float, float]:
 class Server:
     def __init__(self, py: str, model: Path, *extra: str):
         self.port = free_port()
-        self.proc = subprocess.Popen([py, "-m", "builder.server", "--model", str(model), "--port", str(self.port),
+        self.proc = subprocess.Popen([py, "-m", "builder.serve", "--model", str(model), "--port", str(self.port),
                                       "--model-id", MODEL_ID, *extra], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
         deadline = time.monotonic() + 120

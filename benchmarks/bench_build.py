@@ -38,10 +38,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from builder import images, pipeline, plan, recipe  # noqa: E402
+from builder import pipeline  # noqa: E402
+from builder.build import images  # noqa: E402
+from builder.build.engine import DockerEngine  # noqa: E402
+from builder.build.worker import substitute  # noqa: E402
 from builder.contract import CACHE_DIR, MODEL_DIR, OUTPUT_DIR  # noqa: E402
-from builder.engine import DockerEngine  # noqa: E402
-from builder.worker import substitute  # noqa: E402
+from builder.recipe import format as recipe  # noqa: E402
+from builder.recipe import plan  # noqa: E402
 from tinymodel import make_tiny_model  # noqa: E402
 
 

@@ -108,7 +108,7 @@ def _children_cpu() -> float:
 def calibrate(root: Path) -> None:
     import shutil
 
-    from builder import evaluate
+    from builder.build import evaluate
     from tinymodel import damage_weights
 
     hf = make_trained_tiny_model(root / "hf")

@@ -33,7 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from builder import distribute, oci, package  # noqa: E402
+from builder.oci import layout as oci  # noqa: E402
+from builder.publish import (  # noqa: E402
+    distribute,  # noqa: E402
+    package,
+)
 from conftest import RegistryProcess  # noqa: E402  (a real docker-registry process, as in the tests)
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)

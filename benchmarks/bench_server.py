@@ -193,7 +193,7 @@ def pct(values: list[float], q: float) -> float:
 def bench_server(py: str, model_dir: Path, args: argparse.Namespace, *, engine: bool) -> dict[str, Any]:
     port = free_port()
     extra = [] if engine else ["--no-engine"]
-    server = subprocess.Popen([py, "-m", "builder.server", "--model", str(model_dir), "--port", str(port),
+    server = subprocess.Popen([py, "-m", "builder.serve", "--model", str(model_dir), "--port", str(port),
                                "--model-id", MODEL_ID, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     name = "engine" if engine else "generator"
@@ -293,7 +293,7 @@ def docker_cold_start(model_dir: Path) -> None:
         import docker
 
         sys.path.insert(0, str(REPO))
-        from builder import images
+        from builder.build import images
 
         client = docker.from_env()
         client.ping()

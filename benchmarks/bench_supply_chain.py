@@ -31,7 +31,13 @@ sys.path.insert(0, str(REPO))
 
 from bench_package import T0, synthetic_model  # noqa: E402
 
-from builder import distribute, oci, package, referrers, sign  # noqa: E402
+from builder.oci import layout as oci  # noqa: E402
+from builder.oci import referrers  # noqa: E402
+from builder.publish import (  # noqa: E402
+    distribute,  # noqa: E402
+    package,
+)
+from builder.trust import sign  # noqa: E402
 from conftest import RegistryProcess  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """olive-builder: build Hugging Face models into checked ONNX Runtime GenAI models with Olive.
 
-Kept free of imports: ``builder.worker`` and ``builder.check`` run inside builder images
+Kept free of imports: ``builder.build.worker`` and ``builder.build.check`` run inside builder images
 that have neither click nor pydantic installed.
 """
 

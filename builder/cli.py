@@ -12,9 +12,9 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__, console
-from .console import ConsoleReporter
-from .errors import BuilderError, UsageError
+from builder import __version__, console
+from builder.console import ConsoleReporter
+from builder.errors import BuilderError, UsageError
 
 ENGINES = ("docker", "local")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,7 +71,7 @@ with_package_options = _with(package_options)
 
 def _package_options(kw: dict[str, Any]) -> Any:
     """PackageOptions from the shared image and package options (removed from ``kw``)."""
-    from .pipeline import ImageSettings, PackageOptions
+    from builder.pipeline import ImageSettings, PackageOptions
 
     settings = ImageSettings(kw.pop("base_image"), kw.pop("wheels"), kw.pop("runtime_base_image"))
     push_to, no_push = kw.pop("push_to"), kw.pop("no_push")
@@ -131,7 +131,7 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
     and pushed with --push (or OLIVE_BUILDER_REGISTRY, or the recipe's `registry`).
     A build whose cache key is already in the local store or the registry is not run again.
     """
-    from . import pipeline
+    from builder import pipeline
 
     no_push = kw["no_push"]
     options = pipeline.BuildOptions(engine=engine, output=output, force=force, builder_image=image,
@@ -150,7 +150,7 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
     """List every recipe id (<model>/<target>) under PATHS (default: recipes/)."""
-    from . import recipe
+    from builder.recipe import format as recipe
 
     rows: list[dict[str, Any]] = []
     found, problems = recipe.load_many(list(paths))
@@ -202,7 +202,7 @@ def matrix_cmd(paths: tuple[Path, ...], changed_since: str | None, device: str |
     """Print the GitHub Actions matrix ({"include": [...]}) of the recipes under PATHS (default: recipes/)."""
     import os
 
-    from . import matrix
+    from builder.recipe import matrix
 
     labels = {"cpu": runner_cpu, "cuda": runner_cuda, "dml": runner_dml, "webgpu": runner_webgpu}
     runners = {device: [r.strip() for r in text.split(",") if r.strip()] for device, text in labels.items()}
@@ -227,7 +227,7 @@ def lock_cmd(paths: tuple[Path, ...], lock_file: Path) -> None:
     `build recipe` finds the lock in the recipe's folder or above, builds the recorded
     commit, and checks the recorded file hashes; --require-locked refuses recipes without an entry.
     """
-    from . import lock
+    from builder.recipe import lock
 
     resolved = lock.write(list(paths), lock_file)
     for rid, entry in resolved:
@@ -248,8 +248,8 @@ def lock_cmd(paths: tuple[Path, ...], lock_file: Path) -> None:
 def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_tags: bool, quiet: bool,
                base_image: str | None, wheels: str | None) -> None:
     """Build builder and runtime images (tags derived from their content; unchanged images are not rebuilt)."""
-    from . import images
-    from .engine import DockerEngine
+    from builder.build import images
+    from builder.build.engine import DockerEngine
 
     flavours = list(images.FLAVOURS) if "all" in targets else list(dict.fromkeys(targets))
     specs = [images.image_spec(f, base_image=base_image, wheels_dir=wheels, runtime_base_image=runtime_base_image)
@@ -298,8 +298,8 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
     MODEL is a model folder, or a reference: <name>:<tag> in the local store or
     REGISTRY/REPO:TAG, pulled (verified) into ~/.cache/olive-builder/models first.
     """
-    from . import pipeline
-    from .check import check_files
+    from builder import pipeline
+    from builder.build.check import check_files
 
     model_dir = Path(model)
     if not model_dir.exists() and (":" in model or "@" in model):
@@ -310,7 +310,7 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
                          hint="Serve the signed reference (REGISTRY/REPO:TAG or <name>:<tag>) instead.")
     check_files(model_dir)
     try:
-        from . import server
+        from builder.serve import server
     except ImportError as e:
         raise BuilderError(f"The server's dependencies are not installed: {e}",
                            hint="pip install -e '.[serve]' (and onnxruntime-genai).") from None
@@ -329,8 +329,8 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
 @with_package_options
 def package_cmd(model_dir: Path, **kw: Any) -> None:
     """Package a model folder that `build recipe` made (again) into the local store, and push it with --push."""
-    from . import pipeline
-    from .check import check_files
+    from builder import pipeline
+    from builder.build.check import check_files
 
     check_files(model_dir)
     console.show_packaging(pipeline.package_folder(model_dir, _package_options(kw), ConsoleReporter(quiet=True)))
@@ -348,7 +348,7 @@ def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, ins
              sign_key: str | None) -> None:
     """Push REF (<name>:<tag> in the local store) and its runnable image to a registry, with their
     SBOMs, provenance, evaluation and signatures (referrers)."""
-    from . import pipeline
+    from builder import pipeline
 
     console.show_pushed(pipeline.push_with_image(ref, destination, ConsoleReporter(), store=store, insecure=insecure,
                                                  with_image=not no_image, sign_key=sign_key))
@@ -369,7 +369,7 @@ def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, ins
 def pull_cmd(ref: str, directory: Path, force: bool, verify_key: Path | None, signature_out: Path | None,
              store: Path | None, insecure: bool) -> None:
     """Fetch the model REF into DIRECTORY, verifying every blob (a registry ref, or <name>:<tag> in the local store)."""
-    from . import pipeline
+    from builder import pipeline
 
     pulled, dest = pipeline.pull(ref, directory, ConsoleReporter(), store=store, force=force, insecure=insecure,
                                  verify_key=verify_key, signature_out=signature_out)
@@ -383,7 +383,7 @@ def pull_cmd(ref: str, directory: Path, force: bool, verify_key: Path | None, si
 @store_option
 def gc_cmd(grace: float, dry_run: bool, store: Path | None) -> None:
     """Remove blobs of the local store that no tag reaches, and ingest files of dead writers."""
-    from . import oci
+    from builder.oci import layout as oci
 
     st = oci.open_store(store)
     report = oci.gc(st, grace_seconds=grace, dry_run=dry_run)
@@ -398,7 +398,7 @@ def keygen_cmd(prefix: Path) -> None:
     and PREFIX.pub (give it to whoever verifies). Encrypted with OLIVE_BUILDER_SIGN_KEY_PASSWORD if set."""
     import os
 
-    from . import sign
+    from builder.trust import sign
 
     private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
     key_id = sign.keygen(private, public, password=os.environ.get(sign.ENV_SIGN_PASSWORD) or None)
@@ -416,7 +416,8 @@ def verify_cmd(ref: str, key: Path, as_json: bool, store: Path | None, insecure:
     """Check that REF is signed by KEY (cosign's format), that its signed SLSA provenance names this
     manifest, and that a signed SBOM and a passing evaluation are attached. A LoRA adapter's REF:
     also its file against the signed digests, and its base model the same way. Exit 5 if not."""
-    from . import oci, sign
+    from builder.oci import layout as oci
+    from builder.trust import sign
 
     v = sign.verify_reference(ref, key, oci.open_store(store), insecure=insecure or None)
     if as_json:
@@ -461,7 +462,9 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
     """Show what REF is: its digest, annotations, layers and referrers (SBOM, provenance, evaluation,
     signatures), a registry ref or <name>:<tag> in the local store. Without REF, list what the
     local store holds."""
-    from . import distribute, oci, referrers
+    from builder.oci import layout as oci
+    from builder.oci import referrers
+    from builder.publish import distribute
 
     if ref is not None and document is not None:
         with referrers.open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
@@ -473,7 +476,7 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
         return
     if ref is None:
         st = oci.open_store(store)
-        from .contract import ADAPTER_ARTIFACT_TYPE
+        from builder.contract import ADAPTER_ARTIFACT_TYPE
 
         kinds = {oci.MODEL_ARTIFACT: "model artifact", ADAPTER_ARTIFACT_TYPE: "LoRA adapter"}
         rows = [{"reference": name, "digest": d.digest, "kind": kinds.get(d.artifact_type or "", "image")}
@@ -520,7 +523,8 @@ def eval_cmd(model: str, against: str | None, precision: str | None, text: Path 
     """Evaluate MODEL (a model folder, or a reference that is pulled and verified) against its source
     model: perplexity ratio, top-1 agreement, KL divergence, greedy agreement, speed. Exits 4 when a
     gate fails. Runs here with the `local` extra, else in the CPU builder image."""
-    from . import evaluate, pipeline
+    from builder import pipeline
+    from builder.build import evaluate
 
     result = pipeline.evaluate_model(model, ConsoleReporter(), against=against, precision=precision, text=text,
                                      max_tokens=max_tokens, speed=not no_speed, engine=engine, store=store,
@@ -533,7 +537,7 @@ def eval_cmd(model: str, against: str | None, precision: str | None, text: Path 
 @cli.command("schema")
 def schema_cmd() -> None:
     """Print the recipe format as JSON schema (recipes/recipe.schema.json is this output)."""
-    from .recipe import json_schema
+    from builder.recipe.format import json_schema
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -547,7 +551,7 @@ def check_cmd(folder: Path) -> None:
     the same graph (a linked copy with the provider cleared, in a temporary folder)."""
     import tempfile
 
-    from .check import check_target, target_device
+    from builder.build.check import check_target, target_device
 
     with tempfile.TemporaryDirectory(prefix="olive-builder-check-") as scratch:
         report, _ = check_target(folder, target_device(folder), scratch=Path(scratch) / "cpu")

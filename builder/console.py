@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from .errors import BuilderError
-from .pipeline import BuildOutcome, Packaging, Progress, Pushed
+from builder.errors import BuilderError
+from builder.pipeline import BuildOutcome, Packaging, Progress, Pushed
 
 _PROGRESS_BAR = re.compile(r"\d+%\|")
 
@@ -23,7 +23,7 @@ def stage(stage: str, message: str) -> None:
 def fail(error: BuilderError) -> None:
     """An error for a person: the log tail that explains it, then what failed and what to do.
     Whatever a server, the Hub or a build printed may echo a secret we hold: it is redacted."""
-    from .registry import known_secrets, redact
+    from builder.oci.registry import known_secrets, redact
 
     secrets = known_secrets()
     if error.log_tail:
@@ -153,7 +153,7 @@ def show_description(info: dict[str, Any]) -> None:
     for r in found:
         click.echo(f"  {r['kind']:<16} {r['digest'][:19]}  {r['artifactType']}"
                    + (f"  {r['predicateType']}" if r.get("predicateType") else ""))
-    from .evaluate import table_from_annotations
+    from builder.build.evaluate import table_from_annotations
 
     click.echo("evaluation:")
     click.echo(table_from_annotations(ann or {}))

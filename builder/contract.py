@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The builder package folder: mounted into builder containers, its parent put on PYTHONPATH.
+PACKAGE_DIR = Path(__file__).resolve().parent
+
 # ---- file names -------------------------------------------------------------------------------
 
 INFO_FILE = "olive-builder.json"  # the build record, next to the model files

@@ -23,14 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import attest, cache, distribute, images, lock, oci, package, plan, recipe, sign
-from .contract import BUILDER_FLAVOUR, CHECK_NATIVE, RUNTIME_FLAVOUR, SERVE_SUFFIX, cache_dir
-from .engine import Engine, make_engine
-from .errors import DatasetError, EngineError, NativeCheckError, PlanError, RecipeError
-from .execute import BuildResult, default_output, execute, preflight_model
-from .plan import BuildStep
-from .recipe import LoadedRecipe
-from .registry import parse_destination, parse_reference
+from builder.build import images
+from builder.build.engine import Engine, make_engine
+from builder.build.execute import BuildResult, default_output, execute, preflight_model
+from builder.contract import BUILDER_FLAVOUR, CHECK_NATIVE, RUNTIME_FLAVOUR, SERVE_SUFFIX, cache_dir
+from builder.errors import DatasetError, EngineError, NativeCheckError, PlanError, RecipeError
+from builder.oci import layout as oci
+from builder.oci.registry import parse_destination, parse_reference
+from builder.publish import cache, distribute, package
+from builder.recipe import format as recipe
+from builder.recipe import lock, plan
+from builder.recipe.format import LoadedRecipe
+from builder.recipe.plan import BuildStep
+from builder.trust import attest, sign
 
 # ---- how a caller hears about progress ----------------------------------------------------------
 
@@ -228,7 +233,7 @@ def destination(loaded: LoadedRecipe, options: BuildOptions) -> str | None:
 
 def check_push_rights(dest: str, name: str, *, insecure: bool = False) -> None:
     """Fail now, not after a long build, when ``dest`` is malformed or refuses our credentials."""
-    from .registry import Registry, repository
+    from builder.oci.registry import Registry, repository
 
     host, namespace = parse_destination(dest)
     registry = Registry(host, insecure=insecure or None)
@@ -292,7 +297,7 @@ def prepare_eval_text(step: BuildStep, reporter: Reporter) -> BuildStep:
     hub_text = (step.evaluate or {}).get("text_hub")
     if not hub_text:
         return step
-    from .evaluate import HubText
+    from builder.build.evaluate import HubText
 
     spec = HubText.from_json(hub_text)
     reporter.stage("evaluate", f"evaluation text: {spec.label}")
@@ -305,7 +310,8 @@ def prepare_dataset(step: BuildStep, loaded: LoadedRecipe, reporter: Reporter) -
     """A finetune recipe's training data, before any container starts: a Hub dataset is fetched
     (once per commit), and every file is read against the template; the step then names the
     local files to mount and records their digest and row count."""
-    from . import dataset, hub
+    from builder.recipe import dataset
+    from builder.source import hub
 
     ft = loaded.recipe.finetune
     if ft is None or step.finetune is None:
@@ -419,7 +425,7 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
                    recipe_path: Path | None = None, docker: Any | None = None) -> Packaging:
     """Package a folder `build recipe` made into the local store (artifact, and runnable image when
     Docker is there for the runtime image), and push both when ``options.push_to`` is set."""
-    from .engine import DockerEngine
+    from builder.build.engine import DockerEngine
 
     reporter = reporter or NullReporter()
     store = oci.open_store(options.store)
@@ -549,10 +555,10 @@ def evaluate_model(model: str, reporter: Reporter | None = None, *, against: str
     caller decides what a failed gate means (``evaluate.raise_for_gates``)."""
     import importlib.util
 
-    from . import evaluate
-    from .contract import BuildRecord, RecordError
-    from .engine import DockerEngine
-    from .errors import UsageError
+    from builder.build import evaluate
+    from builder.build.engine import DockerEngine
+    from builder.contract import BuildRecord, RecordError
+    from builder.errors import UsageError
 
     reporter = reporter or NullReporter()
     missing = [m for m in ("torch", "transformers", "onnxruntime_genai") if importlib.util.find_spec(m) is None]

@@ -130,7 +130,7 @@ def docker_client():  # type: ignore[no-untyped-def]
 
 def ensure_image(docker_client, flavour: str) -> str:  # type: ignore[no-untyped-def]
     """The image of ``flavour`` (cpu, runtime-cpu, ...), built by the same code as `build images` if missing."""
-    from builder import images
+    from builder.build import images
 
     spec = images.image_spec(flavour)
     try:

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 
-from builder import cache, distribute, oci, package, referrers
 from builder.contract import (
     ADAPTER_ANNOTATION,
     ADAPTER_ARTIFACT_TYPE,
@@ -32,7 +31,10 @@ from builder.contract import (
     adapter_tag,
     sha256_file,
 )
-from builder.registry import Registry
+from builder.oci import layout as oci
+from builder.oci import referrers
+from builder.oci.registry import Registry
+from builder.publish import cache, distribute, package
 from conftest import need, no_partials, run_cli
 
 pytestmark = pytest.mark.integration
@@ -423,7 +425,7 @@ def test_registry_cache_hit_tags_the_adapters_too(capsys, two, registry):  # typ
 
 
 def test_signed_adapter_pulls_with_verify_and_an_other_key_is_refused(capsys, tmp_path, two, registry):  # type: ignore[no-untyped-def]
-    from builder import sign
+    from builder.trust import sign
 
     sign.keygen(tmp_path / "k.pem", tmp_path / "k.pub")
     sign.keygen(tmp_path / "other.pem", tmp_path / "other.pub")

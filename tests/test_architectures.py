@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import recipe as recipes
 from builder.contract import CHECK_CPU_CROSS, CHECK_NATIVE, INFO_FILE
+from builder.recipe import format as recipes
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = Path(__file__).resolve().parent / "data" / "configs"

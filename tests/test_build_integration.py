@@ -22,7 +22,7 @@ def build(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
 
 def generate(folder: Path, new_tokens: int = 6) -> list[int]:
     """Greedy tokens from the built model, with this host's onnxruntime-genai."""
-    from builder.check import check_generates
+    from builder.build.check import check_generates
 
     return check_generates(folder, new_tokens=new_tokens).generated_ids
 

@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from builder import cache, contract, hub, lock, oci, recipe
+from builder import contract
 from builder.errors import PlanError
+from builder.oci import layout as oci
+from builder.publish import cache
+from builder.recipe import format as recipe
+from builder.recipe import lock
+from builder.source import hub
 
 BASE = {"recipe": None, "model_revision": "a" * 40, "builder_image": "sha256:" + "1" * 64,
         "tools": {"olive-ai": "0.13.0", "onnxruntime-genai": "0.14.1", "onnxruntime": "1.32.0",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.registry import Registry
+from builder.oci.registry import Registry
 from conftest import run_cli, tiny_recipe
 
 pytestmark = pytest.mark.integration

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import oci
 from builder.cli import main
-from builder.registry import Registry
+from builder.oci import layout as oci
+from builder.oci.registry import Registry
 from conftest import (
     REGISTRY_PASSWORD,
     REGISTRY_USER,
@@ -122,7 +122,7 @@ def test_build_recipe_packages_pushes_and_the_image_runs(capsys, tmp_path, tiny_
     assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == built_files
     for name in built_files:
         assert (tmp_path / "pulled" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
-    from builder.check import check_generates
+    from builder.build.check import check_generates
 
     assert len(check_generates(tmp_path / "pulled", new_tokens=4).generated_ids) == 4
 

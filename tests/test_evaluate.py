@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import evaluate as ev
+from builder.build import evaluate as ev
 from builder.errors import BuildError, EvaluationError, RecipeError
 from conftest import write_recipe
 
@@ -128,7 +128,7 @@ def test_not_evaluated_and_not_measured_say_why() -> None:
 def test_package_annotations_carry_the_evaluation() -> None:
     import datetime as dt
 
-    from builder.package import manifest_annotations
+    from builder.publish.package import manifest_annotations
 
     info = {"name": "m", "version": "1", "tags": ["m:1-cpu-int4"], "target": {"precision": "int4"},
             "evaluation": record()}
@@ -160,21 +160,21 @@ target:
 
 
 def load(tmp_path: Path, extra: str) -> object:
-    from builder import recipe
+    from builder.recipe import format as recipe
 
     (tmp_path / "recipes" / "tiny" / "model").mkdir(parents=True, exist_ok=True)
     return recipe.load(write_recipe(tmp_path / "recipes" / "tiny", "cpu-int4", BASE + extra))
 
 
 def test_recipe_evaluate_false_and_default(tmp_path: Path) -> None:
-    from builder.plan import evaluate_settings
+    from builder.recipe.plan import evaluate_settings
 
     assert evaluate_settings(load(tmp_path, "")) == {"enabled": True}  # type: ignore[arg-type]
     assert evaluate_settings(load(tmp_path, "evaluate: false\n")) == {"enabled": False}  # type: ignore[arg-type]
 
 
 def test_recipe_evaluate_section_reaches_the_plan(tmp_path: Path) -> None:
-    from builder.plan import plan
+    from builder.recipe.plan import plan
 
     (tmp_path / "recipes" / "tiny").mkdir(parents=True, exist_ok=True)
     (tmp_path / "recipes" / "tiny" / "text.txt").write_text("words " * 100)

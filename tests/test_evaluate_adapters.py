@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import evaluate as ev
+from builder.build import evaluate as ev
 from conftest import need
 from tinymodel import make_trained_tiny_model
 
@@ -124,7 +124,7 @@ def test_an_adapter_that_is_not_applied_on_one_side_is_caught(finetuned) -> None
 def test_evaluate_command_line_with_an_adapter(finetuned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base, out, peft = finetuned
     env = {**os.environ, "PYTHONPATH": str(Path(ev.__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "builder.evaluate", str(out), "--against", str(base), "--precision", "fp32",
+    cmd = [sys.executable, "-m", "builder.build.evaluate", str(out), "--against", str(base), "--precision", "fp32",
            "--max-tokens", "256", "--no-speed", "--json"]
     proc = subprocess.run([*cmd, "--adapter", "colors", "--peft", str(peft)], capture_output=True, text=True,
                           env=env, check=False)
@@ -143,7 +143,7 @@ def test_evaluate_command_line_with_an_adapter(finetuned, tmp_path: Path) -> Non
 def test_the_adapter_is_evaluated_the_same_in_the_builder_image(finetuned, cpu_builder_image) -> None:  # type: ignore[no-untyped-def]
     """`evaluate_in_image` (hosts without the build stack): the adapter file and the PEFT folder
     are mounted read-only beside the model and the source; the figures are those measured here."""
-    from builder.engine import DockerEngine
+    from builder.build.engine import DockerEngine
 
     base, out, peft = finetuned
     adapter = ev.AdapterUnderTest("colors", peft, out / "adapters" / "colors.onnx_adapter")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from builder import evaluate as ev
+from builder.build import evaluate as ev
 from builder.errors import EvaluationError
 from conftest import need, no_partials, run_cli, tiny_recipe
 from tinymodel import damage_weights, make_trained_tiny_model

@@ -134,7 +134,7 @@ def test_hub_datasets_must_be_pinned_and_stay_inside_their_repository(capsys, tm
 
 
 def test_csv_and_json_datasets_are_read_too(tmp_path):  # type: ignore[no-untyped-def]
-    from builder import dataset
+    from builder.recipe import dataset
 
     csv_file = tmp_path / "d.csv"
     csv_file.write_text('instruction,response\n"a, with comma",b\nc,\n')
@@ -155,7 +155,8 @@ def test_csv_and_json_datasets_are_read_too(tmp_path):  # type: ignore[no-untype
 # ---- the plan and the cache key --------------------------------------------------------------
 
 def test_the_plan_trains_converts_and_extracts_in_that_order(tmp_path):  # type: ignore[no-untyped-def]
-    from builder import plan, recipe
+    from builder.recipe import format as recipe
+    from builder.recipe import plan
 
     (tmp_path / "model").mkdir()
     loaded = recipe.load(finetune_recipe(tmp_path, tmp_path / "model"))
@@ -179,7 +180,8 @@ def test_the_plan_trains_converts_and_extracts_in_that_order(tmp_path):  # type:
 
 
 def test_the_cache_key_covers_the_dataset_content_and_the_training_settings(tmp_path):  # type: ignore[no-untyped-def]
-    from builder import cache, recipe
+    from builder.publish import cache
+    from builder.recipe import format as recipe
 
     (tmp_path / "model").mkdir()
     path = finetune_recipe(tmp_path, tmp_path / "model")
@@ -230,8 +232,11 @@ def _hub_recipe(tmp_path: Path, files: str) -> Path:
 
 
 def test_a_hub_dataset_is_fetched_once_per_commit_and_checked_against_the_template(tmp_path, hub_dataset):  # type: ignore[no-untyped-def]
-    from builder import hub, pipeline, plan, recipe
+    from builder import pipeline
     from builder.errors import DatasetError
+    from builder.recipe import format as recipe
+    from builder.recipe import plan
+    from builder.source import hub
 
     loaded = recipe.load(_hub_recipe(tmp_path, "data/train.jsonl"))
     step = pipeline.prepare_dataset(plan.plan(loaded, "img"), loaded, pipeline.NullReporter())
@@ -291,7 +296,7 @@ def test_a_finetune_build_delivers_the_base_model_and_a_checked_evaluated_adapte
     assert not no_partials(out.parent)
 
     # The base graph with no adapter active is the base model: same greedy tokens as a plain build.
-    from builder.check import check_generates
+    from builder.build.check import check_generates
 
     plain = check_generates(out, new_tokens=8).generated_ids
     assert plain == check["generated_ids"]
@@ -347,7 +352,7 @@ def test_finetune_end_to_end_push_run_the_image_pick_the_adapter_pull_it(  # typ
     and ask for the base and for the adapter with the openai client; pull the adapter's tag."""
     import openai
 
-    from builder.check import check_generates
+    from builder.build.check import check_generates
     from conftest import free_port, wait_healthy
 
     recipe = finetune_recipe(tmp_path, tiny_model)
@@ -434,7 +439,10 @@ def test_the_cuda_builder_image_finetunes_and_merges(capsys, tmp_path, tiny_mode
 
 def test_a_hub_dataset_file_as_the_evaluation_text_is_fetched_before_the_build(tmp_path, hub_dataset):  # type: ignore[no-untyped-def]
     """`evaluate.text: {hub, revision, file}`: pinned, fetched on the host, mounted like a local text."""
-    from builder import hub, pipeline, plan, recipe
+    from builder import pipeline
+    from builder.recipe import format as recipe
+    from builder.recipe import plan
+    from builder.source import hub
 
     (tmp_path / "model").mkdir()
     path = write_recipe(tmp_path / "recipes" / "m", "cpu-int4", f"""

@@ -28,7 +28,7 @@ def gpu() -> None:
 
 @pytest.mark.parametrize("precision", ["int4", "fp16"])
 def test_cuda_build_generates_on_the_gpu(gpu, capsys, tmp_path, tiny_model, docker_client, precision):  # type: ignore[no-untyped-def]
-    from builder import images
+    from builder.build import images
 
     spec = images.image_spec("cuda")
     try:

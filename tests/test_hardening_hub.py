@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from builder import hub  # noqa: E402
+from builder.source import hub  # noqa: E402
 from conftest import no_partials, run_cli, write_recipe  # noqa: E402
 
 SERVER = Path(__file__).parent / "fake_hub.py"
@@ -160,7 +160,7 @@ def test_a_gated_model_downloads_with_its_token(fake_hub: FakeHub, monkeypatch: 
                                                 tmp_path: Path) -> None:
     """What the worker does (huggingface_hub's snapshot_download), without building; in a child
     process, since huggingface_hub reads HF_ENDPOINT when it is imported."""
-    code = ("import json; from builder.worker import fetch_model; "
+    code = ("import json; from builder.build.worker import fetch_model; "
             f"print(json.dumps(fetch_model({{'hub': 'acme/gated', 'resolved': {GATED_COMMIT!r}}}, None)))")
     env = {**os.environ, "HF_TOKEN": TOKEN}
     start = time.monotonic()

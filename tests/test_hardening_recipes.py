@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import recipe
 from builder.errors import RecipeError
+from builder.recipe import format as recipe
 
 BASE = "name: tiny\nversion: 1.0.0\nmodel:\n  hub: a/b\ntarget:\n  device: cpu\n  precision: int4\n"
 

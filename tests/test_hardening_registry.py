@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import oci
 from builder.errors import ReferenceError_, RegistryError
-from builder.registry import Registry, parse_reference, redact, sanitize
+from builder.oci import layout as oci
+from builder.oci.registry import Registry, parse_reference, redact, sanitize
 
 SERVER = Path(__file__).parent / "hostile_registry.py"
 HF_SECRET = "hf_SecretTokenThatMustNeverShow123"
@@ -101,7 +101,7 @@ def _report(label: str, results: dict[str, dict[str, float]], base_kb: int) -> N
 
 def _base_kb() -> int:
     out = subprocess.run([sys.executable, "-c", "import resource; from builder.cli import main; "
-                          "import builder.distribute, builder.registry; "
+                          "import builder.publish.distribute, builder.oci.registry; "
                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"],
                          capture_output=True, text=True, check=True, timeout=60)
     return int(out.stdout)

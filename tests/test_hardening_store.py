@@ -17,8 +17,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from builder import execute, oci, package  # noqa: E402
+from builder.build import execute  # noqa: E402
 from builder.errors import OutputExistsError  # noqa: E402
+from builder.oci import layout as oci
+from builder.publish import package
 from conftest import run_cli  # noqa: E402
 from test_package import fake_model  # noqa: E402
 
@@ -26,7 +28,7 @@ T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    from builder import oci
+    from builder.oci import layout as oci
     store = oci.Store(sys.argv[1])
     with store.writer() as w:
         chunk = b"x" * (1 << 20)
@@ -109,14 +111,15 @@ def test_gc_removes_what_no_tag_reaches(tmp_path: Path, capsys: pytest.CaptureFi
 _RACER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from builder import distribute, oci
-    import builder.check
+    from builder.publish import distribute
+    from builder.oci import layout as oci
+    import builder.build.check
 
-    real = builder.check.check_files
+    real = builder.build.check.check_files
     def slow(folder, *a, **k):  # both racers pass the "already exists?" check before either lands
         time.sleep(1.0)
         return real(folder, *a, **k)
-    builder.check.check_files = slow
+    builder.build.check.check_files = slow
     store = oci.Store(sys.argv[1])
     manifest = json.loads(store.read_bytes(sys.argv[2]))
     try:

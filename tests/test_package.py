@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import distribute, oci, package
 from builder.cli import main
 from builder.errors import AuthError, ContentError, PackageError, ReferenceError_
-from builder.registry import credentials_for, parse_destination, parse_reference
+from builder.oci import layout as oci
+from builder.oci.registry import credentials_for, parse_destination, parse_reference
+from builder.publish import distribute, package
 
 REPO = Path(__file__).resolve().parent.parent
 # The ModelPack config schema: ../shared/specs has the current one; tests/data keeps a copy

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from builder import contract, oci, pipeline
-from builder.cache import Hit
-from builder.engine import BuilderEnv, Job, LineSink, Mount
+from builder import contract, pipeline
+from builder.build.engine import BuilderEnv, Job, LineSink, Mount
 from builder.errors import BuildError, CheckError, OutputExistsError, RegistryError
+from builder.oci import layout as oci
+from builder.publish.cache import Hit
 
 TOOLS = {"olive-ai": "0.13.0", "onnxruntime-genai": "0.14.1", "onnxruntime": "1.32.0", "transformers": "5.24.0",
          "torch": "2.13.0"}
@@ -184,7 +185,7 @@ def test_an_existing_output_is_a_usage_error_before_anything_runs(tmp_path: Path
 
 
 class FakeRegistry:
-    """Stands in for builder.registry.Registry at the pipeline's seams (push and cache lookups)."""
+    """Stands in for builder.oci.registry.Registry at the pipeline's seams (push and cache lookups)."""
 
     manifests: dict[tuple[str, str], tuple[bytes, str, str]] = {}
     refuse: bool = False
@@ -210,7 +211,7 @@ class FakeRegistry:
 
 @pytest.fixture
 def fake_registry(monkeypatch: pytest.MonkeyPatch) -> type[FakeRegistry]:
-    from builder import registry
+    from builder.oci import registry
 
     FakeRegistry.manifests, FakeRegistry.refuse = {}, False
     monkeypatch.setattr(registry, "Registry", FakeRegistry)
@@ -220,7 +221,7 @@ def fake_registry(monkeypatch: pytest.MonkeyPatch) -> type[FakeRegistry]:
 def test_push_goes_through_distribute_and_a_registry_hit_builds_nothing(tmp_path: Path, recipe_file: Path,
                                                                        fake_registry: type[FakeRegistry],
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from builder import distribute
+    from builder.publish import distribute
 
     pushed: list[tuple[list[str], str, str]] = []
 

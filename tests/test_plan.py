@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import plan, recipe
+from builder.recipe import format as recipe
+from builder.recipe import plan
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "olive-builder-cpu:test"

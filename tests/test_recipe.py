@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from builder import recipe
 from builder.errors import RecipeError
+from builder.recipe import format as recipe
 
 BAD = Path(__file__).parent / "bad_recipes"
 REPO = Path(__file__).resolve().parent.parent

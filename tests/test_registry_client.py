@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from builder import oci
 from builder.errors import RegistryError
-from builder.registry import Registry
+from builder.oci import layout as oci
+from builder.oci.registry import Registry
 
 
 class Script:

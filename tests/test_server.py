@@ -58,7 +58,7 @@ def served_model(tmp_path_factory: pytest.TempPathFactory, local_engine_ready: N
     with pytest.raises(SystemExit) as info:
         main(["recipe", str(recipe), "--engine", "local", "-q", "--no-image", "-o", str(out)])
     assert info.value.code == 0
-    from builder import oci
+    from builder.oci import layout as oci
 
     assert_private(oci.default_store_path(), tmp_path_factory)  # session fixtures must not use the user's store
     return out
@@ -96,7 +96,7 @@ def serve(model: Path, tmp_path: Path, *args: str, cmd: list[str] | None = None)
     """A real server process on loopback, stopped by its PID at the end."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
-    argv = cmd or [serve_python(), "-m", "builder.server", "--model", str(model), "--port", str(port), *args]
+    argv = cmd or [serve_python(), "-m", "builder.serve", "--model", str(model), "--port", str(port), *args]
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=server_env())
     running = Running(proc, port, log)
@@ -400,7 +400,7 @@ def test_sigterm_drains_in_flight_requests(served_model: Path, tmp_path: Path) -
 
 
 def test_a_folder_that_is_not_a_model_exits_nonzero(tmp_path: Path) -> None:
-    proc = subprocess.run([serve_python(), "-m", "builder.server", "--model", str(tmp_path), "--port", "0"],
+    proc = subprocess.run([serve_python(), "-m", "builder.serve", "--model", str(tmp_path), "--port", "0"],
                           capture_output=True, text=True, timeout=60, env=server_env())
     assert proc.returncode == 2 and "not an ONNX Runtime GenAI model folder" in proc.stdout
 
@@ -411,7 +411,7 @@ def test_a_model_that_cannot_load_stops_the_server(served_model: Path, tmp_path:
     broken = tmp_path / "broken"
     shutil.copytree(served_model, broken)
     (broken / "model.onnx").write_bytes(b"not onnx")
-    proc = subprocess.run([serve_python(), "-m", "builder.server", "--model", str(broken), "--port", str(free_port())],
+    proc = subprocess.run([serve_python(), "-m", "builder.serve", "--model", str(broken), "--port", str(free_port())],
                           capture_output=True, text=True, timeout=60, env=server_env())
     assert proc.returncode == 1 and "cannot load the model" in proc.stdout + proc.stderr
 
@@ -791,7 +791,7 @@ def test_api_key_guards_v1_but_not_health(served_model: Path, tmp_path: Path) ->
     log = tmp_path / "keyed.log"
     env = {**server_env(), "OLIVE_BUILDER_API_KEY": key}
     with log.open("wb") as sink:
-        proc = subprocess.Popen([serve_python(), "-m", "builder.server", "--model", str(served_model), "--port",
+        proc = subprocess.Popen([serve_python(), "-m", "builder.serve", "--model", str(served_model), "--port",
                                  str(port), "--metrics-need-key"], stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         wait_healthy(port, lambda: proc.poll() is None, log.read_text)

@@ -337,7 +337,7 @@ def test_health_names_the_adapters(server: Running) -> None:
 
 
 def _start_fails(model: Path) -> str:
-    proc = subprocess.run([serve_python(), "-m", "builder.server", "--model", str(model), "--port", str(free_port())],
+    proc = subprocess.run([serve_python(), "-m", "builder.serve", "--model", str(model), "--port", str(free_port())],
                           capture_output=True, text=True, timeout=120, env=server_env())
     assert proc.returncode == 1, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
@@ -400,7 +400,7 @@ def test_the_build_sides_onnxruntime_genai_serves_adapters_too(finetuned: Finetu
     port = free_port()
     log = tmp_path / "server.log"
     with log.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "builder.server", "--model", str(finetuned.model), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "builder.serve", "--model", str(finetuned.model), "--port",
                                  str(port), "--model-id", BASE_ID], stdout=sink, stderr=subprocess.STDOUT,
                                 env=server_env())
     try:

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from builder import attest, oci, package, referrers, sign
 from builder.errors import SigningError, VerificationError
+from builder.oci import layout as oci
+from builder.oci import referrers
+from builder.publish import package
+from builder.trust import attest, sign
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
@@ -171,7 +174,7 @@ def test_provenance_names_the_github_actions_run_when_built_there(tmp_path):  # 
     assert run["metadata"]["invocationId"] == "https://github.com/acme/models/actions/runs/42/attempts/2"
 
 
-@pytest.mark.parametrize("evaluation, result", [  # the shapes builder.evaluate writes
+@pytest.mark.parametrize("evaluation, result", [  # the shapes builder.build.evaluate writes
     (None, "WARNED"),
     ({"evaluated": False, "reason": "evaluate: false in the recipe", "passed": True, "failures": []}, "WARNED"),
     ({"evaluated": True, "passed": True, "failures": [], "accuracy": {"perplexity_ratio": 1.01, "top1_agreement": 0.97},
@@ -484,7 +487,7 @@ def test_a_registry_with_the_referrers_api_indexes_them_itself(tmp_path, keys): 
 
 
 def test_the_local_engine_keeps_the_signing_key_from_the_worker(monkeypatch):  # type: ignore[no-untyped-def]
-    from builder import engine
+    from builder.build import engine
 
     seen: dict[str, str] = {}
 
@@ -499,5 +502,5 @@ def test_the_local_engine_keeps_the_signing_key_from_the_worker(monkeypatch):  #
     monkeypatch.setenv(sign.ENV_SIGN_KEY, "/keys/ci.key")
     monkeypatch.setenv(sign.ENV_SIGN_PASSWORD, "pass")
     with pytest.raises(StopError):
-        engine.LocalEngine().run(engine.Job("image", "builder.worker", (), {}, ()), lambda line: None)
+        engine.LocalEngine().run(engine.Job("image", "builder.build.worker", (), {}, ()), lambda line: None)
     assert seen and sign.ENV_SIGN_KEY not in seen and sign.ENV_SIGN_PASSWORD not in seen

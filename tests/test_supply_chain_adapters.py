@@ -19,9 +19,12 @@ from typing import Any
 
 import pytest
 
-from builder import attest, distribute, oci, package, referrers, sign
 from builder.contract import ADAPTER_ARTIFACT_TYPE, adapter_tag, sha256_file
 from builder.errors import VerificationError
+from builder.oci import layout as oci
+from builder.oci import referrers
+from builder.publish import distribute, package
+from builder.trust import attest, sign
 from conftest import run_cli
 from test_adapters_distribution import T0, TAG, finetuned_folder
 from test_supply_chain import assert_cyclonedx_16, assert_statement

@@ -9,9 +9,12 @@ import threading
 
 import pytest
 
-from builder import attest, distribute, oci, package, referrers, sign
 from builder.errors import VerificationError
-from builder.registry import Registry
+from builder.oci import layout as oci
+from builder.oci import referrers
+from builder.oci.registry import Registry
+from builder.publish import distribute, package
+from builder.trust import attest, sign
 from test_supply_chain import T0, fake_model, run_model_signing
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from builder import check, oci, pipeline, plan, recipe
+from builder import pipeline
+from builder.build import check
 from builder.contract import CHECK_ANNOTATION, CHECK_CPU_CROSS, CHECK_NATIVE, INFO_FILE
 from builder.errors import NativeCheckError, RecipeError
+from builder.oci import layout as oci
+from builder.recipe import format as recipe
+from builder.recipe import plan
 from conftest import run_cli, write_recipe
 
 PROVIDER_KEY = {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
@@ -158,7 +162,7 @@ def test_require_native_refuses_a_cross_checked_build_and_passes_a_native_one(tm
 
 
 def test_docker_no_gpu_answers_are_recognised() -> None:
-    from builder.engine import _no_gpu
+    from builder.build.engine import _no_gpu
 
     assert _no_gpu(Exception('could not select device driver "" with capabilities: [[gpu]]'))
     assert _no_gpu(Exception("nvidia-container-cli: initialization error: nvml error: driver not loaded"))
@@ -237,7 +241,7 @@ def test_cpu_target_is_checked_natively(tmp_path: Path) -> None:
     """The annotation of a build record without a mode, and of a native one, is `native`."""
     import datetime as dt
 
-    from builder.package import manifest_annotations
+    from builder.publish.package import manifest_annotations
 
     created = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     base = {"name": "m", "version": "1", "tags": ["m:1-cpu-int4"], "target": {"device": "cpu"}}

@@ -1,7 +1,7 @@
 """The Hugging Face Hub, from the driver's side: resolving a revision to a commit before a
 build, and the file hashes of a cached snapshot (for lock files).
 
-The worker downloads models itself (``builder.worker.fetch_model``); this module never
+The worker downloads models itself (``builder.build.worker.fetch_model``); this module never
 downloads weights. It asks the Hub API (``HF_ENDPOINT``, with ``HF_TOKEN`` when set) or,
 offline, the Hugging Face cache's refs.
 """
@@ -13,8 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from .contract import cache_dir, hf_home, hf_token, sha256_file
-from .errors import DatasetError
+from builder.contract import cache_dir, hf_home, hf_token, sha256_file
+from builder.errors import DatasetError
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Never fetched from the Hub: original checkpoints, other formats. The worker uses the same list.
@@ -92,7 +92,7 @@ def fetch_dataset(hub: str, commit: str, files: list[str], *, max_bytes: int = M
 
     import requests
 
-    from .registry import _Watchdog, _watched_adapter
+    from builder.oci.registry import _Watchdog, _watched_adapter
 
     folder = dataset_folder(hub, commit)
     out: list[Path] = []

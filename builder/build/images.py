@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ImageError
+from builder.contract import PACKAGE_DIR
+from builder.errors import ImageError
 
 # flavour -> Dockerfile, relative to the project root
 FLAVOURS = {
@@ -34,7 +35,9 @@ FLAVOURS = {
     "runtime-cuda": "images/runtime-cuda/Dockerfile",
 }
 # Files of this package that runtime images carry (the server, without the build side).
-RUNTIME_FILES = ("builder/__init__.py", "builder/contract.py", "builder/server.py")
+# What of olive-builder the runtime images carry: the server package and the one module it imports.
+RUNTIME_FILES = ("builder/__init__.py", "builder/contract.py",
+                 *sorted(f"builder/serve/{p.name}" for p in (PACKAGE_DIR / "serve").glob("*.py")))
 REPOSITORY = "olive-builder"
 ENV_BASE_IMAGE = "OLIVE_BUILDER_BASE_IMAGE"
 ENV_RUNTIME_BASE_IMAGE = "OLIVE_BUILDER_RUNTIME_BASE_IMAGE"
@@ -63,7 +66,7 @@ class ImageSpec:
 
 def project_root() -> Path:
     """The checkout holding the Dockerfiles (olive-builder is installed from it with pip -e)."""
-    candidates = [Path(__file__).resolve().parent.parent, Path.cwd()]
+    candidates = [PACKAGE_DIR.parent, Path.cwd()]
     for root in candidates:
         if (root / FLAVOURS["cpu"]).is_file():
             return root

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import hub, recipe
-from .contract import LOCK_FILE, write_json
-from .errors import PlanError
-from .recipe import LoadedRecipe
+from builder.contract import LOCK_FILE, write_json
+from builder.errors import PlanError
+from builder.recipe import format as recipe
+from builder.recipe.format import LoadedRecipe
+from builder.source import hub
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
-from .contract import CACHE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR
-from .errors import PlanError
-from .recipe import Finetune, LoadedRecipe, dataset_path, evaluation_text
+from builder import __version__
+from builder.build.check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
+from builder.contract import CACHE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR
+from builder.errors import PlanError
+from builder.recipe.format import Finetune, LoadedRecipe, dataset_path, evaluation_text
 
 # Olive's accelerator type per target device. Olive's ModelBuilder pass takes the model
 # builder's `-e` from the execution provider (cuda, dml, webgpu) and builds fp16 only for a
@@ -55,7 +55,7 @@ class BuildStep:
     builder_version: str = field(default=__version__)
     license: str | None = None
     description: str | None = None
-    # What the worker's evaluation stage does (builder.evaluate.Settings as JSON); None: the defaults.
+    # What the worker's evaluation stage does (builder.build.evaluate.Settings as JSON); None: the defaults.
     evaluate: dict[str, Any] | None = None
     # LoRA finetuning before conversion (see finetune_plan); None: a plain conversion.
     finetune: dict[str, Any] | None = None
@@ -193,7 +193,7 @@ def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
 
 
 def evaluate_settings(loaded: LoadedRecipe) -> dict[str, Any]:
-    """The recipe's `evaluate:` section as the worker reads it (builder.evaluate.Settings.from_json)."""
+    """The recipe's `evaluate:` section as the worker reads it (builder.build.evaluate.Settings.from_json)."""
     ev = loaded.recipe.evaluate
     if ev is not None and not ev.enabled:
         return {"enabled": False}

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from .contract import TOOL_LABEL, TOOLS, tool_versions_here
-from .errors import EngineError, ImageError
+from builder.contract import PACKAGE_DIR, TOOL_LABEL, TOOLS, tool_versions_here
+from builder.errors import EngineError, ImageError
 
 if TYPE_CHECKING:
-    from .images import ImageSpec
+    from builder.build.images import ImageSpec
 
 EngineName = Literal["docker", "local"]
 LineSink = Callable[[str], None]
@@ -127,7 +127,7 @@ class LocalEngine:
         env = {k: v for k, v in os.environ.items()
                if k not in ("OLIVE_BUILDER_SIGN_KEY", "OLIVE_BUILDER_SIGN_KEY_PASSWORD")}
         env.update(job.env)
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(PACKAGE_DIR.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(
             [sys.executable, "-m", job.module, *job.args],
@@ -205,7 +205,7 @@ class DockerEngine:
             if spec is None:
                 raise ImageError(f"The builder image {image} is not in this Docker engine.",
                                  hint="Build it with `build images`, or name another one with --image.")
-            from .images import build_image
+            from builder.build.images import build_image
 
             on_log(f"builder image {image} is not built yet; building it (once)")
             build_image(self.client, spec, on_log)
@@ -327,7 +327,7 @@ def connect() -> Any:
 
 
 def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
+    return PACKAGE_DIR
 
 
 def _short(e: Exception) -> str:

@@ -1,6 +1,6 @@
 """The build, as run inside a builder container (or on the host by the local engine).
 
-    python -m builder.worker SPEC.json
+    python -m builder.build.worker SPEC.json
 
 SPEC holds the planned BuildStep and the paths this process sees. The worker fetches the
 model (Hub models through huggingface_hub, so the mounted cache is reused and the
@@ -26,8 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .check import check_target
-from .contract import (
+from builder.build.check import check_target
+from builder.contract import (
     ADAPTERS_DIR,
     CACHE_DIR,
     DATA_DIR,
@@ -43,8 +43,8 @@ from .contract import (
     atomic_write,
     sha256_file,
 )
-from .errors import BuilderError, CheckError
-from .hub import HUB_IGNORE
+from builder.errors import BuilderError, CheckError
+from builder.source.hub import HUB_IGNORE
 
 # Olive writes these next to the model; they are build records, not part of the model.
 OLIVE_BOOKKEEPING = ("footprint.json", "output_footprint.json", "run_history.txt", "model_config.json")
@@ -222,7 +222,7 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step["olive_config"]["passes"].items())
     event("finetune" if finetune else "convert", f"olive run: {passes}")
     if (step.get("evaluate") or {}).get("enabled", True):
-        from .evaluate import preload
+        from builder.build.evaluate import preload
 
         preload()  # torch and transformers imported for the evaluation while Olive runs in its own process
     started = time.monotonic()
@@ -257,7 +257,7 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     if tuned is None:
         evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
     else:
-        from .evaluate import AdapterUnderTest
+        from builder.build.evaluate import AdapterUnderTest
 
         entry = tuned["adapters"][0]
         under_test = AdapterUnderTest(name=entry["name"], peft_dir=Path(tuned.pop("peft_dir")),
@@ -361,7 +361,7 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross
     describe the target)."""
     import dataclasses
 
-    from .evaluate import Settings, evaluate, not_evaluated, raise_for_gates
+    from builder.build.evaluate import Settings, evaluate, not_evaluated, raise_for_gates
 
     settings = Settings.from_json(step.get("evaluate"))
     wanted_speed = settings.speed
@@ -404,7 +404,7 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m builder.worker SPEC.json", file=sys.stderr)
+        print("usage: python -m builder.build.worker SPEC.json", file=sys.stderr)
         return 2
     try:
         spec = WorkerSpec.read(Path(args[0]))

@@ -16,9 +16,15 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import _yaml
-from .contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTER_TAG_SEPARATOR, OCI_COMPONENT_RULE, OCI_TAG_RULE
-from .errors import RecipeError
+from builder.contract import (
+    ADAPTER_NAME_MAX,
+    ADAPTER_NAME_RULE,
+    ADAPTER_TAG_SEPARATOR,
+    OCI_COMPONENT_RULE,
+    OCI_TAG_RULE,
+)
+from builder.errors import RecipeError
+from builder.recipe import _yaml
 
 Device = Literal["cpu", "cuda", "dml", "webgpu"]
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
@@ -459,7 +465,7 @@ def evaluation_text(recipe: Recipe, recipe_path: Path) -> Path | None:
 
 
 def evaluation_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
-    from . import hub
+    from builder.source import hub
 
     ev = recipe.evaluate
     if ev is not None and isinstance(ev.text, HubTextSource):
@@ -484,7 +490,8 @@ def dataset_path(recipe: Recipe, recipe_path: Path) -> Path | None:
 def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
     """`finetune:` as a whole: the dataset is there and has every column the template names
     (read row by row here, before any container starts), and the target can carry an adapter."""
-    from . import dataset, hub
+    from builder.recipe import dataset
+    from builder.source import hub
 
     ft = recipe.finetune
     if ft is None:

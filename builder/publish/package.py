@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import oci
-from .contract import (
+from builder.contract import (
     ADAPTER_ANNOTATION,
     ADAPTER_ARTIFACT_TYPE,
     ADAPTER_BASE_ANNOTATION,
@@ -61,7 +60,8 @@ from .contract import (
     adapter_tag,
     sha256_file,
 )
-from .errors import ImageError, PackageError, UsageError
+from builder.errors import ImageError, PackageError, UsageError
+from builder.oci import layout as oci
 
 MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
 WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin", ".safetensors", ".pb", ".ort")
@@ -200,8 +200,8 @@ def created_time(recipe_path: Path | None = None, model_dir: Path | None = None,
 
 def _local_source(recipe_path: Path) -> Path | None:
     """The local model folder a recipe names (``model.path``), if it names one and still loads."""
-    from . import recipe
-    from .errors import BuilderError
+    from builder.errors import BuilderError
+    from builder.recipe import format as recipe
 
     try:
         return recipe.load(recipe_path).model_dir
@@ -266,7 +266,7 @@ def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str
     a.update({NS + k: str(v) for k, v in ours.items() if v not in (None, "")})
     # The evaluation's figures, gates and text digest (eval.*) and speed (bench.*); builds made
     # before the stage existed carry none.
-    from .evaluate import manifest_annotations as evaluation_annotations
+    from builder.build.evaluate import manifest_annotations as evaluation_annotations
 
     a.update(evaluation_annotations(info.get("evaluation"), NS))
     return a
@@ -359,7 +359,7 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
 def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, runtime: RuntimeImage | None,
              on_bytes: Callable[[int], None], extra: dict[str, Any] | None, attestations: bool, sign_key: Any,
              recipe_path: Path | None, adapters: dict[str, Path] | None = None) -> Packaged:
-    from . import attest
+    from builder.trust import attest
 
     info = {**read_info(model_dir), **(extra or {})}
     created = created or created_time(model_dir=model_dir)
@@ -503,7 +503,7 @@ def adapter_ref(base_ref: str, name: str) -> str:
 
 def adapter_annotations(info: dict[str, Any], entry: dict[str, Any], name: str, base: oci.Descriptor,
                         created: dt.datetime) -> dict[str, str]:
-    from .evaluate import manifest_annotations as evaluation_annotations
+    from builder.build.evaluate import manifest_annotations as evaluation_annotations
 
     a: dict[str, str] = {
         "org.opencontainers.image.title": f"{info['name']} adapter {name}",
@@ -535,7 +535,8 @@ def package_adapter(store: oci.Store, base: Packaged, name: str, path: Path, inf
     """Store adapter ``name`` (file ``path``) as an artifact whose subject is ``base``'s manifest, tag it
     ``adapter_ref(base, name)`` and list it among the base's referrers (``build inspect`` shows it;
     a push takes it along), with its SBOM, provenance and evaluation (``attest.attach_adapter``)."""
-    from . import attest, referrers
+    from builder.oci import referrers
+    from builder.trust import attest
 
     with store.writer() as w, path.open("rb") as f:
         while chunk := f.read(oci.CHUNK):
@@ -564,8 +565,9 @@ def sign_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, key: Any, cre
     """Sign an adapter manifest as the base's are signed (cosign simple signing under its
     ``sha256-<hex>.sig`` tag): it names its layer and its base by digest, so `build pull --verify`
     of an adapter checks the adapter file and, through the base's own signature, the base."""
-    from . import referrers, sign
-    from .attest import ANN_KEY_ID
+    from builder.oci import referrers
+    from builder.trust import sign
+    from builder.trust.attest import ANN_KEY_ID
 
     name = ref.rpartition(":")[0]
     existing = referrers.local_tagged(store, name, desc.digest, referrers.SIG_SUFFIX)
@@ -587,7 +589,7 @@ def is_adapter(store: oci.Store, ref: str) -> bool:
 def sign_stored_adapter(store: oci.Store, ref: str, key: Any) -> None:
     """`build push --sign-key` of an adapter packaged unsigned (or a cache hit's): its manifest and
     its attestations (attached first where they are missing), as packaging with the key does."""
-    from . import attest
+    from builder.trust import attest
 
     desc = store.resolve(ref)
     if desc is None:
@@ -617,7 +619,7 @@ class StoredAdapter:
 def stored_adapters(store: oci.Store, base_ref: str, base_digest: str) -> list[StoredAdapter]:
     """The adapters the store holds for the base manifest ``base_digest`` (of repository
     ``base_ref``'s name), whose blobs are all there, by name."""
-    from . import referrers
+    from builder.oci import referrers
 
     out: dict[str, StoredAdapter] = {}
     for d in referrers.list_local(store, base_ref.rpartition(":")[0] if ":" in base_ref else base_ref, base_digest):
@@ -646,7 +648,7 @@ def adapter_path(model_dir: Path, name: str) -> Path:
 
 def tag_adapters(store: oci.Store, base_ref: str, base: oci.Descriptor, adapters: list[StoredAdapter]) -> None:
     """Give ``adapters`` of ``base`` the tags that go with the base's new tag ``base_ref`` (a cache hit)."""
-    from . import referrers
+    from builder.oci import referrers
 
     for a in adapters:
         referrers.add_local(store, base_ref.rpartition(":")[0], base.digest, a.manifest)

@@ -18,8 +18,8 @@ the pipeline looks for the key in the local store (``reuse_local``), then in the
 registry (``reuse_remote``), where each push also tags the artifact ``cache-<hex>`` (and
 the image ``cache-<hex>-serve``). A hit skips the build and tags what exists.
 
-Hub revisions are pinned before the build: by the lock file (``builder.lock``), a commit
-in the recipe, the Hub API or, offline, the Hugging Face cache's refs (``builder.hub``).
+Hub revisions are pinned before the build: by the lock file (``builder.recipe.lock``), a commit
+in the recipe, the Hub API or, offline, the Hugging Face cache's refs (``builder.source.hub``).
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, hub, oci
-from .contract import KEY_ANNOTATION, SERVE_SUFFIX, BuildRecord, RecordError, key_tag, sha256_file
-from .lock import Entry
-from .recipe import LoadedRecipe, dataset_path, digest_of, evaluation_text, normalized
+from builder import __version__
+from builder.contract import KEY_ANNOTATION, SERVE_SUFFIX, BuildRecord, RecordError, key_tag, sha256_file
+from builder.oci import layout as oci
+from builder.recipe.format import LoadedRecipe, dataset_path, digest_of, evaluation_text, normalized
+from builder.recipe.lock import Entry
+from builder.source import hub
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def reuse_local(store: oci.Store, key: str, tag: str, out_dir: Path, *, force: b
                 runtime: Callable[[], Any]) -> Hit | None:
     """A build with ``key`` in ``store``: tag it ``tag`` (and its image ``tag-serve``, composed now
     with ``runtime()`` if it was packaged without one) and make ``out_dir`` hold it."""
-    from . import distribute, package
+    from builder.publish import distribute, package
 
     found = find_local(store, key)
     if found is None:
@@ -174,7 +176,7 @@ def reuse_remote(host: str, namespace: str, key: str, tag: str, *, with_image: b
                  insecure: bool | None = None) -> Hit | None:
     """A build with ``key`` in the registry: tag its manifests with ``tag`` there (nothing is
     downloaded). None if the registry lacks it."""
-    from .registry import Registry, repository
+    from builder.oci.registry import Registry, repository
 
     name, _, version = tag.rpartition(":")
     repo = repository(namespace, name)
@@ -191,7 +193,7 @@ def reuse_remote(host: str, namespace: str, key: str, tag: str, *, with_image: b
             registry.put_manifest(repo, version + suffix, data, media)
             tagged.append((f"{host}/{repo}:{version}{suffix}", digest))
         image = tagged[1][1] if len(tagged) > 1 else None
-        from .distribute import retag_adapters  # a finetuned build's adapters get the new tag too
+        from builder.publish.distribute import retag_adapters  # a finetuned build's adapters get the new tag too
 
         tagged += retag_adapters(registry, repo, tagged[0][1], version)
     finally:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SigningError, VerificationError
+from builder.errors import SigningError, VerificationError
 
 ENV_SIGN_KEY = "OLIVE_BUILDER_SIGN_KEY"
 ENV_SIGN_PASSWORD = "OLIVE_BUILDER_SIGN_KEY_PASSWORD"
@@ -351,7 +351,8 @@ class Verified:
 
 def verify_signature(content: Any, subject_digest: str, key: PublicKey, shown: str) -> None:
     """Refuse ``subject_digest`` unless cosign's ``sha256-<hex>.sig`` holds a signature of it by ``key``."""
-    from . import oci, referrers
+    from builder.oci import layout as oci
+    from builder.oci import referrers
 
     got = content.tagged(referrers.index_tag(subject_digest) + referrers.SIG_SUFFIX)
     if got is None:
@@ -377,7 +378,9 @@ def verify_subject(content: Any, subject_digest: str, key: PublicKey, shown: str
                    require_attestations: bool = True) -> Verified:
     """Check a manifest's cosign signature by ``key`` and (with ``require_attestations``) that its signed
     attestations hold a provenance whose subject is this manifest, an SBOM and a passing evaluation."""
-    from . import attest, oci, referrers
+    from builder.oci import layout as oci
+    from builder.oci import referrers
+    from builder.trust import attest
 
     verify_signature(content, subject_digest, key, shown)
     predicates: dict[str, dict[str, Any]] = {}
@@ -427,7 +430,7 @@ def verify_subject(content: Any, subject_digest: str, key: PublicKey, shown: str
 
 def find_model_bundle(content: Any, subject_digest: str, key_id: str | None = None) -> bytes | None:
     """The OpenSSF model signing bundle attached to a manifest (by ``key_id``'s key if given)."""
-    from . import oci
+    from builder.oci import layout as oci
 
     for d in content.referrers(subject_digest):
         if d.artifact_type != SIGSTORE_BUNDLE_MEDIA:
@@ -476,7 +479,7 @@ class PullGuard:
     def write_signature(self) -> None:
         if self.signature_out is None or self.bundle is None:
             return
-        from .contract import atomic_write
+        from builder.contract import atomic_write
 
         self.signature_out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.signature_out, self.bundle)
@@ -485,8 +488,9 @@ class PullGuard:
 def verify_reference(ref_text: str, key_path: Path, store: Any, *, insecure: bool | None = None) -> Verified:
     """`build verify REF --key PUB`: the signature, the provenance's subject, the SBOM and the
     evaluation; for a LoRA adapter also its file and its base (``verify_adapter``)."""
-    from . import oci, referrers
-    from .contract import ADAPTER_ARTIFACT_TYPE
+    from builder.contract import ADAPTER_ARTIFACT_TYPE
+    from builder.oci import layout as oci
+    from builder.oci import referrers
 
     key = load_public_key(key_path)
     with referrers.open_content(ref_text, store, insecure=insecure) as (content, digest):
@@ -504,8 +508,9 @@ def verify_adapter(content: Any, manifest: dict[str, Any], found: Verified, key:
     must itself be a model artifact signed by ``key`` with its own attestations."""
     import dataclasses
 
-    from . import attest, oci
-    from .distribute import adapter_of
+    from builder.oci import layout as oci
+    from builder.publish.distribute import adapter_of
+    from builder.trust import attest
 
     info = adapter_of(manifest, shown)
     content.check_blob(info.layer)

@@ -33,9 +33,10 @@ from email.parser import HeaderParser
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from . import __version__, oci
-from .contract import atomic_write
-from .errors import StoreError
+from builder import __version__
+from builder.contract import atomic_write
+from builder.errors import StoreError
+from builder.oci import layout as oci
 
 # media types and predicate types (the names other tools match on)
 SBOM_MEDIA = "application/vnd.cyclonedx+json"
@@ -204,7 +205,7 @@ def evaluation_results(info: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def evaluation_passed(section: Mapping[str, Any] | None) -> bool | None:
-    """True/False from the build record's ``evaluation`` (see ``builder.evaluate``); None when it was
+    """True/False from the build record's ``evaluation`` (see ``builder.build.evaluate``); None when it was
     not evaluated."""
     if not section or section.get("evaluated") is False:
         return None
@@ -560,8 +561,9 @@ def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifa
     both manifests and the attestations (cosign's format). ``image_files``: files the runnable image
     holds beyond ``model_dir``'s (a finetuned build's adapters), listed in its SBOM. Idempotent: what
     is already attached (by this key) is kept, so packaging the same build again adds nothing."""
-    from . import package as package_mod
-    from . import referrers, sign
+    from builder.oci import referrers
+    from builder.publish import package as package_mod
+    from builder.trust import sign
 
     name = artifact_ref.rpartition(":")[0]
     if precomputed is None:
@@ -624,7 +626,7 @@ def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifa
 
 
 def _signed_by(store: oci.Store, name: str, subject_digest: str, suffix: str, key: Any) -> bool:
-    from . import referrers
+    from builder.oci import referrers
 
     desc = referrers.local_tagged(store, name, subject_digest, suffix)
     if desc is None:
@@ -636,7 +638,7 @@ def _signed_by(store: oci.Store, name: str, subject_digest: str, suffix: str, ke
 def _model_bundle(key: Any, model_dir: Path) -> bytes:
     import tempfile
 
-    from . import sign
+    from builder.trust import sign
 
     with tempfile.TemporaryDirectory(prefix="olive-builder-sig-") as tmp:
         return sign.sign_model(key, model_dir, Path(tmp) / "model.sig")
@@ -663,8 +665,9 @@ def recipe_inputs(recipe_path: Path | None) -> tuple[str | None, str | None, dic
     """(recipe path, recipe text, lock entry) for the provenance; what cannot be read is left out."""
     if recipe_path is None:
         return None, None, None
-    from . import lock, recipe
-    from .errors import BuilderError
+    from builder.errors import BuilderError
+    from builder.recipe import format as recipe
+    from builder.recipe import lock
 
     shown = _recipe_shown(Path(recipe_path))
     try:
@@ -710,7 +713,7 @@ def attach_packaged(store: oci.Store, model_dir: Path, packaged: Any, *, info: M
 
 def adapter_file_digests(adapters: Mapping[str, Path]) -> tuple[FileDigest, ...]:
     """``adapters/<name>.onnx_adapter`` of each adapter file, with its digest (for the image's SBOM)."""
-    from .contract import ADAPTER_SUFFIX, ADAPTERS_DIR
+    from builder.contract import ADAPTER_SUFFIX, ADAPTERS_DIR
 
     out = []
     for name, path in sorted(adapters.items()):
@@ -722,7 +725,7 @@ def adapter_file_digests(adapters: Mapping[str, Path]) -> tuple[FileDigest, ...]
 def image_adapter_files(store: oci.Store, image: oci.Descriptor) -> tuple[FileDigest, ...]:
     """The adapter files a stored runnable image holds (its ``model/adapters/*`` layers), hashed
     from the layers themselves: what ``docker run`` will find under /model/adapters."""
-    from .contract import ADAPTERS_DIR
+    from builder.contract import ADAPTERS_DIR
 
     prefix = f"model/{ADAPTERS_DIR}/"
     out = []
@@ -747,7 +750,8 @@ def attach_stored(store: oci.Store, artifact_ref: str, *, key: Any = None, image
     (the build record travels inside the artifact), attested and, with ``key``, signed."""
     import tempfile
 
-    from . import distribute, referrers
+    from builder.oci import referrers
+    from builder.publish import distribute
 
     desc, manifest = distribute.local_manifest(store, artifact_ref)
     if manifest.get("artifactType") != oci.MODEL_ARTIFACT:
@@ -1044,7 +1048,7 @@ def adapter_evaluation(facts: AdapterFacts, subject: Subject) -> dict[str, Any]:
 
 def stored_record(store: oci.Store, base_digest: str) -> dict[str, Any]:
     """The build record (olive-builder.json) inside a stored model artifact, read from its layer."""
-    from .contract import INFO_FILE
+    from builder.contract import INFO_FILE
 
     wanted = f"model/{INFO_FILE}"
     for d in store.read_json(base_digest).get("layers") or []:
@@ -1068,9 +1072,10 @@ def attach_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, *, info: Ma
     """Attach an adapter artifact's SBOM, provenance and evaluation as referrers of its manifest
     and, with ``key``, sign the manifest and the attestations (cosign's formats, as for a model).
     ``info``: the build record (else read from the base artifact in the store). Idempotent."""
-    from . import referrers, sign
-    from .contract import ADAPTER_ANNOTATION, ADAPTER_SUFFIX, ADAPTERS_DIR
-    from .package import parse_rfc3339, sign_adapter
+    from builder.contract import ADAPTER_ANNOTATION, ADAPTER_SUFFIX, ADAPTERS_DIR
+    from builder.oci import referrers
+    from builder.publish.package import parse_rfc3339, sign_adapter
+    from builder.trust import sign
 
     name = ref.rpartition(":")[0]
     kinds = {d.annotations.get(ANN_KIND) for d in referrers.list_local(store, name, desc.digest)}

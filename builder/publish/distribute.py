@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from . import oci, referrers, sign
-from .contract import (
+from builder.contract import (
     ADAPTER_ANNOTATION,
     ADAPTER_ARTIFACT_TYPE,
     ADAPTER_BASE_ANNOTATION,
@@ -51,9 +50,12 @@ from .contract import (
     atomic_write,
     key_tag,
 )
-from .errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
-from .package import MODEL_ROOT
-from .registry import Reference, Registry, parse_reference, repository
+from builder.errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
+from builder.oci import layout as oci
+from builder.oci import referrers
+from builder.oci.registry import Reference, Registry, parse_reference, repository
+from builder.publish.package import MODEL_ROOT
+from builder.trust import sign
 
 Event = Callable[[str, str], None]  # (stage, message)
 LOCATIONS = "locations.json"
@@ -106,7 +108,7 @@ def adapter_of(manifest: dict[str, Any], shown: str) -> AdapterInfo:
     """The adapter a manifest (``parse_manifest``'s) describes; ContentError unless it is exactly
     what packaging writes: one layer of the adapter media type, a valid adapter name, a subject
     that is an image manifest whose digest the base annotation repeats."""
-    from .package import valid_adapter_name
+    from builder.publish.package import valid_adapter_name
 
     def refuse(why: str) -> ContentError:
         return ContentError(f"{shown} is not a valid adapter artifact: {why}; refused.",
@@ -276,7 +278,7 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
 def retag_adapters(registry: Registry, repo: str, base_digest: str, base_tag: str) -> list[tuple[str, str]]:
     """Tag the adapters the registry lists for ``base_digest`` to go with its tag ``base_tag`` (a
     registry cache hit); returns (reference, digest) of each. Nothing is downloaded but manifests."""
-    from .package import adapter_names, valid_adapter_name
+    from builder.publish.package import adapter_names, valid_adapter_name
 
     got = registry.get_manifest(repo, base_digest)
     if got is None or not adapter_names(oci.json_object(got[0], f"{registry.host}/{repo}@{base_digest}")):
@@ -575,7 +577,7 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
     refuse the unpacked folder (a model signature) before it is put in place. ``adapters`` (whose
     blobs are in the store) go into its adapters/ folder once the base is checked, as a build
     writes them."""
-    from .check import check_files
+    from builder.build.check import check_files
 
     dest = dest.absolute()
     if dest.exists() and not force:

@@ -22,9 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import cache, lock, recipe
-from .contract import BUILDER_FLAVOUR, RUNTIME_FLAVOUR
-from .errors import PlanError, RecipeError
+from builder.contract import BUILDER_FLAVOUR, RUNTIME_FLAVOUR
+from builder.errors import PlanError, RecipeError
+from builder.publish import cache
+from builder.recipe import format as recipe
+from builder.recipe import lock
 
 
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

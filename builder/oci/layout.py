@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .contract import ADAPTER_ARTIFACT_TYPE, write_json
-from .errors import ContentError, StoreError
+from builder.contract import ADAPTER_ARTIFACT_TYPE, write_json
+from builder.errors import ContentError, StoreError
 
 # OCI image spec
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"

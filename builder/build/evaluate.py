@@ -22,11 +22,11 @@ and it holds both models at once, so it is not used here; its greedy common-pref
 Perplexity over all positions uses ``generator.get_output("logits")`` after each appended chunk,
 as Olive's own lm-eval ``ortgenai`` backend does.
 
-Stdlib only at import time: this runs inside the builder image (through ``builder.worker``) and
+Stdlib only at import time: this runs inside the builder image (through ``builder.build.worker``) and
 on hosts with the ``local`` extra. torch, transformers and onnxruntime_genai are imported when
 needed.
 
-    python -m builder.evaluate MODEL_DIR [--against SOURCE_DIR] [--precision P] [--json]
+    python -m builder.build.evaluate MODEL_DIR [--against SOURCE_DIR] [--precision P] [--json]
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import BuilderError, CheckError, EvaluationError
+from builder.contract import PACKAGE_DIR
+from builder.errors import BuilderError, CheckError, EvaluationError
 
 DEFAULT_MAX_TOKENS = 1024  # ~5% of the committed text: cheap, and enough to move a perplexity ratio
 CHUNK = 128  # tokens appended at a time: a chunk's logits are CHUNK x vocab floats (78 MB at 152k vocab)
@@ -201,7 +202,7 @@ class HubText:
             raise EvaluationError(f"evaluate.text.revision {revision!r} is not a commit (40 hex digits).",
                                   hint="Pin the dataset: a branch or tag could name other text tomorrow, and the "
                                   "figures would not be comparable.")
-        from .hub import inside_repository
+        from builder.source.hub import inside_repository
 
         if not inside_repository(file):
             raise EvaluationError(f"evaluate.text.file {file!r} is not a path inside the dataset repository.")
@@ -213,8 +214,8 @@ class HubText:
 
     def fetch(self) -> Path:
         """The local copy, downloaded once per commit (``hub.fetch_dataset``: HF_ENDPOINT, HF_TOKEN)."""
-        from . import hub
-        from .errors import DatasetError
+        from builder.errors import DatasetError
+        from builder.source import hub
 
         try:
             return hub.fetch_dataset(self.hub, self.revision, [self.file], max_bytes=HUB_TEXT_LIMIT)[0]
@@ -581,7 +582,7 @@ def reference_cache_dir() -> Path | None:
     value = os.environ.get(REFERENCE_CACHE_ENV)
     if value is not None:
         return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value)
-    from .contract import cache_dir
+    from builder.contract import cache_dir
 
     return cache_dir() / "eval-reference"
 
@@ -598,7 +599,7 @@ def _file_digests(folder: Path, memo_dir: Path | None, *, read: bool = True) -> 
     path, size, mtime and inode (``file-digests.json`` in the cache folder), so a second build
     from the same folder reads nothing either. ``read=False`` raises _Unknown instead of
     hashing a file."""
-    from .contract import atomic_write, sha256_file
+    from builder.contract import atomic_write, sha256_file
 
     memo_path = memo_dir / "file-digests.json" if memo_dir is not None else None
     memo: dict[str, str] = {}
@@ -680,7 +681,7 @@ def _save_reference(cache: Path, key: str, ref: _Reference) -> None:
 
     import torch
 
-    from .contract import atomic_write
+    from builder.contract import atomic_write
 
     buffer = io.BytesIO()
     torch.save({"nll": torch.tensor(ref.nll, dtype=torch.float64), "argmax": torch.tensor(ref.argmax),
@@ -884,12 +885,12 @@ def measure_speed(model_dir: Path, *, device: str, prompt_tokens: int = SPEED_PR
         reason = cuda_unavailable_reason()
         if reason is not None:
             return {"measured": False, "reason": f"speed not measured: target device cuda, but {reason}"}
-    cmd = [sys.executable, "-m", "builder.evaluate", "--speed-json", str(model_dir),
+    cmd = [sys.executable, "-m", "builder.build.evaluate", "--speed-json", str(model_dir),
            "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens), "--runs", str(runs)]
     if adapter is not None and adapter.onnx_adapter is not None:
         cmd += ["--adapter", adapter.name, "--adapter-file", str(adapter.onnx_adapter)]
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(PACKAGE_DIR.parent)
     env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -1235,7 +1236,7 @@ def resolve_source(model_dir: Path, against: str | None) -> tuple[Path | None, s
     when there is none."""
     import re
 
-    from .errors import ModelNotFoundError, UsageError
+    from builder.errors import ModelNotFoundError, UsageError
 
     hub, revision = None, None
     if against:
@@ -1278,9 +1279,9 @@ def evaluate_in_image(engine: Any, image: str, model_dir: Path, source_dir: Path
                       on_line: Any, adapter: AdapterUnderTest | None = None) -> Evaluation:
     """The same evaluation inside a builder image (for hosts without torch, transformers and
     onnxruntime-genai): the folders are mounted read-only and the record comes back on one line."""
-    from .engine import CONTAINER_PACKAGE_ROOT, Job, Mount
+    from builder.build.engine import CONTAINER_PACKAGE_ROOT, Job, Mount
 
-    package = Path(__file__).resolve().parent
+    package = PACKAGE_DIR
     mounts = [Mount(model_dir.resolve(), "/eval/model", read_only=True),
               Mount(package, CONTAINER_PACKAGE_ROOT + "/builder", read_only=True)]
     args = ["/eval/model", "--record-line", "--device", device, "--max-tokens", str(settings.max_tokens)]
@@ -1318,7 +1319,7 @@ def evaluate_in_image(engine: Any, image: str, model_dir: Path, source_dir: Path
            "PYTHONUNBUFFERED": "1"}
     # The CPU builder image: a cuda model is measured for accuracy on the CPU provider there,
     # and its record says why speed was not measured.
-    code = engine.run(Job(image=image, module="builder.evaluate", args=tuple(args), env=env, mounts=tuple(mounts),
+    code = engine.run(Job(image=image, module="builder.build.evaluate", args=tuple(args), env=env, mounts=tuple(mounts),
                           gpus=False), sink)
     if not found:
         raise EvaluationError(f"The evaluation in the builder image {image} stopped (exit code {code}) without "
@@ -1332,7 +1333,7 @@ def evaluate_in_image(engine: Any, image: str, model_dir: Path, source_dir: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m builder.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m builder.build.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("--against", help="the source Hugging Face model folder")
     parser.add_argument("--precision", help="gates of this precision (default: olive-builder.json's)")

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over one ONNX Runtime GenAI model folder.
 
-    python -m builder.server --model DIR [--host 0.0.0.0] [--port 8000] [--batch-size 4] [--api-key KEY]
+    python -m builder.serve --model DIR [--host 0.0.0.0] [--port 8000] [--batch-size 4] [--api-key KEY]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health
 (200 only once the model is loaded), GET /metrics (Prometheus).
@@ -62,7 +62,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTERS_DIR, INFO_FILE, adapters_in
+from builder.contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTERS_DIR, INFO_FILE, adapters_in
 
 log = logging.getLogger("olive-builder.server")
 
@@ -1713,7 +1713,7 @@ def main(argv: list[str] | None = None) -> None:
     def optional_int(value: str | None) -> int | None:
         return int(value) if value else None
 
-    parser = argparse.ArgumentParser(prog="python -m builder.server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m builder.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=env("OLIVE_MODEL_DIR", "/model"), help="model folder")
     parser.add_argument("--host", default=env("OLIVE_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("OLIVE_PORT", "8000")))

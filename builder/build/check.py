@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .contract import CHECK_CPU_CROSS, CHECK_NATIVE, GENAI_CONFIG, write_json
-from .errors import CheckError
+from builder.contract import CHECK_CPU_CROSS, CHECK_NATIVE, GENAI_CONFIG, write_json
+from builder.errors import CheckError
 
 # Every model folder holds these, besides the files genai_config.json names...
 REQUIRED_FILES = ("genai_config.json", "tokenizer_config.json")

@@ -36,10 +36,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
-from . import oci
-from .contract import ADAPTER_ANNOTATION, ADAPTER_ARTIFACT_TYPE
-from .errors import ContentError, RegistryError, StoreError
-from .registry import Registry
+from builder.contract import ADAPTER_ANNOTATION, ADAPTER_ARTIFACT_TYPE
+from builder.errors import ContentError, RegistryError, StoreError
+from builder.oci import layout as oci
+from builder.oci.registry import Registry
 
 EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA = b"{}"
@@ -481,7 +481,7 @@ class RemoteContent:
 @contextmanager
 def open_content(ref_text: str, store: oci.Store, *, insecure: bool | None = None) -> Iterator[tuple[Any, str]]:
     """(content, manifest digest) of a reference: the local store's ``<name>:<tag>`` or a registry's."""
-    from .registry import parse_reference
+    from builder.oci.registry import parse_reference
 
     ref = parse_reference(ref_text)
     if ref.registry is None:

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .check import check_files
-from .contract import (
+from builder.build.check import check_files
+from builder.build.engine import Engine, Job, Mount
+from builder.contract import (
     EVENT_PREFIX,
+    PACKAGE_DIR,
     RESULT_FILE,
     SPEC_FILE,
     BuilderInfo,
@@ -37,9 +39,8 @@ from .contract import (
     hf_token,
     log_dir,
 )
-from .engine import Engine, Job, Mount
-from .errors import BuildError, CheckError, EngineError, EvaluationError, ModelNotFoundError, OutputExistsError
-from .plan import BuildStep
+from builder.errors import BuildError, CheckError, EngineError, EvaluationError, ModelNotFoundError, OutputExistsError
+from builder.recipe.plan import BuildStep
 
 LOG_TAIL_LINES = 40
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
@@ -189,11 +190,11 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
         token_file.chmod(0o600)
         mounts.append(Mount(token_file, "/run/secrets/hf_token", read_only=True))
         env["HF_TOKEN_PATH"] = "/run/secrets/hf_token"
-    package = Path(__file__).resolve().parent
+    package = PACKAGE_DIR
     mounts.append(Mount(package, "/opt/olive-builder/builder", read_only=True))
     if (step.evaluate or {}).get("enabled", True) and os.environ.get("OLIVE_BUILDER_EVAL_CACHE", "") != "off":
         # The evaluation's cache of source-model figures outlives the container, so a second
-        # precision or target of the same source skips the source pass (builder.evaluate).
+        # precision or target of the same source skips the source pass (builder.build.evaluate).
         figures = Path(os.environ.get("OLIVE_BUILDER_EVAL_CACHE") or cache_dir() / "eval-reference")
         figures.mkdir(parents=True, exist_ok=True)
         figures_mount = Mount(figures, "/eval-cache", read_only=False)
@@ -222,7 +223,7 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
     spec_mount_path = f"{work_dir}/{SPEC_FILE}"
     job = Job(
         image=step.builder_image,
-        module="builder.worker",
+        module="builder.build.worker",
         args=(spec_mount_path,),
         env=env,
         mounts=tuple(mounts),
@@ -282,7 +283,7 @@ def _replace(model: Path, output: Path, work: Path, force: bool) -> None:
     """Put the checked model at ``output``; with ``force`` an existing folder is swapped out only
     now. Without it, a folder that appeared while we built (another build to the same place)
     wins: the rename refuses to replace anything, so of two racing builds exactly one lands."""
-    from .oci import rename_noreplace
+    from builder.oci.layout import rename_noreplace
 
     if force and output.exists():
         old = work / "previous-output"

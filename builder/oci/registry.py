@@ -46,9 +46,8 @@ import requests.adapters
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from . import oci
-from .contract import OCI_REPOSITORY_RULE, OCI_TAG_RULE
-from .errors import (
+from builder.contract import OCI_REPOSITORY_RULE, OCI_TAG_RULE
+from builder.errors import (
     AuthError,
     ContentError,
     ReferenceError_,
@@ -56,6 +55,7 @@ from .errors import (
     StoreError,
     UsageError,
 )
+from builder.oci import layout as oci
 
 ENV_USERNAME = "OLIVE_BUILDER_REGISTRY_USERNAME"
 ENV_PASSWORD = "OLIVE_BUILDER_REGISTRY_PASSWORD"

@@ -1,0 +1,3 @@
+from builder.serve.server import main
+
+main()

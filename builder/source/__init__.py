@@ -1,0 +1,1 @@
+"""Where models come from, seen from the driver: the Hugging Face Hub (``hub``)."""
