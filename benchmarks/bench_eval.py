@@ -3,7 +3,7 @@
     python benchmarks/bench_eval.py [--models tiny,bench,qwen0.5b] [--precision int4] [--max-tokens N] [--then int8]
     python benchmarks/bench_eval.py --calibrate
 
---calibrate prints what the default gates (builder/evaluate.py DEFAULT_GATES) rest on: the
+--calibrate prints what the default gates (builder/build/evaluate/gates.py DEFAULT_GATES) rest on: the
 trained tiny model built at fp32, int8 and int4, each measured as built and after noise of
 5 %, 20 % and 100 % of the mean absolute weight was added to every float weight of the
 converted model (tests/test_evaluate_integration.py damages weights the same way).

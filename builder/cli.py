@@ -15,6 +15,7 @@ import click
 from builder import __version__, console
 from builder.console import ConsoleReporter
 from builder.errors import BuilderError, UsageError
+from builder.oci.media import ADAPTER_ARTIFACT_TYPE, MODEL_ARTIFACT
 
 ENGINES = ("docker", "local")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -71,7 +72,10 @@ with_package_options = _with(package_options)
 
 def _package_options(kw: dict[str, Any]) -> Any:
     """PackageOptions from the shared image and package options (removed from ``kw``)."""
-    from builder.pipeline import ImageSettings, PackageOptions
+    from builder.pipeline import (  # lazy: only the command that runs loads it (build --help stays fast)
+        ImageSettings,
+        PackageOptions,
+    )
 
     settings = ImageSettings(kw.pop("base_image"), kw.pop("wheels"), kw.pop("runtime_base_image"))
     push_to, no_push = kw.pop("push_to"), kw.pop("no_push")
@@ -131,7 +135,7 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
     and pushed with --push (or OLIVE_BUILDER_REGISTRY, or the recipe's `registry`).
     A build whose cache key is already in the local store or the registry is not run again.
     """
-    from builder import pipeline
+    from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
 
     no_push = kw["no_push"]
     options = pipeline.BuildOptions(engine=engine, output=output, force=force, builder_image=image,
@@ -150,7 +154,7 @@ def recipe_cmd(recipe_file: Path | None, only: str | None, engine: str, output: 
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
     """List every recipe id (<model>/<target>) under PATHS (default: recipes/)."""
-    from builder.recipe import format as recipe
+    from builder.recipe import format as recipe  # lazy: only the command that runs loads it (build --help stays fast)
 
     rows: list[dict[str, Any]] = []
     found, problems = recipe.load_many(list(paths))
@@ -202,7 +206,7 @@ def matrix_cmd(paths: tuple[Path, ...], changed_since: str | None, device: str |
     """Print the GitHub Actions matrix ({"include": [...]}) of the recipes under PATHS (default: recipes/)."""
     import os
 
-    from builder.recipe import matrix
+    from builder.recipe import matrix  # lazy: only the command that runs loads it (build --help stays fast)
 
     labels = {"cpu": runner_cpu, "cuda": runner_cuda, "dml": runner_dml, "webgpu": runner_webgpu}
     runners = {device: [r.strip() for r in text.split(",") if r.strip()] for device, text in labels.items()}
@@ -227,7 +231,7 @@ def lock_cmd(paths: tuple[Path, ...], lock_file: Path) -> None:
     `build recipe` finds the lock in the recipe's folder or above, builds the recorded
     commit, and checks the recorded file hashes; --require-locked refuses recipes without an entry.
     """
-    from builder.recipe import lock
+    from builder.recipe import lock  # lazy: only the command that runs loads it (build --help stays fast)
 
     resolved = lock.write(list(paths), lock_file)
     for rid, entry in resolved:
@@ -248,8 +252,8 @@ def lock_cmd(paths: tuple[Path, ...], lock_file: Path) -> None:
 def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_tags: bool, quiet: bool,
                base_image: str | None, wheels: str | None) -> None:
     """Build builder and runtime images (tags derived from their content; unchanged images are not rebuilt)."""
-    from builder.build import images
-    from builder.build.engine import DockerEngine
+    from builder.build import images  # lazy: only the command that runs loads it (build --help stays fast)
+    from builder.build.engine import DockerEngine  # lazy: only the command that runs loads it (build --help stays fast)
 
     flavours = list(images.FLAVOURS) if "all" in targets else list(dict.fromkeys(targets))
     specs = [images.image_spec(f, base_image=base_image, wheels_dir=wheels, runtime_base_image=runtime_base_image)
@@ -298,8 +302,8 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
     MODEL is a model folder, or a reference: <name>:<tag> in the local store or
     REGISTRY/REPO:TAG, pulled (verified) into ~/.cache/olive-builder/models first.
     """
-    from builder import pipeline
-    from builder.build.check import check_files
+    from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
+    from builder.build.check import check_files  # lazy: only the command that runs loads it (build --help stays fast)
 
     model_dir = Path(model)
     if not model_dir.exists() and (":" in model or "@" in model):
@@ -310,7 +314,7 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
                          hint="Serve the signed reference (REGISTRY/REPO:TAG or <name>:<tag>) instead.")
     check_files(model_dir)
     try:
-        from builder.serve import server
+        from builder.serve import app as server  # lazy: Starlette and uvicorn (the serve extra)
     except ImportError as e:
         raise BuilderError(f"The server's dependencies are not installed: {e}",
                            hint="pip install -e '.[serve]' (and onnxruntime-genai).") from None
@@ -329,8 +333,8 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
 @with_package_options
 def package_cmd(model_dir: Path, **kw: Any) -> None:
     """Package a model folder that `build recipe` made (again) into the local store, and push it with --push."""
-    from builder import pipeline
-    from builder.build.check import check_files
+    from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
+    from builder.build.check import check_files  # lazy: only the command that runs loads it (build --help stays fast)
 
     check_files(model_dir)
     console.show_packaging(pipeline.package_folder(model_dir, _package_options(kw), ConsoleReporter(quiet=True)))
@@ -348,7 +352,7 @@ def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, ins
              sign_key: str | None) -> None:
     """Push REF (<name>:<tag> in the local store) and its runnable image to a registry, with their
     SBOMs, provenance, evaluation and signatures (referrers)."""
-    from builder import pipeline
+    from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
 
     console.show_pushed(pipeline.push_with_image(ref, destination, ConsoleReporter(), store=store, insecure=insecure,
                                                  with_image=not no_image, sign_key=sign_key))
@@ -369,7 +373,7 @@ def push_cmd(ref: str, destination: str, no_image: bool, store: Path | None, ins
 def pull_cmd(ref: str, directory: Path, force: bool, verify_key: Path | None, signature_out: Path | None,
              store: Path | None, insecure: bool) -> None:
     """Fetch the model REF into DIRECTORY, verifying every blob (a registry ref, or <name>:<tag> in the local store)."""
-    from builder import pipeline
+    from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
 
     pulled, dest = pipeline.pull(ref, directory, ConsoleReporter(), store=store, force=force, insecure=insecure,
                                  verify_key=verify_key, signature_out=signature_out)
@@ -383,7 +387,7 @@ def pull_cmd(ref: str, directory: Path, force: bool, verify_key: Path | None, si
 @store_option
 def gc_cmd(grace: float, dry_run: bool, store: Path | None) -> None:
     """Remove blobs of the local store that no tag reaches, and ingest files of dead writers."""
-    from builder.oci import layout as oci
+    from builder.oci import layout as oci  # lazy: only the command that runs loads it (build --help stays fast)
 
     st = oci.open_store(store)
     report = oci.gc(st, grace_seconds=grace, dry_run=dry_run)
@@ -398,7 +402,7 @@ def keygen_cmd(prefix: Path) -> None:
     and PREFIX.pub (give it to whoever verifies). Encrypted with OLIVE_BUILDER_SIGN_KEY_PASSWORD if set."""
     import os
 
-    from builder.trust import sign
+    from builder.trust import sign  # lazy: only the command that runs loads it (build --help stays fast)
 
     private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
     key_id = sign.keygen(private, public, password=os.environ.get(sign.ENV_SIGN_PASSWORD) or None)
@@ -416,12 +420,12 @@ def verify_cmd(ref: str, key: Path, as_json: bool, store: Path | None, insecure:
     """Check that REF is signed by KEY (cosign's format), that its signed SLSA provenance names this
     manifest, and that a signed SBOM and a passing evaluation are attached. A LoRA adapter's REF:
     also its file against the signed digests, and its base model the same way. Exit 5 if not."""
-    from builder.oci import layout as oci
-    from builder.trust import sign
+    from builder.oci import layout as oci  # lazy: only the command that runs loads it (build --help stays fast)
+    from builder.trust import verify  # lazy: only the command that runs loads it (build --help stays fast)
 
-    v = sign.verify_reference(ref, key, oci.open_store(store), insecure=insecure or None)
+    v = verify.verify_reference(ref, key, oci.open_store(store), insecure=insecure or None)
     if as_json:
-        def summary(x: sign.Verified) -> dict[str, Any]:
+        def summary(x: verify.Verified) -> dict[str, Any]:
             return {"digest": x.digest, "signature": x.signature, "predicates": sorted(x.predicates),
                     "evaluation": x.evaluation_result, "modelSignature": x.model_bundle is not None,
                     "referrers": list(x.referrers)}
@@ -462,12 +466,13 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
     """Show what REF is: its digest, annotations, layers and referrers (SBOM, provenance, evaluation,
     signatures), a registry ref or <name>:<tag> in the local store. Without REF, list what the
     local store holds."""
-    from builder.oci import layout as oci
-    from builder.oci import referrers
+    from builder.oci import layout as oci  # lazy: only the command that runs loads it (build --help stays fast)
+    from builder.oci import referrers  # lazy: only the command that runs loads it (build --help stays fast)
+    from builder.oci.content import open_content  # lazy: requests (the registry client)
     from builder.publish import distribute
 
     if ref is not None and document is not None:
-        with referrers.open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
+        with open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
             doc = referrers.document(content, digest, document)
         if doc is None:
             raise UsageError(f"{ref} has no {document} attached.",
@@ -476,9 +481,7 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
         return
     if ref is None:
         st = oci.open_store(store)
-        from builder.contract import ADAPTER_ARTIFACT_TYPE
-
-        kinds = {oci.MODEL_ARTIFACT: "model artifact", ADAPTER_ARTIFACT_TYPE: "LoRA adapter"}
+        kinds = {MODEL_ARTIFACT: "model artifact", ADAPTER_ARTIFACT_TYPE: "LoRA adapter"}
         rows = [{"reference": name, "digest": d.digest, "kind": kinds.get(d.artifact_type or "", "image")}
                 for name, d in sorted(st.refs().items())
                 if not referrers.is_referrer_tag(name.rpartition(":")[2])]  # attestation bookkeeping
@@ -492,9 +495,9 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
             click.echo(f"{r['reference'].ljust(width)}  {r['kind']:<14}  {r['digest']}")
         return
     info = distribute.describe(ref, oci.open_store(store), insecure=insecure or None)
-    with referrers.open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
+    with open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
         info["referrers"] = referrers.describe(content, digest)
-    if info.get("artifactType") == oci.MODEL_ARTIFACT:
+    if info.get("artifactType") == MODEL_ARTIFACT:
         info["adapters"] = distribute.adapter_rows(info["referrers"], info["reference"])
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
@@ -523,8 +526,8 @@ def eval_cmd(model: str, against: str | None, precision: str | None, text: Path 
     """Evaluate MODEL (a model folder, or a reference that is pulled and verified) against its source
     model: perplexity ratio, top-1 agreement, KL divergence, greedy agreement, speed. Exits 4 when a
     gate fails. Runs here with the `local` extra, else in the CPU builder image."""
-    from builder import pipeline
-    from builder.build import evaluate
+    from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
+    from builder.build import evaluate  # lazy: only the command that runs loads it (build --help stays fast)
 
     result = pipeline.evaluate_model(model, ConsoleReporter(), against=against, precision=precision, text=text,
                                      max_tokens=max_tokens, speed=not no_speed, engine=engine, store=store,
@@ -537,7 +540,7 @@ def eval_cmd(model: str, against: str | None, precision: str | None, text: Path 
 @cli.command("schema")
 def schema_cmd() -> None:
     """Print the recipe format as JSON schema (recipes/recipe.schema.json is this output)."""
-    from builder.recipe.format import json_schema
+    from builder.recipe.format import json_schema  # lazy: only the command that runs loads it (build --help stays fast)
 
     click.echo(json.dumps(json_schema(), indent=2))
 
@@ -551,7 +554,10 @@ def check_cmd(folder: Path) -> None:
     the same graph (a linked copy with the provider cleared, in a temporary folder)."""
     import tempfile
 
-    from builder.build.check import check_target, target_device
+    from builder.build.check import (  # lazy: only the command that runs loads it (build --help stays fast)
+        check_target,
+        target_device,
+    )
 
     with tempfile.TemporaryDirectory(prefix="olive-builder-check-") as scratch:
         report, _ = check_target(folder, target_device(folder), scratch=Path(scratch) / "cpu")

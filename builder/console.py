@@ -10,7 +10,9 @@ from typing import Any
 import click
 
 from builder.errors import BuilderError
-from builder.pipeline import BuildOutcome, Packaging, Progress, Pushed
+from builder.oci.credentials import known_secrets, redact
+from builder.pipeline import BuildOutcome, Packaging, Progress
+from builder.publish.distribute import PushReport as Pushed
 
 _PROGRESS_BAR = re.compile(r"\d+%\|")
 
@@ -23,8 +25,6 @@ def stage(stage: str, message: str) -> None:
 def fail(error: BuilderError) -> None:
     """An error for a person: the log tail that explains it, then what failed and what to do.
     Whatever a server, the Hub or a build printed may echo a secret we hold: it is redacted."""
-    from builder.oci.registry import known_secrets, redact
-
     secrets = known_secrets()
     if error.log_tail:
         click.secho(f"--- last {len(error.log_tail)} lines of the log ---", fg="yellow", err=True)

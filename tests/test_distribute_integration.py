@@ -19,6 +19,7 @@ import pytest
 
 from builder.cli import main
 from builder.oci import layout as oci
+from builder.oci.media import MODEL_ARTIFACT
 from builder.oci.registry import Registry
 from conftest import (
     REGISTRY_PASSWORD,
@@ -141,7 +142,7 @@ def test_skopeo_and_oras_read_what_we_push(capsys, tmp_path, model_copy, runtime
     raw = subprocess.run(["skopeo", "inspect", *tls, "--raw", f"docker://{artifact_ref}"],
                          check=True, capture_output=True, timeout=60).stdout
     assert oci.digest_bytes(raw) == artifact_digest
-    assert json.loads(raw)["artifactType"] == oci.MODEL_ARTIFACT
+    assert json.loads(raw)["artifactType"] == MODEL_ARTIFACT
     seen = json.loads(subprocess.run(["skopeo", "inspect", *tls, f"docker://{image_ref}"], check=True,
                                      capture_output=True, timeout=60).stdout)
     assert seen["Digest"] == image_digest and seen["Labels"]["org.olive-builder.precision"] == "int4"

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from builder.build import evaluate as ev
+from builder.build import measure
+from builder.build.evaluate import gates as ev_gates
 from builder.errors import BuildError, EvaluationError, RecipeError
 from conftest import write_recipe
 
@@ -21,18 +23,18 @@ def record(**acc: float) -> dict:  # type: ignore[type-arg]
     base = {"perplexity": 11.0, "source_perplexity": 10.0, "perplexity_ratio": 1.1, "top1_agreement": 0.9,
             "mean_kl": 0.02, "greedy_prefix_mean": 12.0}
     base.update(acc)
-    result = ev.Evaluation(evaluated=True, precision="int4", accuracy=base,
+    result = ev.EvaluationRecord(evaluated=True, precision="int4", accuracy=base,
                            text={"source": "x", "digest": "sha256:" + "0" * 64, "tokens": 2046, "windows": 2},
                            speed={"measured": True, "load_s": 0.5, "ttft_s": 0.2, "prompt_tokens": 512,
                                   "prompt_tokens_per_s": 2560.0, "decode_tokens_per_s": 40.0, "peak_rss_mb": 900.0,
                                   "cpu": {"model": "Some CPU", "usable_cores": 2}, "intra_op_threads": 2},
-                           gates=ev.gates_for("int4"))
-    result.failures = ev.check_gates(result.accuracy, result.gates)
+                           gates=ev_gates.gates_for("int4"))
+    result.failures = ev_gates.check_gates(result.accuracy, result.gates)
     return result.to_json()
 
 
 def test_the_committed_text_is_package_data_and_documented() -> None:
-    text = ev.load_text()
+    text = measure.load_text()
     assert 80_000 <= len(text.text) <= 110_000  # about 20k tokens of a real tokenizer
     raw = (REPO / "builder" / "data" / "eval-text.txt").read_bytes()
     assert text.digest == "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -43,23 +45,23 @@ def test_the_committed_text_is_package_data_and_documented() -> None:
 
 def test_a_text_file_that_is_missing_short_or_not_utf8_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match="Cannot read"):
-        ev.load_text(tmp_path / "missing.txt")
+        measure.load_text(tmp_path / "missing.txt")
     (tmp_path / "short.txt").write_text("too short")
     with pytest.raises(EvaluationError, match="too short"):
-        ev.load_text(tmp_path / "short.txt")
+        measure.load_text(tmp_path / "short.txt")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
     with pytest.raises(EvaluationError, match="not UTF-8"):
-        ev.load_text(tmp_path / "latin1.txt")
+        measure.load_text(tmp_path / "latin1.txt")
 
 
 def test_default_gates_per_precision_and_overrides() -> None:
-    assert ev.gates_for("fp32")["max_perplexity_ratio"] == 1.001
-    assert ev.gates_for("fp16")["max_perplexity_ratio"] == ev.gates_for("bf16")["max_perplexity_ratio"] == 1.01
-    assert ev.gates_for("int8")["max_perplexity_ratio"] == 1.05
-    assert ev.gates_for("int4")["max_perplexity_ratio"] == 1.15
-    assert all("min_top1_agreement" in ev.gates_for(p) for p in ("fp32", "fp16", "bf16", "int8", "int4"))
-    assert ev.gates_for("int4", {"max_perplexity_ratio": 1.3, "max_mean_kl": 0.1}) == {
-        "max_perplexity_ratio": 1.3, "min_top1_agreement": ev.DEFAULT_GATES["int4"]["min_top1_agreement"],
+    assert ev_gates.gates_for("fp32")["max_perplexity_ratio"] == 1.001
+    assert ev_gates.gates_for("fp16")["max_perplexity_ratio"] == ev_gates.gates_for("bf16")["max_perplexity_ratio"] == 1.01
+    assert ev_gates.gates_for("int8")["max_perplexity_ratio"] == 1.05
+    assert ev_gates.gates_for("int4")["max_perplexity_ratio"] == 1.15
+    assert all("min_top1_agreement" in ev_gates.gates_for(p) for p in ("fp32", "fp16", "bf16", "int8", "int4"))
+    assert ev_gates.gates_for("int4", {"max_perplexity_ratio": 1.3, "max_mean_kl": 0.1}) == {
+        "max_perplexity_ratio": 1.3, "min_top1_agreement": ev_gates.DEFAULT_GATES["int4"]["min_top1_agreement"],
         "max_mean_kl": 0.1}
 
 
@@ -91,7 +93,7 @@ def test_gates_pass_and_fail_with_figures_limit_and_what_to_try() -> None:
 
 
 def test_nan_perplexity_fails_a_max_gate() -> None:
-    assert ev.check_gates({"perplexity_ratio": float("nan")}, {"max_perplexity_ratio": 1.1})
+    assert ev_gates.check_gates({"perplexity_ratio": float("nan")}, {"max_perplexity_ratio": 1.1})
 
 
 def test_the_table_and_the_annotations() -> None:
@@ -105,7 +107,7 @@ def test_the_table_and_the_annotations() -> None:
     assert ann["org.olive-builder.eval.perplexity-ratio"] == "1.1"
     assert ann["org.olive-builder.eval.top1-agreement"] == "0.9"
     assert ann["org.olive-builder.eval.text-digest"] == "sha256:" + "0" * 64
-    assert json.loads(ann["org.olive-builder.eval.gates"]) == ev.gates_for("int4")
+    assert json.loads(ann["org.olive-builder.eval.gates"]) == ev_gates.gates_for("int4")
     assert ann["org.olive-builder.bench.decode-tokens-per-s"] == "40"
     assert ann["org.olive-builder.bench.cpu"] == "Some CPU, 2 cores"
     assert all(isinstance(v, str) for v in ann.values())
@@ -139,11 +141,11 @@ def test_package_annotations_carry_the_evaluation() -> None:
 
 def test_windows_are_capped_and_start_with_bos() -> None:
     ids = list(range(10, 5010))
-    windows = ev._windows(ids, 2048, 1024, None)
+    windows = measure._windows(ids, 2048, 1024, None)
     assert [len(w) for w in windows] == [1024, 1024]
-    with_bos = ev._windows(ids, 2048, 1024, 1)
+    with_bos = measure._windows(ids, 2048, 1024, 1)
     assert all(w[0] == 1 and len(w) <= 1024 for w in with_bos) and sum(len(w) - 1 for w in with_bos) == 2048
-    assert ev._windows(ids[:3], 2048, 1024, None) == [ids[:3]]
+    assert measure._windows(ids[:3], 2048, 1024, None) == [ids[:3]]
 
 
 # ---- the recipe's `evaluate:` section ----------------------------------------------------------
@@ -208,13 +210,13 @@ def test_recipe_evaluate_mistakes_are_named(tmp_path: Path, extra: str, message:
 def test_agreement_gates_are_not_applied_to_a_source_that_knows_nothing() -> None:
     """A near-uniform source (random weights): its argmax is noise, so only the other gates apply."""
     acc = {"source_perplexity": 900.0, "perplexity_ratio": 1.01, "top1_agreement": 0.07}
-    gates = ev.applicable_gates(acc, "int4", {"min_greedy_prefix": 4}, vocab=1024)
+    gates = ev_gates.applicable_gates(acc, "int4", {"min_greedy_prefix": 4}, vocab=1024)
     assert gates == {"max_perplexity_ratio": 1.15}
-    assert ev.check_gates(acc, gates) == []
+    assert ev_gates.check_gates(acc, gates) == []
     assert "its top-1 choices are noise" in acc["gates_skipped"]
     acc = {"source_perplexity": 60.0, "perplexity_ratio": 1.01, "top1_agreement": 0.07}
-    assert "min_top1_agreement" in ev.applicable_gates(acc, "int4", None, vocab=1024)
-    assert ev.check_gates(acc, ev.applicable_gates(acc, "int4", None, vocab=1024))
+    assert "min_top1_agreement" in ev_gates.applicable_gates(acc, "int4", None, vocab=1024)
+    assert ev_gates.check_gates(acc, ev_gates.applicable_gates(acc, "int4", None, vocab=1024))
 
 
 # ---- an evaluation text from the Hub ------------------------------------------------------------
@@ -253,7 +255,7 @@ def test_a_hub_text_is_fetched_once_and_recorded_by_its_origin_and_digest(hub_te
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     spec = ev.HubText("acme/texts", TEXT_COMMIT, "books/coriolanus.txt")
     path = spec.fetch()
-    text = ev.load_text(path, spec.label)
+    text = measure.load_text(path, spec.label)
     raw = (REPO / "builder" / "data" / "eval-text.txt").read_bytes()[:20000]
     assert text.digest == "sha256:" + hashlib.sha256(raw).hexdigest() and text.source == spec.label
     assert spec.fetch() == path  # a commit never changes: the second build reads the copy

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from builder.build import evaluate as ev
+from builder.build import source_figures
 from conftest import need
 from tinymodel import make_trained_tiny_model
 
@@ -91,7 +92,7 @@ def test_the_adapted_onnx_model_matches_the_finetuned_pytorch_model(finetuned) -
     acc = result.accuracy
     assert result.passed, result.failures
     assert abs(acc["perplexity_ratio"] - 1.0) <= 1e-3
-    assert acc["top1_agreement"] == 1.0 and acc["greedy_prefix_min"] == ev.GREEDY_TOKENS
+    assert acc["top1_agreement"] == 1.0 and acc["greedy_prefix_min"] == source_figures.GREEDY_TOKENS
     assert "min_top1_agreement" in result.gates  # the trained base: agreement is gated, not skipped
     assert result.adapter is not None
     assert result.adapter["name"] == "colors" and result.adapter["mode"] == "adapter"
@@ -117,13 +118,13 @@ def test_an_adapter_that_is_not_applied_on_one_side_is_caught(finetuned) -> None
     assert missing.adapter == {"name": "colors", "mode": "merged"}
     for result in (moved, missing):
         assert not result.passed, result.accuracy
-        assert result.accuracy["top1_agreement"] < 0.95 or result.accuracy["greedy_prefix_mean"] < ev.GREEDY_TOKENS
+        assert result.accuracy["top1_agreement"] < 0.95 or result.accuracy["greedy_prefix_mean"] < source_figures.GREEDY_TOKENS
         assert abs(result.accuracy["perplexity_ratio"] - 1.0) > 1e-3
 
 
 def test_evaluate_command_line_with_an_adapter(finetuned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     base, out, peft = finetuned
-    env = {**os.environ, "PYTHONPATH": str(Path(ev.__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(ev.__file__).resolve().parents[3])}
     cmd = [sys.executable, "-m", "builder.build.evaluate", str(out), "--against", str(base), "--precision", "fp32",
            "--max-tokens", "256", "--no-speed", "--json"]
     proc = subprocess.run([*cmd, "--adapter", "colors", "--peft", str(peft)], capture_output=True, text=True,

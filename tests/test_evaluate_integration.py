@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from builder.build import evaluate as ev
+from builder.build import measure, source_figures
+from builder.build.evaluate import gates as ev_gates
 from builder.errors import EvaluationError
 from conftest import need, no_partials, run_cli, tiny_recipe
 from tinymodel import damage_weights, make_trained_tiny_model
@@ -61,11 +63,11 @@ def test_build_recipe_evaluates_and_annotates(capsys, builds, trained_model, tmp
     record = json.loads((out / "olive-builder.json").read_text())
     data = record["evaluation"]
     acc = data["accuracy"]
-    assert data["evaluated"] and data["passed"] and data["gates"] == ev.gates_for(precision)
-    assert data["text"]["digest"] == ev.load_text().digest and data["text"]["tokens"] >= 1000
+    assert data["evaluated"] and data["passed"] and data["gates"] == ev_gates.gates_for(precision)
+    assert data["text"]["digest"] == measure.load_text().digest and data["text"]["tokens"] >= 1000
     if precision == "fp32":
         assert abs(acc["perplexity_ratio"] - 1.0) <= 1e-3
-        assert acc["top1_agreement"] >= 0.99 and acc["greedy_prefix_min"] == ev.GREEDY_TOKENS
+        assert acc["top1_agreement"] >= 0.99 and acc["greedy_prefix_min"] == source_figures.GREEDY_TOKENS
     # trained, so peaked: far from the uniform distribution's perplexity (the vocabulary size)
     assert acc["source_perplexity"] < 150
     speed = data["speed"]
@@ -183,7 +185,7 @@ def test_build_eval_of_a_pulled_reference(capsys, builds, trained_model, tmp_pat
     assert code == 0, err
     data = json.loads(shown)
     assert data["passed"] and data["precision"] == "fp32"  # the pulled build record's precision
-    assert data["gates"] == ev.gates_for("fp32")
+    assert data["gates"] == ev_gates.gates_for("fp32")
     # the same model on the same tokens: the figures the build recorded
     for key in ("perplexity", "perplexity_ratio", "top1_agreement", "greedy_prefix_mean"):
         assert data["accuracy"][key] == pytest.approx(recorded["evaluation"]["accuracy"][key], abs=1e-4), key
@@ -229,7 +231,7 @@ def test_the_source_figures_are_cached_for_the_next_build_of_the_same_source(
     int4, _ = built(capsys, builds, trained_model, tmp_path_factory, "int4")
     fp32, _ = built(capsys, builds, trained_model, tmp_path_factory, "fp32")
     settings = ev.Settings(speed=False, max_tokens=256)
-    cache = ev.reference_cache_dir()  # this test's own (conftest isolates XDG_CACHE_HOME)
+    cache = source_figures.reference_cache_dir()  # this test's own (conftest isolates XDG_CACHE_HOME)
     assert cache is not None
     before = set(cache.glob("*.pt"))  # the builds above (when they ran in this test) kept theirs
     first = ev.evaluate(int4, trained_model, precision="int4", settings=settings)
@@ -258,14 +260,14 @@ def test_the_fast_paths_compute_what_the_plain_ones_do(trained_model) -> None:  
 
     tok = AutoTokenizer.from_pretrained(str(trained_model))
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
-                                           tokenize=False))["input_ids"] for c in ev.CHAT_PROMPTS]
+                                           tokenize=False))["input_ids"] for c in measure.CHAT_PROMPTS]
     assert len({len(p) for p in prompts}) > 1  # different lengths: the padding is exercised
     model = AutoModelForCausalLM.from_pretrained(str(trained_model), dtype=torch.float32).eval()
     vocab = int(model.config.vocab_size)
     with torch.inference_mode():
-        assert ev._greedy(model, prompts, vocab, batched=True) == ev._greedy(model, prompts, vocab, batched=False)
+        assert source_figures._greedy(model, prompts, vocab, batched=True) == source_figures._greedy(model, prompts, vocab, batched=False)
         x, w, b = torch.randn(3, 64), torch.randn(200, 64), torch.randn(200)
-        with ev._few_rows_linear_mode():
+        with source_figures._few_rows_linear_mode():
             fast = torch.nn.functional.linear(x, w, b)
         assert torch.allclose(fast, torch.nn.functional.linear(x, w, b), atol=1e-5)
 
@@ -273,7 +275,7 @@ def test_the_fast_paths_compute_what_the_plain_ones_do(trained_model) -> None:  
     src = torch.log_softmax(torch.randn(5, 50, generator=g) * 3, -1)
     built_logp = torch.log_softmax(src + 0.3 * torch.randn(5, 50, generator=g), -1)
     top = torch.topk(src, 8, -1)
-    rows = ev._kl(top.indices, top.values, built_logp)
+    rows = measure._kl(top.indices, top.values, built_logp)
     for i in range(5):  # the definition, one position at a time, in float64
         p, q = top.values[i].double().exp(), built_logp[i][top.indices[i]].double()
         head = float((p * (top.values[i].double() - q)).sum())
@@ -281,7 +283,7 @@ def test_the_fast_paths_compute_what_the_plain_ones_do(trained_model) -> None:  
         assert float(rows[i]) == pytest.approx(head + rest_p * math.log(rest_p / rest_q), rel=1e-9, abs=1e-12)
     full = torch.topk(src, 50, -1)  # k covers the vocabulary: the exact KL divergence
     exact = (src.exp() * (src - built_logp)).sum(-1).double()
-    assert torch.allclose(ev._kl(full.indices, full.values, built_logp), exact, atol=1e-6)
+    assert torch.allclose(measure._kl(full.indices, full.values, built_logp), exact, atol=1e-6)
 
 
 def _architectures() -> list:  # type: ignore[type-arg]
@@ -308,7 +310,7 @@ def test_the_prompts_decoded_together_give_each_prompts_own_tokens(config_file: 
 
     tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "tok"))
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
-                                           tokenize=False))["input_ids"] for c in ev.CHAT_PROMPTS]
+                                           tokenize=False))["input_ids"] for c in measure.CHAT_PROMPTS]
     published = json.loads(config_file.read_text())
     data = cut_config(published, {"eos": tok.convert_tokens_to_ids("<|im_end|>"),
                                   "pad": tok.convert_tokens_to_ids("<|endoftext|>")}, len(tok))
@@ -319,8 +321,8 @@ def test_the_prompts_decoded_together_give_each_prompts_own_tokens(config_file: 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **data), dtype=torch.float32).eval()
     vocab = int(model.config.vocab_size)
     with torch.inference_mode():
-        together = ev._greedy(model, prompts, vocab, batched=True)
-        alone = ev._greedy(model, prompts, vocab, batched=False)
+        together = source_figures._greedy(model, prompts, vocab, batched=True)
+        alone = source_figures._greedy(model, prompts, vocab, batched=False)
     assert together == alone
 
 
@@ -331,20 +333,20 @@ def test_the_source_figures_cache_keeps_the_newest_entries_within_its_size(tmp_p
 
     import torch
 
-    ref = ev._Reference(nll=[1.0] * 64, argmax=[3] * 64, topk_ids=torch.zeros(64, 8, dtype=torch.long),
+    ref = source_figures.Reference(nll=[1.0] * 64, argmax=[3] * 64, topk_ids=torch.zeros(64, 8, dtype=torch.long),
                         topk_logp=torch.full((64, 8), -2.0), greedy=[[1, 2, 3]], vocab=100)
-    ev._save_reference(tmp_path, "a", ref)
+    source_figures.save_reference(tmp_path, "a", ref)
     size = (tmp_path / "a.pt").stat().st_size
     os.utime(tmp_path / "a.pt", (1, 1))  # the oldest
     monkeypatch.setattr(ev, "REFERENCE_CACHE_BYTES", 2 * size + 10)
-    ev._save_reference(tmp_path, "b", ref)
-    ev._save_reference(tmp_path, "c", ref)
+    source_figures.save_reference(tmp_path, "b", ref)
+    source_figures.save_reference(tmp_path, "c", ref)
     assert sorted(p.stem for p in tmp_path.glob("*.pt")) == ["b", "c"]
-    back = ev._load_reference(tmp_path, "c")
+    back = source_figures.load_reference(tmp_path, "c")
     assert back is not None and back.nll == ref.nll and back.greedy == ref.greedy and back.vocab == 100
     assert torch.equal(back.topk_ids, ref.topk_ids) and back.topk_ids.dtype == torch.long
-    assert ev._load_reference(tmp_path, "a") is None
-    monkeypatch.setenv(ev.REFERENCE_CACHE_ENV, "off")
-    assert ev.reference_cache_dir() is None
-    monkeypatch.setenv(ev.REFERENCE_CACHE_ENV, str(tmp_path / "elsewhere"))
-    assert ev.reference_cache_dir() == tmp_path / "elsewhere"
+    assert source_figures.load_reference(tmp_path, "a") is None
+    monkeypatch.setenv(source_figures.REFERENCE_CACHE_ENV, "off")
+    assert source_figures.reference_cache_dir() is None
+    monkeypatch.setenv(source_figures.REFERENCE_CACHE_ENV, str(tmp_path / "elsewhere"))
+    assert source_figures.reference_cache_dir() == tmp_path / "elsewhere"

@@ -169,9 +169,9 @@ def test_the_plan_trains_converts_and_extracts_in_that_order(tmp_path):  # type:
     assert data["pre_process_data_config"]["text_template"] == TEMPLATE.replace(r"\n", "\n")
     assert data["load_dataset_config"]["data_files"] == ["${DATA_DIR}/0.jsonl"]
     # The worker spec keeps the pass order (Olive runs passes in the order of the mapping).
-    spec = WorkerSpec(step=step.to_json(), work_dir="/work")
+    spec = WorkerSpec(step=step, work_dir="/work")
     spec.write(tmp_path / "spec.json")
-    assert list(WorkerSpec.read(tmp_path / "spec.json").step["olive_config"]["passes"]) == list(passes)
+    assert list(WorkerSpec.read(tmp_path / "spec.json").step.olive_config["passes"]) == list(passes)
 
     merged = finetune_recipe(tmp_path / "m", tmp_path / "model", target="cpu-int8", precision="int8",
                              finetune="  merge: true\n")
@@ -239,23 +239,23 @@ def test_a_hub_dataset_is_fetched_once_per_commit_and_checked_against_the_templa
     from builder.source import hub
 
     loaded = recipe.load(_hub_recipe(tmp_path, "data/train.jsonl"))
-    step = pipeline.prepare_dataset(plan.plan(loaded, "img"), loaded, pipeline.NullReporter())
+    step = plan.plan(loaded, "img", plan.Resolved(dataset=pipeline.check_dataset(loaded, pipeline.NullReporter())))
     ds = step.finetune["dataset"] if step.finetune else {}
     local = hub.dataset_folder("acme/colors", COMMIT) / "data" / "train.jsonl"
     assert ds["files"] == [str(local.resolve())] and ds["rows"] == 48 and ds["source"] == "hub"
     assert local.read_bytes() == DATASET.read_bytes()
     fetched = [json.loads(line)["path"] for line in hub_dataset.read_text().splitlines()]
     assert fetched == [f"/datasets/acme/colors/resolve/{COMMIT}/data/train.jsonl"]
-    pipeline.prepare_dataset(plan.plan(loaded, "img"), loaded, pipeline.NullReporter())
+    pipeline.check_dataset(loaded, pipeline.NullReporter())
     assert len(hub_dataset.read_text().splitlines()) == 1  # the second build reads the cached copy
 
     bad = recipe.load(_hub_recipe(tmp_path / "b", "data/bad.jsonl"))
     with pytest.raises(DatasetError, match=r"data/bad.jsonl:1: column `response` of the template is missing"):
-        pipeline.prepare_dataset(plan.plan(bad, "img"), bad, pipeline.NullReporter())
+        pipeline.check_dataset(bad, pipeline.NullReporter())
     assert not (hub.dataset_folder("acme/colors", COMMIT) / "data" / "bad.jsonl").exists(), "a bad file is not kept"
     missing = recipe.load(_hub_recipe(tmp_path / "c", "data/nope.jsonl"))
     with pytest.raises(DatasetError, match="no data/nope.jsonl in the dataset acme/colors"):
-        pipeline.prepare_dataset(plan.plan(missing, "img"), missing, pipeline.NullReporter())
+        pipeline.check_dataset(missing, pipeline.NullReporter())
     assert not list(hub.dataset_folder("acme/colors", COMMIT).rglob("*.partial"))
 
 
@@ -456,7 +456,7 @@ def test_a_hub_dataset_file_as_the_evaluation_text_is_fetched_before_the_build(t
     loaded = recipe.load(path)
     step = plan.plan(loaded, "img")
     assert step.evaluate is not None and step.evaluate["text_hub"]["file"] == "data/train.jsonl"
-    step = pipeline.prepare_eval_text(step, pipeline.NullReporter())
+    step = plan.plan(loaded, "img", plan.Resolved(eval_text=pipeline.fetch_eval_text(loaded, pipeline.NullReporter())))
     local = hub.dataset_folder("acme/colors", COMMIT) / "data" / "train.jsonl"
     assert step.evaluate == {"enabled": True, "speed": True, "text": str(local.resolve()),
                              "text_source": f"Hugging Face dataset acme/colors@{COMMIT[:12]}: data/train.jsonl"}

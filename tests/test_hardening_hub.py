@@ -160,8 +160,9 @@ def test_a_gated_model_downloads_with_its_token(fake_hub: FakeHub, monkeypatch: 
                                                 tmp_path: Path) -> None:
     """What the worker does (huggingface_hub's snapshot_download), without building; in a child
     process, since huggingface_hub reads HF_ENDPOINT when it is imported."""
-    code = ("import json; from builder.build.worker import fetch_model; "
-            f"print(json.dumps(fetch_model({{'hub': 'acme/gated', 'resolved': {GATED_COMMIT!r}}}, None)))")
+    code = ("import json; from builder.build.worker import fetch_model; from builder.contract import ModelRef; "
+            "print(json.dumps(fetch_model(ModelRef(hub='acme/gated', revision=None, path=None, "
+            f"trust_remote_code=False, resolved={GATED_COMMIT!r}), None)))")
     env = {**os.environ, "HF_TOKEN": TOKEN}
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

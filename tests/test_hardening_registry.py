@@ -22,7 +22,9 @@ import pytest
 
 from builder.errors import ReferenceError_, RegistryError
 from builder.oci import layout as oci
-from builder.oci.registry import Registry, parse_reference, redact, sanitize
+from builder.oci.credentials import redact, sanitize
+from builder.oci.reference import parse_reference
+from builder.oci.registry import Registry
 
 SERVER = Path(__file__).parent / "hostile_registry.py"
 HF_SECRET = "hf_SecretTokenThatMustNeverShow123"

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from builder.build import execute  # noqa: E402
 from builder.errors import OutputExistsError  # noqa: E402
 from builder.oci import layout as oci
+from builder.oci.media import MODEL_WEIGHT
 from builder.publish import package
+from builder.recipe import inputs
 from conftest import run_cli  # noqa: E402
 from test_package import fake_model  # noqa: E402
 
@@ -80,7 +82,7 @@ def test_gc_removes_what_no_tag_reaches(tmp_path: Path, capsys: pytest.CaptureFi
     store = oci.Store(tmp_path / "store")
     model = fake_model(tmp_path / "m")
     kept = package.package(model, store, created=T0)
-    orphan = store.put_bytes(b"o" * 100_000, oci.MODEL_WEIGHT)
+    orphan = store.put_bytes(b"o" * 100_000, MODEL_WEIGHT)
     old = package.package(fake_model(tmp_path / "m2", target="cpu-int8", weights=b"v" * 200_000), store, created=T0)
     store.tag(kept.artifact_ref.split(":")[0] + ":other", kept.artifact)
     # untag the second model: its layers and config become garbage, shared ones do not
@@ -113,13 +115,12 @@ _RACER = textwrap.dedent("""
     from pathlib import Path
     from builder.publish import distribute
     from builder.oci import layout as oci
-    import builder.build.check
 
-    real = builder.build.check.check_files
+    real = distribute.check_files
     def slow(folder, *a, **k):  # both racers pass the "already exists?" check before either lands
         time.sleep(1.0)
         return real(folder, *a, **k)
-    builder.build.check.check_files = slow
+    distribute.check_files = slow
     store = oci.Store(sys.argv[1])
     manifest = json.loads(store.read_bytes(sys.argv[2]))
     try:
@@ -176,15 +177,15 @@ def test_creation_time_comes_from_the_inputs_without_settings_or_git(tmp_path: P
     digests = []
     for attempt in range(2):
         out = fake_model(tmp_path / f"out{attempt}")  # a fresh build: every file as new as now
-        created = package.created_time(recipe_file, out)
+        created = inputs.created_time(recipe_file, out)
         assert created.timestamp() == 1_600_000_002  # the newest file of the source model
         digests.append(package.package(out, oci.Store(tmp_path / f"store{attempt}"), created=created).artifact.digest)
         time.sleep(1.1)
     assert digests[0] == digests[1]
     # nothing known about the inputs' times: a fixed epoch, still never the clock
-    assert package.created_time(None, tmp_path / "out0").timestamp() == 0
+    assert inputs.created_time(None, tmp_path / "out0").timestamp() == 0
     hub_recipe = recipe_file.with_name("cpu-fp32.yaml")
     hub_recipe.write_text("name: tiny\nversion: 1.0.0\nmodel:\n  hub: a/b\ntarget:\n  device: cpu\n  precision: fp32\n")
-    assert package.created_time(hub_recipe, tmp_path / "out0").timestamp() == 0
+    assert inputs.created_time(hub_recipe, tmp_path / "out0").timestamp() == 0
     commit_time = dt.datetime(2025, 5, 5, tzinfo=dt.UTC)
-    assert package.created_time(hub_recipe, tmp_path / "out0", source_time=commit_time) == commit_time
+    assert inputs.created_time(hub_recipe, tmp_path / "out0", source_time=commit_time) == commit_time

@@ -49,6 +49,10 @@ def imports(mods: dict[str, Path]) -> Iterator[Import]:
         tree = ast.parse(text)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         top = {id(node) for node in tree.body}
+        # `if TYPE_CHECKING:` at module level is a module-level import for the reader (and a cycle all the same)
+        for node in tree.body:
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                top.update(id(child) for child in node.body)
         for node in ast.walk(tree):
             targets: list[str] = []
             if isinstance(node, ast.ImportFrom):
@@ -163,6 +167,25 @@ def test_container_side_modules_load_without_the_driver_stack(module: str) -> No
     code = _BLOCKER.format(blocked=DRIVER_ONLY, modules=[module])
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=PACKAGE.parent, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "loaded"
+
+
+def test_the_server_loads_from_the_files_the_runtime_images_carry(tmp_path: Path) -> None:
+    from builder.build.images import RUNTIME_FILES
+
+    for name in RUNTIME_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((PACKAGE.parent / name).read_bytes())
+    code = _BLOCKER.format(blocked=DRIVER_ONLY, modules=["builder.serve.app", "builder.serve.__main__"])
+    # Every olive-builder module loaded must come from those files (an editable install's finder
+    # could otherwise fill in one the image lacks).
+    code = code.replace('print("loaded")', "outside = [m for m, mod in sys.modules.items() if m.split('.')[0] == 'builder' "
+                        f"and not (getattr(mod, '__file__', None) or '').startswith({str(tmp_path)!r})]\n"
+                        "assert not outside, outside\nprint('loaded')")
+    # -I: neither the checkout nor an installed olive-builder may fill in a missing file.
+    proc = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n" + code],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "loaded"
 

@@ -22,8 +22,11 @@ import pytest
 from builder.cli import main
 from builder.errors import AuthError, ContentError, PackageError, ReferenceError_
 from builder.oci import layout as oci
-from builder.oci.registry import credentials_for, parse_destination, parse_reference
+from builder.oci.credentials import credentials_for
+from builder.oci.media import MANIFEST, MODEL_ARTIFACT, MODEL_CONFIG, MODEL_WEIGHT, MODEL_WEIGHT_CONFIG
+from builder.oci.reference import parse_destination, parse_reference
 from builder.publish import distribute, package
+from builder.recipe import inputs
 
 REPO = Path(__file__).resolve().parent.parent
 # The ModelPack config schema: ../shared/specs has the current one; tests/data keeps a copy
@@ -96,16 +99,16 @@ def test_weights_get_their_own_layers_and_two_targets_share_the_tokenizer_layer(
     b = package.package(fake_model(tmp_path / "b", "cpu-fp32", weights=b"x" * 9000, precision="fp32"), store, created=T0)
     titles = [d.annotations[oci.ANN_TITLE] for d in a.layers]
     assert titles == ["model.onnx.tar", "model.onnx.data.tar", "shared-files.tar", "target-files.tar"]
-    assert [d.media_type for d in a.layers] == [oci.MODEL_WEIGHT, oci.MODEL_WEIGHT, oci.MODEL_WEIGHT_CONFIG,
-                                                oci.MODEL_WEIGHT_CONFIG]
+    assert [d.media_type for d in a.layers] == [MODEL_WEIGHT, MODEL_WEIGHT, MODEL_WEIGHT_CONFIG,
+                                                MODEL_WEIGHT_CONFIG]
     assert a.layers[1].annotations[oci.ANN_FILEPATH] == "model/model.onnx.data"
     meta = json.loads(a.layers[1].annotations[oci.ANN_FILE_METADATA])
     assert meta["size"] == 5000 and meta["name"] == "model/model.onnx.data"
     shared_a, shared_b = a.layers[2], b.layers[2]
     assert shared_a.digest == shared_b.digest  # tokenizer & co: one blob for both targets
     assert a.layers[3].digest != b.layers[3].digest and a.layers[1].digest != b.layers[1].digest
-    assert store.resolve("tiny:1.0-cpu-int4") == oci.Descriptor(oci.MANIFEST, a.artifact.digest, a.artifact.size,
-                                                                {}, oci.MODEL_ARTIFACT)
+    assert store.resolve("tiny:1.0-cpu-int4") == oci.Descriptor(MANIFEST, a.artifact.digest, a.artifact.size,
+                                                                {}, MODEL_ARTIFACT)
 
 
 def test_manifest_is_a_modelpack_artifact_with_a_valid_config_and_annotations(tmp_path):  # type: ignore[no-untyped-def]
@@ -113,8 +116,8 @@ def test_manifest_is_a_modelpack_artifact_with_a_valid_config_and_annotations(tm
     store = oci.Store(tmp_path / "s")
     result = package.package(fake_model(tmp_path / "m"), store, created=T0)
     manifest = store.read_json(result.artifact.digest)
-    assert manifest["artifactType"] == oci.MODEL_ARTIFACT and manifest["mediaType"] == oci.MANIFEST
-    assert manifest["config"]["mediaType"] == oci.MODEL_CONFIG
+    assert manifest["artifactType"] == MODEL_ARTIFACT and manifest["mediaType"] == MANIFEST
+    assert manifest["config"]["mediaType"] == MODEL_CONFIG
     config = store.read_json(manifest["config"]["digest"])
     jsonschema.validate(config, json.loads(SCHEMA.read_text()))
     assert config["modelfs"]["diffIds"] == [d["digest"] for d in manifest["layers"]]
@@ -140,16 +143,16 @@ def test_manifest_is_a_modelpack_artifact_with_a_valid_config_and_annotations(tm
 def test_creation_time_comes_from_source_date_epoch(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
     model = fake_model(tmp_path / "m")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    assert package.created_time(None, model) == dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.UTC)
+    assert inputs.created_time(None, model) == dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.UTC)
     monkeypatch.delenv("SOURCE_DATE_EPOCH")
     os.utime(model / "tokenizer.json", (1600000000, 1600000000))
     for p in model.iterdir():
         if p.name != "tokenizer.json":
             os.utime(p, (1500000000, 1500000000))
     # the newest file of the local source model, not the clock
-    assert package.created_time(None, source_dir=model).timestamp() == 1600000000
+    assert inputs.created_time(None, source_dir=model).timestamp() == 1600000000
     # the output folder (its files are as new as the build) is never a source of the time
-    assert package.created_time(None, model).timestamp() == 0
+    assert inputs.created_time(None, model).timestamp() == 0
 
 
 def test_a_folder_without_build_info_or_with_links_is_refused(tmp_path, capsys):  # type: ignore[no-untyped-def]
@@ -192,7 +195,7 @@ def test_a_layer_that_escapes_the_model_folder_is_refused(tmp_path):  # type: ig
         info = tarfile.TarInfo("model/../../etc/evil")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    layer = store.put_bytes(buf.getvalue(), oci.MODEL_WEIGHT)
+    layer = store.put_bytes(buf.getvalue(), MODEL_WEIGHT)
     manifest = {"layers": [layer.to_json()], "config": layer.to_json()}
     with pytest.raises(ContentError, match="outside model/"):
         distribute.materialize(store, manifest, tmp_path / "out", force=False, shown="evil")
@@ -201,8 +204,8 @@ def test_a_layer_that_escapes_the_model_folder_is_refused(tmp_path):  # type: ig
 
 def test_store_tags_replace_and_survive_reopen(tmp_path):  # type: ignore[no-untyped-def]
     store = oci.Store(tmp_path / "s")
-    d1 = store.put_json({"a": 1}, oci.MANIFEST)
-    d2 = store.put_json({"a": 2}, oci.MANIFEST)
+    d1 = store.put_json({"a": 1}, MANIFEST)
+    d2 = store.put_json({"a": 2}, MANIFEST)
     store.tag("x:1", d1)
     store.tag("x:1", d2)
     store.tag("y:1", d1)

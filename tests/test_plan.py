@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from builder import contract
 from builder.recipe import format as recipe
 from builder.recipe import plan
 
@@ -23,7 +24,7 @@ def load_text(tmp_path: Path, text: str, target: str = "cpu-int4", model: str = 
 BASE = "name: m\nversion: 1.0.0\nmodel:\n  hub: org/m\ntarget:\n  device: {device}\n  precision: {precision}\n"
 
 
-def step_for(tmp_path: Path, device: str = "cpu", precision: str = "int4", extra: str = "") -> plan.BuildStep:
+def step_for(tmp_path: Path, device: str = "cpu", precision: str = "int4", extra: str = "") -> contract.BuildStep:
     text = BASE.format(device=device, precision=precision) + extra
     return plan.plan(load_text(tmp_path, text, f"{device}-{precision}"), IMAGE)
 
@@ -39,7 +40,7 @@ def test_int4_cpu_is_one_modelbuilder_pass(tmp_path: Path) -> None:
     assert config["output_dir"] == plan.OUTPUT_DIR and config["cache_dir"] == plan.CACHE_DIR
     assert step.gpus is False and step.builder_image == IMAGE
     assert step.tags == ("m:1.0.0-cpu-int4",)
-    assert step.model == plan.ModelRef(hub="org/m", revision="main", path=None, trust_remote_code=False)
+    assert step.model == contract.ModelRef(hub="org/m", revision="main", path=None, trust_remote_code=False)
 
 
 def test_int8_is_fp32_modelbuilder_then_dynamic_quantization(tmp_path: Path) -> None:

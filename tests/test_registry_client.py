@@ -13,6 +13,7 @@ import pytest
 
 from builder.errors import RegistryError
 from builder.oci import layout as oci
+from builder.oci.media import MODEL_WEIGHT
 from builder.oci.registry import Registry
 
 
@@ -75,7 +76,7 @@ def blob(tmp_path: Path) -> tuple[oci.Descriptor, Path]:
     data = b"x" * 3_000_000
     path = tmp_path / "blob"
     path.write_bytes(data)
-    return oci.Descriptor(oci.MODEL_WEIGHT, "sha256:" + hashlib.sha256(data).hexdigest(), len(data)), path
+    return oci.Descriptor(MODEL_WEIGHT, "sha256:" + hashlib.sha256(data).hexdigest(), len(data)), path
 
 
 @pytest.mark.parametrize("script,posts,puts", [(Script(post_failures=2), 3, 1), (Script(reset_puts=2), 3, 3)],

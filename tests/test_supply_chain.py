@@ -17,11 +17,20 @@ from pathlib import Path
 
 import pytest
 
+from builder.contract import (
+    CYCLONEDX_PREDICATE,
+    REFERRER_KIND_ANNOTATION,
+    SLSA_PROVENANCE_V1,
+    TEST_RESULT_V01,
+    model_files,
+)
 from builder.errors import SigningError, VerificationError
 from builder.oci import layout as oci
 from builder.oci import referrers
+from builder.oci.media import IMAGE_LAYER, INDEX, MANIFEST
 from builder.publish import package
-from builder.trust import attest, sign
+from builder.trust import attach, evaluation_statement, provenance, sbom, sign, verify
+from builder.trust.facts import BuildFacts, Subject, file_digests
 
 T0 = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
@@ -50,13 +59,13 @@ def fake_model(folder: Path, *, evaluation: dict | None = None) -> Path:  # type
     return folder
 
 
-def facts_of(model: Path, **kw) -> attest.BuildFacts:  # type: ignore[no-untyped-def]
+def facts_of(model: Path, **kw) -> BuildFacts:  # type: ignore[no-untyped-def]
     info = json.loads((model / "olive-builder.json").read_text())
-    return attest.BuildFacts(info, attest.file_digests(model, package.model_files(model)), T0, **kw)
+    return BuildFacts(info, file_digests(model, model_files(model)), T0, **kw)
 
 
-ARTIFACT = attest.Subject("tiny:1.0-cpu-int4", "sha256:" + "a" * 64)
-IMAGE = attest.Subject("tiny:1.0-cpu-int4-serve", "sha256:" + "b" * 64)
+ARTIFACT = Subject("tiny:1.0-cpu-int4", "sha256:" + "a" * 64)
+IMAGE = Subject("tiny:1.0-cpu-int4-serve", "sha256:" + "b" * 64)
 
 
 def assert_cyclonedx_16(doc: bytes) -> None:
@@ -84,7 +93,7 @@ def assert_statement(doc: bytes | dict, predicate_message) -> dict:  # type: ign
 def test_model_sbom_is_valid_cyclonedx_16_and_lists_files_source_and_tools(tmp_path):  # type: ignore[no-untyped-def]
     model = fake_model(tmp_path / "m")
     facts = facts_of(model)
-    doc = oci.canonical_json(attest.sbom(facts, ARTIFACT))
+    doc = oci.canonical_json(sbom.sbom(facts, ARTIFACT))
     assert_cyclonedx_16(doc)
     bom = json.loads(doc)
     assert bom["specVersion"] == "1.6"
@@ -92,7 +101,7 @@ def test_model_sbom_is_valid_cyclonedx_16_and_lists_files_source_and_tools(tmp_p
     assert bom["metadata"]["timestamp"].startswith("2026-01-02T03:04:05")
     model_c = next(c for c in bom["components"] if c["type"] == "machine-learning-model")
     files = {c["name"]: c["hashes"][0] for c in model_c["components"]}
-    assert set(files) == set(package.model_files(model))
+    assert set(files) == set(model_files(model))
     assert files["model.onnx.data"] == {"alg": "SHA-256", "content": __import__("hashlib").sha256(b"w" * 5000).hexdigest()}
     source = model_c["pedigree"]["ancestors"][0]
     assert source["purl"] == f"pkg:huggingface/acme/tiny@{'0123abcd' * 5}"
@@ -102,14 +111,14 @@ def test_model_sbom_is_valid_cyclonedx_16_and_lists_files_source_and_tools(tmp_p
     assert tools["onnxruntime-genai"]["version"] == "0.14.1"
     assert tools["olive-builder-cpu:abc"]["hashes"][0]["content"] == "3" * 64
     # deterministic: the same build gives the same bytes (re-push uploads nothing new)
-    assert oci.canonical_json(attest.sbom(facts_of(model), ARTIFACT)) == doc
+    assert oci.canonical_json(sbom.sbom(facts_of(model), ARTIFACT)) == doc
 
 
 def test_image_sbom_adds_runtime_python_and_debian_packages(tmp_path):  # type: ignore[no-untyped-def]
     model = fake_model(tmp_path / "m")
-    pkgs = [attest.Package("pypi", "onnxruntime_genai", "0.18.0", "MIT"),
-            attest.Package("deb", "libc6", "2.36-9+deb12u9", None, "amd64")]
-    doc = oci.canonical_json(attest.sbom(facts_of(model), IMAGE, packages=pkgs, base={"name": "rt:1", "digest": "sha256:" + "c" * 64}))
+    pkgs = [sbom.Package("pypi", "onnxruntime_genai", "0.18.0", "MIT"),
+            sbom.Package("deb", "libc6", "2.36-9+deb12u9", None, "amd64")]
+    doc = oci.canonical_json(sbom.sbom(facts_of(model), IMAGE, packages=pkgs, base={"name": "rt:1", "digest": "sha256:" + "c" * 64}))
     assert_cyclonedx_16(doc)
     purls = {c.get("purl") for c in json.loads(doc)["components"]}
     assert "pkg:pypi/onnxruntime-genai@0.18.0" in purls
@@ -129,7 +138,7 @@ def test_layer_packages_read_dist_info_and_dpkg_status_with_whiteouts(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-        return store.put_bytes(buf.getvalue(), oci.IMAGE_LAYER)
+        return store.put_bytes(buf.getvalue(), IMAGE_LAYER)
 
     status = (b"Package: libc6\nStatus: install ok installed\nArchitecture: amd64\nVersion: 2.36-9\n\n"
               b"Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n")
@@ -140,7 +149,7 @@ def test_layer_packages_read_dist_info_and_dpkg_status_with_whiteouts(tmp_path):
                f"{site}/pip-24.0.dist-info/METADATA": b"Name: pip\nVersion: 24.0\n"}),
         layer({f"{site}/.wh.pip-24.0.dist-info": b""}),  # pip removed in a later layer
     ]
-    found = {(p.ecosystem, p.name, p.version) for p in attest.layer_packages(store, layers)}
+    found = {(p.ecosystem, p.name, p.version) for p in sbom.layer_packages(store, layers)}
     assert found == {("deb", "libc6", "2.36-9"), ("pypi", "numpy", "2.1.0")}
 
 
@@ -150,7 +159,7 @@ def test_provenance_is_an_in_toto_v1_statement_with_a_slsa_v1_predicate(tmp_path
     model = fake_model(tmp_path / "m")
     lock = {"revision": "0123abcd" * 5, "files": {"model.safetensors": "sha256:" + "4" * 64}}
     facts = facts_of(model, recipe_path="recipes/tiny/cpu-int4.yaml", recipe_text="name: tiny\n", lock_entry=lock)
-    st = assert_statement(attest.provenance(facts, [ARTIFACT, IMAGE], env={}), provenance_pb2.Provenance())
+    st = assert_statement(provenance.provenance(facts, [ARTIFACT, IMAGE], env={}), provenance_pb2.Provenance())
     assert st["_type"] == "https://in-toto.io/Statement/v1" and st["predicateType"] == "https://slsa.dev/provenance/v1"
     assert [s["digest"]["sha256"] for s in st["subject"]] == ["a" * 64, "b" * 64]
     bd = st["predicate"]["buildDefinition"]
@@ -168,7 +177,7 @@ def test_provenance_is_an_in_toto_v1_statement_with_a_slsa_v1_predicate(tmp_path
 def test_provenance_names_the_github_actions_run_when_built_there(tmp_path):  # type: ignore[no-untyped-def]
     env = {"GITHUB_ACTIONS": "true", "GITHUB_REPOSITORY": "acme/models", "GITHUB_RUN_ID": "42", "GITHUB_RUN_ATTEMPT": "2",
            "GITHUB_WORKFLOW_REF": "acme/models/.github/workflows/models.yml@refs/heads/main"}
-    st = attest.provenance(facts_of(fake_model(tmp_path / "m")), [ARTIFACT], env=env)
+    st = provenance.provenance(facts_of(fake_model(tmp_path / "m")), [ARTIFACT], env=env)
     run = st["predicate"]["runDetails"]
     assert run["builder"]["id"] == "https://github.com/acme/models/.github/workflows/models.yml@refs/heads/main"
     assert run["metadata"]["invocationId"] == "https://github.com/acme/models/actions/runs/42/attempts/2"
@@ -186,7 +195,7 @@ def test_evaluation_is_a_test_result_statement(tmp_path, evaluation, result):  #
     from in_toto_attestation.predicates.test_result.v0 import test_result_pb2
 
     facts = facts_of(fake_model(tmp_path / "m", evaluation=evaluation))
-    st = assert_statement(attest.evaluation(facts, [ARTIFACT, IMAGE]), test_result_pb2.TestResult())
+    st = assert_statement(evaluation_statement.evaluation(facts, [ARTIFACT, IMAGE]), test_result_pb2.TestResult())
     assert st["predicateType"] == "https://in-toto.io/attestation/test-result/v0.1"
     assert st["predicate"]["result"] == result
     if evaluation:
@@ -195,7 +204,7 @@ def test_evaluation_is_a_test_result_statement(tmp_path, evaluation, result):  #
         assert st["predicate"]["failedTests"] == ["evaluation: perplexity ratio 1.52 > 1.15"]
     if result == "PASSED":
         assert "gate: max_perplexity_ratio 1.15" in st["predicate"]["passedTests"]
-        bom = attest.sbom(facts, ARTIFACT)  # the figures also reach the SBOM's model card
+        bom = sbom.sbom(facts, ARTIFACT)  # the figures also reach the SBOM's model card
         card = next(c for c in bom["components"] if c["bom-ref"] == "model")["modelCard"]
         assert {"type": "perplexity_ratio", "value": "1.01"} in card["quantitativeAnalysis"]["performanceMetrics"]
         assert_cyclonedx_16(oci.canonical_json(bom))
@@ -333,35 +342,35 @@ def test_packaging_attaches_referrers_and_signatures_idempotently(tmp_path, keys
     p = package.package(model, store, created=T0)
     info = json.loads((model / "olive-builder.json").read_text())
     key, pub_path = keys["a"]
-    attest.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info)
+    attach.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info)
     listed = referrers.list_local(store, "tiny", p.artifact.digest)
-    assert sorted(d.annotations[attest.ANN_KIND] for d in listed) == ["evaluation", "provenance", "sbom"]
+    assert sorted(d.annotations[REFERRER_KIND_ANNOTATION] for d in listed) == ["evaluation", "provenance", "sbom"]
     for d in listed:
         m = store.read_json(d.digest)
         assert m["subject"]["digest"] == p.artifact.digest and m["artifactType"] == d.artifact_type
         assert m["config"] == {"mediaType": "application/vnd.oci.empty.v1+json",
                                "digest": oci.digest_bytes(b"{}"), "size": 2}
     index = store.resolve(f"tiny:{referrers.index_tag(p.artifact.digest)}")
-    assert index is not None and index.media_type == oci.INDEX
+    assert index is not None and index.media_type == INDEX
 
-    attest.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info, key=key)
+    attach.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info, key=key)
     signed = referrers.list_local(store, "tiny", p.artifact.digest)
     assert len(signed) == 6
-    again = attest.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info, key=key)
+    again = attach.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info, key=key)
     assert referrers.list_local(store, "tiny", p.artifact.digest) == signed and again.signed
     content = referrers.LocalContent(store, "tiny")
-    v = sign.verify_subject(content, p.artifact.digest, sign.load_public_key(pub_path), p.artifact_ref)
+    v = verify.verify_subject(content, p.artifact.digest, sign.load_public_key(pub_path), p.artifact_ref)
     assert v.evaluation_result == "PASSED" and v.model_bundle is not None
-    assert set(v.predicates) == {attest.SLSA_PROVENANCE_V1, attest.CYCLONEDX_PREDICATE, attest.TEST_RESULT_V01}
+    assert set(v.predicates) == {SLSA_PROVENANCE_V1, CYCLONEDX_PREDICATE, TEST_RESULT_V01}
     with pytest.raises(VerificationError, match="not signed by the key"):
-        sign.verify_subject(content, p.artifact.digest, sign.load_public_key(keys["b"][1]), p.artifact_ref)
+        verify.verify_subject(content, p.artifact.digest, sign.load_public_key(keys["b"][1]), p.artifact_ref)
     # a second signer adds its layers beside the first one's in cosign's one-manifest-per-tag storage
-    attest.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info,
+    attach.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info,
                         key=keys["b"][0])
     sig = referrers.local_tagged(store, "tiny", p.artifact.digest, referrers.SIG_SUFFIX)
     assert sig is not None and len(store.read_json(sig.digest)["layers"]) == 2
     for name in ("a", "b"):
-        sign.verify_subject(content, p.artifact.digest, sign.load_public_key(keys[name][1]), p.artifact_ref)
+        verify.verify_subject(content, p.artifact.digest, sign.load_public_key(keys[name][1]), p.artifact_ref)
     # no key material reached the store
     for path in store.root.rglob("*"):
         if path.is_file():
@@ -373,7 +382,7 @@ def test_unsigned_content_is_refused(tmp_path, keys):  # type: ignore[no-untyped
     store = oci.Store(tmp_path / "store")
     p = package.package(model, store, created=T0)
     with pytest.raises(VerificationError, match="is not signed"):
-        sign.verify_subject(referrers.LocalContent(store, "tiny"), p.artifact.digest,
+        verify.verify_subject(referrers.LocalContent(store, "tiny"), p.artifact.digest,
                             sign.load_public_key(keys["a"][1]), p.artifact_ref)
 
 
@@ -382,10 +391,10 @@ def test_failed_evaluation_is_refused_by_verify(tmp_path, keys):  # type: ignore
     store = oci.Store(tmp_path / "store")
     p = package.package(model, store, created=T0)
     info = json.loads((model / "olive-builder.json").read_text())
-    attest.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info,
+    attach.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info,
                         key=keys["a"][0])
     with pytest.raises(VerificationError, match="evaluation says FAILED"):
-        sign.verify_subject(referrers.LocalContent(store, "tiny"), p.artifact.digest,
+        verify.verify_subject(referrers.LocalContent(store, "tiny"), p.artifact.digest,
                             sign.load_public_key(keys["a"][1]), p.artifact_ref)
 
 
@@ -451,13 +460,13 @@ class FakeReferrersRegistry:
         if digest is None or digest not in self.manifests:
             return None
         data = self.manifests[digest]
-        return data, json.loads(data).get("mediaType", oci.MANIFEST), digest
+        return data, json.loads(data).get("mediaType", MANIFEST), digest
 
     def request(self, method, path, **kw):  # type: ignore[no-untyped-def]
         if method == "PUT" and "/manifests/" in path:
             data = kw["body"]()
             reference = path.rsplit("/", 1)[1]
-            self.put_manifest("", reference, data, oci.MANIFEST)
+            self.put_manifest("", reference, data, MANIFEST)
             subject = (json.loads(data).get("subject") or {}).get("digest")
             return self._Response(201, {"OCI-Subject": subject} if subject else {})
         if method == "GET" and "/referrers/" in path:
@@ -466,9 +475,9 @@ class FakeReferrersRegistry:
             for digest, data in self.manifests.items():
                 m = json.loads(data)
                 if (m.get("subject") or {}).get("digest") == subject:
-                    found.append({"mediaType": oci.MANIFEST, "digest": digest, "size": len(data),
+                    found.append({"mediaType": MANIFEST, "digest": digest, "size": len(data),
                                   "artifactType": m.get("artifactType"), "annotations": m.get("annotations") or {}})
-            return self._Response(200, {}, json.dumps({"schemaVersion": 2, "mediaType": oci.INDEX,
+            return self._Response(200, {}, json.dumps({"schemaVersion": 2, "mediaType": INDEX,
                                                        "manifests": found}).encode())
         raise AssertionError(f"unexpected {method} {path}")
 

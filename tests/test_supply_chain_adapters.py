@@ -19,12 +19,14 @@ from typing import Any
 
 import pytest
 
-from builder.contract import ADAPTER_ARTIFACT_TYPE, adapter_tag, sha256_file
+from builder.contract import CYCLONEDX_PREDICATE, SLSA_PROVENANCE_V1, TEST_RESULT_V01, adapter_tag, sha256_file
 from builder.errors import VerificationError
 from builder.oci import layout as oci
 from builder.oci import referrers
-from builder.publish import distribute, package
-from builder.trust import attest, sign
+from builder.oci.media import ADAPTER_ARTIFACT_TYPE, IMAGE_CONFIG, MANIFEST
+from builder.publish import package
+from builder.trust import attach, sign, verify
+from builder.trust.facts import FileDigest
 from conftest import run_cli
 from test_adapters_distribution import T0, TAG, finetuned_folder
 from test_supply_chain import assert_cyclonedx_16, assert_statement
@@ -162,9 +164,9 @@ def test_the_runnable_images_sbom_lists_the_adapter_files(tmp_path):  # type: ig
     folder = finetuned_folder(tmp_path / "out", "colors", 1)
     st = oci.Store(tmp_path / "store")
     config = {"architecture": "amd64", "os": "linux", "config": {"Labels": {}}, "rootfs": {"type": "layers", "diff_ids": []}}
-    rt_config = st.put_json(config, oci.IMAGE_CONFIG)
-    rt = st.put_json({"schemaVersion": 2, "mediaType": oci.MANIFEST, "config": rt_config.to_json(), "layers": []},
-                     oci.MANIFEST)
+    rt_config = st.put_json(config, IMAGE_CONFIG)
+    rt = st.put_json({"schemaVersion": 2, "mediaType": MANIFEST, "config": rt_config.to_json(), "layers": []},
+                     MANIFEST)
     p = package.package(folder, st, created=T0, runtime=package.RuntimeImage("runtime:test", rt, config, ()))
     assert p.image is not None
     want = sha256_file(folder / "adapters" / "colors.onnx_adapter").split(":")[1]
@@ -183,8 +185,8 @@ def test_the_runnable_images_sbom_lists_the_adapter_files(tmp_path):  # type: ig
     # the model artifact holds no adapters/, and its SBOM lists none
     assert "adapters/colors.onnx_adapter" not in files(documents(st, p.artifact.digest)["sbom"])
     # an image composed from the store (a cache hit) is read back the same way, from its layers
-    assert attest.image_adapter_files(st, p.image) == (
-        attest.FileDigest("adapters/colors.onnx_adapter", want, (folder / "adapters" / "colors.onnx_adapter").stat().st_size),)
+    assert attach.image_adapter_files(st, p.image) == (
+        FileDigest("adapters/colors.onnx_adapter", want, (folder / "adapters" / "colors.onnx_adapter").stat().st_size),)
 
 
 # ------------------------------------------------------------------------------- verify
@@ -220,7 +222,7 @@ def test_verify_of_an_adapter_on_a_registry_checks_it_and_its_base(capsys, tmp_p
     assert out.startswith(f"verified {ref}@sha256:")
     assert "  adapter            colors: its file matches the signed manifest and SBOM" in out
     assert f"verified its base (the adapter's subject) @{base_digest}" in out
-    for ptype in (attest.SLSA_PROVENANCE_V1, attest.CYCLONEDX_PREDICATE, attest.TEST_RESULT_V01):
+    for ptype in (SLSA_PROVENANCE_V1, CYCLONEDX_PREDICATE, TEST_RESULT_V01):
         assert out.count(ptype) == 2  # the adapter's and the base's
     code, out, err = run_cli(capsys, "verify", ref, "--key", str(pub), "--json")
     assert code == 0, err
@@ -270,7 +272,7 @@ def test_verify_of_a_local_adapter_refuses_a_changed_file_and_an_unsigned_base(c
     # adapter signed, its base not: the adapter alone is not enough
     p = package.package(folder, st, created=T0)
     signer = sign.load_signing_key(str(key), env={})
-    attest.attach_adapter(st, ADAPTER_TAG, p.adapters[0].manifest, key=signer)
+    attach.attach_adapter(st, ADAPTER_TAG, p.adapters[0].manifest, key=signer)
     code, out, err = run_cli(capsys, "verify", ADAPTER_TAG, "--key", str(pub))
     assert code == 5 and f"(its base {p.artifact.digest}) is not signed" in err, err
     # both signed: verified
@@ -297,17 +299,17 @@ def test_signed_attestations_that_do_not_list_the_adapter_file_are_refused(tmp_p
     p = package.package(folder, st, created=T0, sign_key=signer)
     digest = p.adapters[0].manifest.digest
     content = referrers.LocalContent(st, "tiny")
-    found = sign.verify_subject(content, digest, sign.load_public_key(pub), ADAPTER_TAG)
+    found = verify.verify_subject(content, digest, sign.load_public_key(pub), ADAPTER_TAG)
     manifest = st.read_json(digest)
-    bom = found.predicates[attest.CYCLONEDX_PREDICATE]
+    bom = found.predicates[CYCLONEDX_PREDICATE]
     other = json.loads(json.dumps(bom).replace(manifest["layers"][0]["digest"].split(":")[1],
                                                hashlib.sha256(b"another adapter").hexdigest()))
-    forged = sign.Verified(found.digest, True, {**found.predicates, attest.CYCLONEDX_PREDICATE: other},
+    forged = verify.Verified(found.digest, True, {**found.predicates, CYCLONEDX_PREDICATE: other},
                            found.evaluation_result, None, found.referrers)
     with pytest.raises(VerificationError, match="does not list the adapter file"):
-        sign.verify_adapter(content, manifest, forged, sign.load_public_key(pub), ADAPTER_TAG)
-    assert sign.verify_adapter(content, manifest, found, sign.load_public_key(pub), ADAPTER_TAG).adapter == "colors"
-    assert distribute.adapter_of(manifest, ADAPTER_TAG).base.digest == p.artifact.digest
+        verify.verify_adapter(content, manifest, forged, sign.load_public_key(pub), ADAPTER_TAG)
+    assert verify.verify_adapter(content, manifest, found, sign.load_public_key(pub), ADAPTER_TAG).adapter == "colors"
+    assert verify.adapter_of(manifest, ADAPTER_TAG).base.digest == p.artifact.digest
     assert manifest["artifactType"] == ADAPTER_ARTIFACT_TYPE
 
 

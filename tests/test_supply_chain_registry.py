@@ -12,9 +12,10 @@ import pytest
 from builder.errors import VerificationError
 from builder.oci import layout as oci
 from builder.oci import referrers
+from builder.oci.media import INDEX, MANIFEST
 from builder.oci.registry import Registry
 from builder.publish import distribute, package
-from builder.trust import attest, sign
+from builder.trust import attach, sign, verify
 from test_supply_chain import T0, fake_model, run_model_signing
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ def signed_build(tmp_path):  # type: ignore[no-untyped-def]
     sign.keygen(tmp_path / "k.pem", tmp_path / "k.pub")
     key = sign.load_signing_key(str(tmp_path / "k.pem"), env={})
     info = json.loads((model / "olive-builder.json").read_text())
-    attest.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info, key=key)
+    attach.attach_build(store, model, artifact_ref=p.artifact_ref, artifact=p.artifact, created=T0, info=info, key=key)
     return model, store, p, tmp_path / "k.pub"
 
 
@@ -41,7 +42,7 @@ def test_the_registry_has_no_referrers_api_so_the_tag_schema_is_used(registry, s
         assert report.manifests == 6 and not report.api
         assert referrers.registry_referrers(reg, "models/tiny", p.artifact.digest) is None
         index = reg.get_manifest("models/tiny", referrers.index_tag(p.artifact.digest))
-        assert index is not None and index[1] == oci.INDEX
+        assert index is not None and index[1] == INDEX
         listed = referrers.list_remote(reg, "models/tiny", p.artifact.digest)
         assert {d.digest for d in listed} == {d.digest for d in referrers.list_local(store, "tiny", p.artifact.digest)}
         for d in listed:  # every entry is a manifest with this subject and its artifactType
@@ -53,7 +54,7 @@ def test_the_registry_has_no_referrers_api_so_the_tag_schema_is_used(registry, s
         assert reg.get_manifest("models/tiny", referrers.index_tag(p.artifact.digest) + ".att") is not None
         # and our verifier accepts what the registry holds
         content = referrers.RemoteContent(reg, "models/tiny")
-        v = sign.verify_subject(content, p.artifact.digest, sign.load_public_key(pub), p.artifact_ref)
+        v = verify.verify_subject(content, p.artifact.digest, sign.load_public_key(pub), p.artifact_ref)
         assert v.evaluation_result == "PASSED" and v.model_bundle is not None
         # re-pushing uploads nothing
         again = referrers.push_referrers(store, reg, "models/tiny", "tiny", p.artifact)
@@ -120,7 +121,7 @@ def test_the_index_is_repaired_when_another_writer_dropped_entries(registry, tmp
         entries = referrers.list_remote(reg, "fix/tiny", p.artifact.digest)
         assert len(entries) == 3
         reg.put_manifest("fix/tiny", referrers.index_tag(p.artifact.digest),
-                         oci.canonical_json(referrers.empty_index(entries[:1])), oci.INDEX)
+                         oci.canonical_json(referrers.empty_index(entries[:1])), INDEX)
         assert len(referrers.list_remote(reg, "fix/tiny", p.artifact.digest)) == 1
         referrers.update_tag_index(reg, "fix/tiny", p.artifact.digest, [])
         assert {d.digest for d in referrers.list_remote(reg, "fix/tiny", p.artifact.digest)} == {d.digest for d in entries}
@@ -134,7 +135,7 @@ def test_model_signing_cli_verifies_a_pulled_folder_and_refuses_a_tampered_one(r
     reg = Registry(registry.host)
     try:
         referrers.push_referrers(store, reg, "models/tiny", "tiny", p.artifact)
-        bundle = sign.verify_subject(referrers.RemoteContent(reg, "models/tiny"), p.artifact.digest,
+        bundle = verify.verify_subject(referrers.RemoteContent(reg, "models/tiny"), p.artifact.digest,
                                      sign.load_public_key(pub), p.artifact_ref).model_bundle
     finally:
         reg.close()
@@ -212,11 +213,11 @@ def test_pull_verify_refuses_a_tampered_manifest(registry, signed_build, tmp_pat
         manifest = json.loads(data)
         manifest["annotations"]["org.opencontainers.image.description"] = "tampered"
         forged = oci.canonical_json(manifest)
-        reg.put_manifest("models/tiny", "1.0-cpu-int4", forged, oci.MANIFEST)
+        reg.put_manifest("models/tiny", "1.0-cpu-int4", forged, MANIFEST)
         ref = f"{registry.host}/models/tiny:1.0-cpu-int4"
         _refused(ref, tmp_path / "a", pub, "is not signed")
         sig, _m, _d = reg.get_manifest("models/tiny", referrers.index_tag(digest) + ".sig")  # type: ignore[misc]
-        reg.put_manifest("models/tiny", referrers.index_tag(oci.digest_bytes(forged)) + ".sig", sig, oci.MANIFEST)
+        reg.put_manifest("models/tiny", referrers.index_tag(oci.digest_bytes(forged)) + ".sig", sig, MANIFEST)
         _refused(ref, tmp_path / "b", pub, f"the signature is for {digest}")
     finally:
         reg.close()
@@ -335,7 +336,7 @@ def test_a_second_signer_keeps_the_first_signers_signature_on_the_registry(regis
     try:
         content = referrers.RemoteContent(reg, "two/tiny")
         for pub in pubs:
-            sign.verify_subject(content, p.artifact.digest, sign.load_public_key(pub), p.artifact_ref)
+            verify.verify_subject(content, p.artifact.digest, sign.load_public_key(pub), p.artifact_ref)
         sig = reg.get_manifest("two/tiny", referrers.index_tag(p.artifact.digest) + ".sig")
         assert sig is not None
         manifest = json.loads(sig[0])

@@ -21,6 +21,7 @@ from builder.errors import NativeCheckError, RecipeError
 from builder.oci import layout as oci
 from builder.recipe import format as recipe
 from builder.recipe import plan
+from builder.targets import DEVICES
 from conftest import run_cli, write_recipe
 
 PROVIDER_KEY = {"cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
@@ -45,11 +46,11 @@ def target_recipe(folder: Path, device: str, precision: str, model: str | Path =
 
 
 @pytest.mark.parametrize(("device", "precision"), [
-    (device, precision) for device, precisions in recipe.DEVICE_PRECISIONS.items() for precision in precisions])
+    (device, precision) for device, d in DEVICES.items() for precision in d.precisions])
 def test_every_device_takes_the_precisions_the_model_builder_offers(tmp_path: Path, device: str,
                                                                     precision: str) -> None:
     loaded = recipe.load(target_recipe(tmp_path, device, precision, tmp_path))
-    assert loaded.recipe.target.execution_provider == recipe.DEFAULT_PROVIDER[device]
+    assert loaded.recipe.target.execution_provider == DEVICES[device].provider
 
 
 @pytest.mark.parametrize(("device", "precision", "says"), [

@@ -24,6 +24,7 @@ from typing import Any
 
 from builder.contract import CHECK_CPU_CROSS, CHECK_NATIVE, GENAI_CONFIG, write_json
 from builder.errors import CheckError
+from builder.targets import DEVICES
 
 # Every model folder holds these, besides the files genai_config.json names...
 REQUIRED_FILES = ("genai_config.json", "tokenizer_config.json")
@@ -161,8 +162,6 @@ def check_generates(folder: str | Path, *, new_tokens: int = 8, adapters: dict[s
 
 # ---------------------------------------------------------------------------- per target
 
-# The execution provider onnxruntime lists when it can run each device's graphs.
-_PROVIDER = {"cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider", "webgpu": "WebGpuExecutionProvider"}
 
 
 def _cuda_devices() -> int:
@@ -185,9 +184,9 @@ def hardware_missing(device: str) -> str | None:
     CUDA, a GPU must be visible (onnxruntime-gpu lists CUDA without one)."""
     if device == "cpu":
         return None
-    provider = _PROVIDER.get(device)
-    if provider is None:
+    if device not in DEVICES:
         return f"olive-builder does not know device {device!r}"
+    provider = DEVICES[device].provider
     if device == "dml" and sys.platform != "win32":
         return "DirectML runs on Windows only"
     try:
@@ -234,7 +233,7 @@ def target_device(folder: str | Path) -> str:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "cpu"
     named = {key for entry in entries if isinstance(entry, dict) for key in entry}
-    return next((device for device in _PROVIDER if device in named), "cpu")
+    return next((d.name for d in DEVICES.values() if d.genai_key in named), "cpu")
 
 
 def cpu_copy(folder: str | Path, dest: str | Path) -> Path:

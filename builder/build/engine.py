@@ -23,13 +23,11 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
+from builder.build.images import ImageSpec, build_image
 from builder.contract import PACKAGE_DIR, TOOL_LABEL, TOOLS, tool_versions_here
 from builder.errors import EngineError, ImageError
-
-if TYPE_CHECKING:
-    from builder.build.images import ImageSpec
 
 EngineName = Literal["docker", "local"]
 LineSink = Callable[[str], None]
@@ -205,8 +203,6 @@ class DockerEngine:
             if spec is None:
                 raise ImageError(f"The builder image {image} is not in this Docker engine.",
                                  hint="Build it with `build images`, or name another one with --image.")
-            from builder.build.images import build_image
-
             on_log(f"builder image {image} is not built yet; building it (once)")
             build_image(self.client, spec, on_log)
         return BuilderEnv(*self.tools_of_image(image))

@@ -29,6 +29,7 @@ from builder.contract import (
     SPEC_FILE,
     BuilderInfo,
     BuildRecord,
+    BuildStep,
     RecordError,
     Source,
     Target,
@@ -40,7 +41,7 @@ from builder.contract import (
     log_dir,
 )
 from builder.errors import BuildError, CheckError, EngineError, EvaluationError, ModelNotFoundError, OutputExistsError
-from builder.recipe.plan import BuildStep
+from builder.oci.layout import rename_noreplace
 
 LOG_TAIL_LINES = 40
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
@@ -59,8 +60,9 @@ StageSink = Callable[[str, str], None]
 LineSink = Callable[[str], None]
 
 
-def default_output(step: BuildStep) -> Path:
-    return Path("out") / step.id
+def default_output(build_id: str) -> Path:
+    """Where a build writes its folder unless told: ``out/<model>/<target>``."""
+    return Path("out") / build_id
 
 
 def preflight_output(output: Path, force: bool) -> None:
@@ -74,6 +76,7 @@ def preflight_output(output: Path, force: bool) -> None:
 
 
 def preflight_model(step: BuildStep) -> None:
+    """A local model folder that is missing fails here, before any engine starts."""
     if step.model.path is None:
         return
     folder = Path(step.model.path)
@@ -194,23 +197,23 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
     mounts.append(Mount(package, "/opt/olive-builder/builder", read_only=True))
     if (step.evaluate or {}).get("enabled", True) and os.environ.get("OLIVE_BUILDER_EVAL_CACHE", "") != "off":
         # The evaluation's cache of source-model figures outlives the container, so a second
-        # precision or target of the same source skips the source pass (builder.build.evaluate).
+        # precision or target of the same source skips the source pass (builder.build.source_figures).
         figures = Path(os.environ.get("OLIVE_BUILDER_EVAL_CACHE") or cache_dir() / "eval-reference")
         figures.mkdir(parents=True, exist_ok=True)
         figures_mount = Mount(figures, "/eval-cache", read_only=False)
         mounts.append(figures_mount)
         env["OLIVE_BUILDER_EVAL_CACHE"] = engine.path_for(figures_mount)
-    step_json = step.to_json()
+    # The step as the worker sees it: the same plan, with the paths where its files are mounted.
+    seen_step = step
     text = (step.evaluate or {}).get("text")
     if text:
         # The recipe's own evaluation text, read-only where the worker can see it.
         text_mount = Mount(Path(text), "/eval/text.txt", read_only=True)
         mounts.append(text_mount)
-        step_json["evaluate"] = {**step_json["evaluate"], "text": engine.path_for(text_mount)}
-    finetune = step_json.get("finetune")
-    if finetune:
+        seen_step = dataclasses.replace(seen_step, evaluate={**(step.evaluate or {}), "text": engine.path_for(text_mount)})
+    if step.finetune:
         # The training data, read-only, as DATA_DIR/<i><suffix> (the names the planned config uses).
-        dataset = dict(finetune["dataset"])
+        dataset = dict(step.finetune["dataset"])
         seen = []
         for i, host in enumerate(dataset.get("files") or []):
             mount = Mount(Path(host), f"/data/{i}{Path(host).suffix.lower()}", read_only=True)
@@ -218,8 +221,8 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
             seen.append(engine.path_for(mount))
         dataset["files"] = seen
         dataset["dir"] = str(Path(seen[0]).parent) if seen else None
-        step_json["finetune"] = {**finetune, "dataset": dataset}
-    spec = WorkerSpec(step=step_json, work_dir=work_dir, model_dir=model_dir)
+        seen_step = dataclasses.replace(seen_step, finetune={**step.finetune, "dataset": dataset})
+    spec = WorkerSpec(step=seen_step, work_dir=work_dir, model_dir=model_dir)
     spec_mount_path = f"{work_dir}/{SPEC_FILE}"
     job = Job(
         image=step.builder_image,
@@ -267,7 +270,8 @@ def _record(step: BuildStep, result: WorkerResult, engine: str, image_id: str | 
         license=step.license,
         target=Target(device=step.device, execution_provider=step.execution_provider, precision=step.precision),
         source=Source(hub=step.model.hub, revision=step.model.revision, resolved_revision=result.resolved_revision,
-                      local=step.model.path is not None, trust_remote_code=step.model.trust_remote_code),
+                      local=step.model.path is not None and step.model.gguf is None,
+                      trust_remote_code=step.model.trust_remote_code, gguf=step.model.gguf),
         recipe_digest=step.recipe_digest,
         cache_key=step.cache_key,
         builder=BuilderInfo(version=step.builder_version, engine=engine,
@@ -283,8 +287,6 @@ def _replace(model: Path, output: Path, work: Path, force: bool) -> None:
     """Put the checked model at ``output``; with ``force`` an existing folder is swapped out only
     now. Without it, a folder that appeared while we built (another build to the same place)
     wins: the rename refuses to replace anything, so of two racing builds exactly one lands."""
-    from builder.oci.layout import rename_noreplace
-
     if force and output.exists():
         old = work / "previous-output"
         os.replace(output, old)

@@ -35,8 +35,9 @@ FLAVOURS = {
     "runtime-cuda": "images/runtime-cuda/Dockerfile",
 }
 # Files of this package that runtime images carry (the server, without the build side).
-# What of olive-builder the runtime images carry: the server package and the one module it imports.
-RUNTIME_FILES = ("builder/__init__.py", "builder/contract.py",
+# What of olive-builder the runtime images carry: the server package and the stdlib-only modules it
+# imports (tests/test_layout.py imports the server from exactly these files).
+RUNTIME_FILES = ("builder/__init__.py", "builder/contract.py", "builder/errors.py",
                  *sorted(f"builder/serve/{p.name}" for p in (PACKAGE_DIR / "serve").glob("*.py")))
 REPOSITORY = "olive-builder"
 ENV_BASE_IMAGE = "OLIVE_BUILDER_BASE_IMAGE"

@@ -36,6 +36,8 @@ from builder.contract import (
     OUTPUT_DIR,
     RESULT_FILE,
     TOOL_DISTRIBUTIONS,
+    BuildStep,
+    ModelRef,
     RecordError,
     WorkerResult,
     WorkerSpec,
@@ -72,18 +74,18 @@ class WorkerFailure(Exception):
         self.kind, self.message, self.hint = kind, message, hint
 
 
-def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str | None]:
+def fetch_model(model: ModelRef, local_dir: str | None) -> tuple[str, str | None]:
     """The model folder to convert and, for Hub models, the commit it resolved to."""
-    if model.get("path"):
-        folder = Path(local_dir or model["path"])
+    if model.path:
+        folder = Path(local_dir or model.path)
         if not (folder / "config.json").is_file():
             raise WorkerFailure(
                 "model_not_found",
-                f"The model folder {model['path']} has no config.json; it is not a Hugging Face model folder.",
+                f"The model folder {model.path} has no config.json; it is not a Hugging Face model folder.",
             )
         return str(folder), None
     # The driver resolves a branch to a commit before the build (the cache key names it).
-    repo, revision = model["hub"], model.get("resolved") or model.get("revision") or "main"
+    repo, revision = str(model.hub), model.resolved or model.revision or "main"
     event("fetch", f"fetching {repo}@{revision} from the Hugging Face Hub")
     try:
         from huggingface_hub import snapshot_download
@@ -134,7 +136,7 @@ def fetch_model(model: dict[str, Any], local_dir: str | None) -> tuple[str, str 
         ) from None
     except Exception as e:  # network errors and the like
         raise WorkerFailure("model_not_found", f"Fetching {repo}@{revision} failed: {e}") from None
-    verify_locked_files(repo, Path(path), model.get("files") or {})
+    verify_locked_files(repo, Path(path), model.files or {})
     return path, Path(path).name  # the snapshot folder is named by its commit
 
 
@@ -194,14 +196,14 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
 
     if os.environ.get("HF_TOKEN_PATH") or os.environ.get("HF_TOKEN"):
         event("auth", "a Hugging Face token is available to this build")
-    model_dir, resolved = fetch_model(step["model"], spec.model_dir)
+    model_dir, resolved = fetch_model(step.model, spec.model_dir)
     values = {MODEL_DIR: model_dir, OUTPUT_DIR: str(output), CACHE_DIR: str(olive_cache)}
-    finetune = step.get("finetune")
+    finetune = step.finetune
     if finetune:
         # The planned data_files name DATA_DIR/<i><suffix>; the dataset is where this process sees it.
         for i, seen in enumerate(finetune["dataset"].get("files") or []):
             values[f"{DATA_DIR}/{i}{Path(seen).suffix.lower()}"] = seen
-    config = substitute(step["olive_config"], values)
+    config = substitute(step.olive_config, values)
     config_path = meta / "olive-config.json"
     config_path.write_text(json.dumps(config, indent=2))
 
@@ -219,10 +221,10 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step["olive_config"]["passes"].items())
+    passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step.olive_config["passes"].items())
     event("finetune" if finetune else "convert", f"olive run: {passes}")
-    if (step.get("evaluate") or {}).get("enabled", True):
-        from builder.build.evaluate import preload
+    if (step.evaluate or {}).get("enabled", True):
+        from builder.build.measure import preload
 
         preload()  # torch and transformers imported for the evaluation while Olive runs in its own process
     started = time.monotonic()
@@ -244,7 +246,7 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     tuned = finetune_outcome(finetune, output, meta, train_loss) if finetune else None
     adapters = {a["name"]: output / a["file"] for a in tuned["adapters"] if a.get("file")} if tuned else {}
 
-    device = step.get("device") or "cpu"
+    device = step.device
     event("check", "loading the model with onnxruntime-genai and generating tokens"
           + (f", with no adapter and with {', '.join(adapters)}" if adapters else ""))
     try:
@@ -257,7 +259,7 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     if tuned is None:
         evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
     else:
-        from builder.build.evaluate import AdapterUnderTest
+        from builder.build.measure import AdapterUnderTest
 
         entry = tuned["adapters"][0]
         under_test = AdapterUnderTest(name=entry["name"], peft_dir=Path(tuned.pop("peft_dir")),
@@ -352,7 +354,7 @@ def finetune_outcome(finetune: dict[str, Any], output: Path, meta: Path, train_l
     return {"mode": finetune["mode"], "method": finetune["method"], "adapters": [entry], "peft_dir": str(peft_dir)}
 
 
-def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross_check: str | None = None,
+def evaluate_build(step: BuildStep, output: Path, source_dir: str, *, cross_check: str | None = None,
                    adapter: Any = None, speed: bool = True) -> dict[str, Any]:
     """The evaluation stage: the checked model against its source; a gate failure fails the build.
 
@@ -363,7 +365,7 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross
 
     from builder.build.evaluate import Settings, evaluate, not_evaluated, raise_for_gates
 
-    settings = Settings.from_json(step.get("evaluate"))
+    settings = Settings.from_json(step.evaluate)
     wanted_speed = settings.speed
     if cross_check is not None or not speed:
         settings = dataclasses.replace(settings, speed=False)
@@ -374,10 +376,10 @@ def evaluate_build(step: dict[str, Any], output: Path, source_dir: str, *, cross
         result = evaluate(
             output,
             source_dir,
-            precision=step.get("precision"),
-            device=step.get("device") or "cpu",
+            precision=step.precision,
+            device=step.device,
             settings=settings,
-            trust_remote_code=bool(step["model"].get("trust_remote_code")),
+            trust_remote_code=step.model.trust_remote_code,
             on_progress=lambda message: event("evaluate", message),
             **({"adapter": adapter} if adapter is not None else {}),
         )

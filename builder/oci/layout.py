@@ -1,4 +1,4 @@
-"""OCI content: media types, descriptors, deterministic tar layers and the local store.
+"""OCI content: descriptors, deterministic tar layers and the local store.
 
 The local store is an OCI image layout (https://github.com/opencontainers/image-spec/blob/main/image-layout.md):
 ``oci-layout``, ``index.json`` and ``blobs/sha256/<hex>``. Every blob is written to a
@@ -33,32 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from builder.contract import ADAPTER_ARTIFACT_TYPE, write_json
+from builder.contract import CHUNK, write_json
 from builder.errors import ContentError, StoreError
+from builder.oci.media import ADAPTER_ARTIFACT_TYPE, INDEX
 
-# OCI image spec
-MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-INDEX = "application/vnd.oci.image.index.v1+json"
-IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
-IMAGE_LAYER = "application/vnd.oci.image.layer.v1.tar"
-IMAGE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-# CNCF ModelPack (https://github.com/modelpack/model-spec)
-MODEL_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
-MODEL_CONFIG = "application/vnd.cncf.model.config.v1+json"
-MODEL_WEIGHT = "application/vnd.cncf.model.weight.v1.tar"
-MODEL_WEIGHT_CONFIG = "application/vnd.cncf.model.weight.config.v1.tar"
-MODEL_LAYER_TYPES = (MODEL_WEIGHT, MODEL_WEIGHT_CONFIG)
+# Annotation keys of the formats this store holds (their media types: builder.oci.media)
 ANN_FILEPATH = "org.cncf.model.filepath"
 ANN_FILE_METADATA = "org.cncf.model.file.metadata+json"
 ANN_UNTESTED = "org.cncf.model.file.mediatype.untested"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 ANN_TITLE = "org.opencontainers.image.title"
-# A LoRA adapter's artifact (see contract.ADAPTER_*): its config describes the adapter and names its base.
-ADAPTER_CONFIG = "application/vnd.olive-builder.adapter.config.v1+json"
-
-CHUNK = 4 << 20
 ENV_STORE = "OLIVE_BUILDER_STORE"
 
 

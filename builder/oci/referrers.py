@@ -29,19 +29,29 @@ import hashlib
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urljoin
 
-from builder.contract import ADAPTER_ANNOTATION, ADAPTER_ARTIFACT_TYPE
+from builder.contract import ADAPTER_ANNOTATION, CHUNK
 from builder.errors import ContentError, RegistryError, StoreError
 from builder.oci import layout as oci
+from builder.oci.media import (
+    ADAPTER_ARTIFACT_TYPE,
+    COSIGN_ATT_ARTIFACT,
+    COSIGN_SIG_ARTIFACT,
+    EMPTY_MEDIA,
+    IMAGE_CONFIG,
+    INDEX,
+    MANIFEST,
+    SBOM_MEDIA,
+    SIGSTORE_BUNDLE_MEDIA,
+)
 from builder.oci.registry import Registry
 
-EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
 EMPTY_DATA = b"{}"
 REF_TAG_INFIX = ".ref."
 SIG_SUFFIX = ".sig"
@@ -66,7 +76,7 @@ def is_referrer_tag(tag: str) -> bool:
 
 
 def empty_index(entries: Iterable[oci.Descriptor] = ()) -> dict[str, Any]:
-    return {"schemaVersion": 2, "mediaType": oci.INDEX, "manifests": [d.to_json() for d in entries]}
+    return {"schemaVersion": 2, "mediaType": INDEX, "manifests": [d.to_json() for d in entries]}
 
 
 def _entries(index: dict[str, Any] | None) -> list[oci.Descriptor]:
@@ -93,7 +103,7 @@ def referrer_manifest(subject: oci.Descriptor, artifact_type: str, layers: list[
                       annotations: dict[str, str] | None = None, config: oci.Descriptor | None = None) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "schemaVersion": 2,
-        "mediaType": oci.MANIFEST,
+        "mediaType": MANIFEST,
         "artifactType": artifact_type,
         "config": (config or oci.Descriptor(EMPTY_MEDIA, oci.digest_bytes(EMPTY_DATA), len(EMPTY_DATA))).to_json(),
         "layers": [d.to_json() for d in layers],
@@ -122,7 +132,7 @@ def attach(store: oci.Store, name: str, subject: oci.Descriptor, artifact_type: 
     descs = [store.put_bytes(data, media, annotations=ann) for data, media, ann in layers]
     config_desc = store.put_bytes(*config) if config else store.put_bytes(EMPTY_DATA, EMPTY_MEDIA)
     manifest = referrer_manifest(subject, artifact_type, descs, annotations, config_desc)
-    desc = store.put_json(manifest, oci.MANIFEST, artifact_type=artifact_type, annotations=dict(annotations or {}))
+    desc = store.put_json(manifest, MANIFEST, artifact_type=artifact_type, annotations=dict(annotations or {}))
     add_local(store, name, subject.digest, desc)
     if tag:
         store.tag(f"{name}:{tag}", desc)
@@ -136,7 +146,7 @@ def add_local(store: oci.Store, name: str, subject_digest: str, desc: oci.Descri
         entries = _entries(store.read_json(current.digest)) if current else []
         if any(d.digest == desc.digest for d in entries):
             return
-        index = store.put_json(empty_index(_merge(entries, [desc])), oci.INDEX)
+        index = store.put_json(empty_index(_merge(entries, [desc])), INDEX)
         store.tag(ref, index)
 
 
@@ -172,7 +182,7 @@ def replace_local_tagged(store: oci.Store, name: str, subject: oci.Descriptor, s
         merged.setdefault((oci.digest_bytes(data), json.dumps(ann, sort_keys=True)), (data, media, ann))
     layers = list(merged.values())
     return attach(store, name, subject, artifact_type, layers, annotations=annotations,
-                  tag=index_tag(subject.digest) + suffix, config=(cosign_config(layers), oci.IMAGE_CONFIG))
+                  tag=index_tag(subject.digest) + suffix, config=(cosign_config(layers), IMAGE_CONFIG))
 
 
 def cosign_config(layers: list[tuple[bytes, str, dict[str, str]]]) -> bytes:
@@ -216,14 +226,14 @@ def list_tags(registry: Registry, repo: str, prefix: str) -> list[str]:
 def registry_referrers(registry: Registry, repo: str, subject_digest: str) -> list[oci.Descriptor] | None:
     """The referrers API's answer, or None where the registry has no referrers API."""
     r = registry.request("GET", f"{repo}/referrers/{subject_digest}", scope=f"repository:{repo}:pull",
-                         headers={"Accept": oci.INDEX}, allow=(404, 400, 405))
+                         headers={"Accept": INDEX}, allow=(404, 400, 405))
     if r.status_code != 200:
         return None
     try:
         body = r.json()
     except ValueError:
         return None
-    if not isinstance(body, dict) or body.get("mediaType", oci.INDEX) != oci.INDEX:
+    if not isinstance(body, dict) or body.get("mediaType", INDEX) != INDEX:
         return None
     return _entries(body)
 
@@ -242,7 +252,7 @@ def put_referrer(registry: Registry, repo: str, data: bytes, tag: str | None = N
     subject itself (the ``OCI-Subject`` header of the referrers API)."""
     digest = oci.digest_bytes(data)
     r = registry.request("PUT", f"{repo}/manifests/{tag or digest}", scope=f"repository:{repo}:pull,push",
-                         ok=(201, 200), headers={"Content-Type": oci.MANIFEST}, body=lambda: data)
+                         ok=(201, 200), headers={"Content-Type": MANIFEST}, body=lambda: data)
     echoed = r.headers.get("Docker-Content-Digest")
     if echoed and echoed != digest:
         raise RegistryError(f"{registry.host} stored a referrer under {echoed}, not {digest}.")
@@ -285,7 +295,7 @@ def update_tag_index(registry: Registry, repo: str, subject_digest: str, ours: l
         if all(d.digest in have for d in wanted):
             return current
         index = oci.canonical_json(empty_index(wanted))
-        registry.put_manifest(repo, tag, index, oci.INDEX)
+        registry.put_manifest(repo, tag, index, INDEX)
         on_event("push", f"referrers {tag[:19]}... lists {len(wanted)}")
         # Another pusher may have written between our read and our write: read again (after a
         # short random pause, so two pushers do not keep overwriting in lock step) until stable.
@@ -353,11 +363,11 @@ def push_referrers(store: oci.Store, registry: Registry, repo: str, name: str, s
             merged = _merge_cosign_tag(store, registry, repo, tagged[desc.digest], json.loads(data))
             if merged is not None:  # another signer's layers were there: keep them beside ours
                 data = oci.canonical_json(merged)
-                merged_desc = oci.Descriptor(oci.MANIFEST, oci.digest_bytes(data), len(data),
+                merged_desc = oci.Descriptor(MANIFEST, oci.digest_bytes(data), len(data),
                                              artifact_type=merged.get("artifactType"))
                 put(data, merged_desc.digest)
                 extra.append(merged_desc)
-            registry.put_manifest(repo, tagged[desc.digest], data, oci.MANIFEST)
+            registry.put_manifest(repo, tagged[desc.digest], data, MANIFEST)
         report.manifests += 1
         on_event("push", f"referrer {desc.digest[:19]} {desc.artifact_type or ''}")
     report.api = bool(api)
@@ -385,12 +395,38 @@ def _merge_cosign_tag(store: oci.Store, registry: Registry, repo: str, tag: str,
     layers = list(ours.get("layers", [])) + missing
     config = store.put_bytes(oci.canonical_json(json.loads(cosign_config([]))
                                                 | {"rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layers]}}),
-                             oci.IMAGE_CONFIG)
+                             IMAGE_CONFIG)
     registry.push_blob(repo, config, store.blob_path(config.digest))
     return {**ours, "config": config.to_json(), "layers": layers}
 
 
 # ---- reading a subject's signatures and attestations, locally or from a registry ------------
+
+class Content(Protocol):
+    """The few reads verification and `build inspect` need, the same from the local store
+    (``LocalContent``) and from a registry (``RemoteContent``); ``builder.oci.content.open_content``
+    gives the one a reference names."""
+
+    def tagged(self, tag: str) -> tuple[oci.Descriptor, dict[str, Any]] | None:
+        """The manifest tagged ``tag`` in this repository, if there is one."""
+        ...
+
+    def manifest(self, desc: oci.Descriptor) -> dict[str, Any]:
+        """The manifest ``desc`` names."""
+        ...
+
+    def blob(self, desc: oci.Descriptor) -> bytes:
+        """A small blob's bytes, checked against ``desc``."""
+        ...
+
+    def referrers(self, subject_digest: str) -> list[oci.Descriptor]:
+        """The referrers of the manifest ``subject_digest``."""
+        ...
+
+    def check_blob(self, desc: oci.Descriptor) -> None:
+        """Refuse a blob of any size whose bytes are not ``desc``'s."""
+        ...
+
 
 class LocalContent:
     """The local store seen through the few reads verification needs."""
@@ -426,7 +462,7 @@ class LocalContent:
         h = hashlib.sha256()
         size = 0
         with self.store.open_blob(desc.digest) as f:
-            while chunk := f.read(oci.CHUNK):
+            while chunk := f.read(CHUNK):
                 h.update(chunk)
                 size += len(chunk)
         if "sha256:" + h.hexdigest() != desc.digest or size != desc.size:
@@ -478,34 +514,7 @@ class RemoteContent:
             self.registry.fetch_blob(self.repo, desc, oci.Store(Path(tmp)))
 
 
-@contextmanager
-def open_content(ref_text: str, store: oci.Store, *, insecure: bool | None = None) -> Iterator[tuple[Any, str]]:
-    """(content, manifest digest) of a reference: the local store's ``<name>:<tag>`` or a registry's."""
-    from builder.oci.registry import parse_reference
-
-    ref = parse_reference(ref_text)
-    if ref.registry is None:
-        if ref.digest:
-            digest = ref.digest
-        else:
-            found = store.resolve(f"{ref.repository}:{ref.tag}")
-            if found is None:
-                raise StoreError(f"{ref.repository}:{ref.tag} is not in the local store {store.root}.",
-                                 hint="`build inspect` lists what it holds.")
-            digest = found.digest
-        yield LocalContent(store, ref.repository), digest
-        return
-    registry = Registry(ref.registry, insecure=insecure)
-    try:
-        got = registry.get_manifest(ref.repository, ref.reference)
-        if got is None:
-            raise RegistryError(f"{ref} does not exist (the registry has no such tag or digest).")
-        yield RemoteContent(registry, ref.repository), got[2]
-    finally:
-        registry.close()
-
-
-def describe(content: Any, digest: str) -> list[dict[str, Any]]:
+def describe(content: Content, digest: str) -> list[dict[str, Any]]:
     """The referrers of ``digest`` as rows for `build inspect`."""
     rows = []
     for d in content.referrers(digest):
@@ -519,19 +528,19 @@ def describe(content: Any, digest: str) -> list[dict[str, Any]]:
 
 
 def _kind(artifact_type: str | None) -> str:
-    return {"application/vnd.dev.cosign.artifact.sig.v1+json": "signature",
-            "application/vnd.dev.cosign.artifact.att.v1+json": "attestations",
-            "application/vnd.dev.sigstore.bundle.v0.3+json": "model-signature",
-            "application/vnd.cyclonedx+json": "sbom",
+    return {COSIGN_SIG_ARTIFACT: "signature",
+            COSIGN_ATT_ARTIFACT: "attestations",
+            SIGSTORE_BUNDLE_MEDIA: "model-signature",
+            SBOM_MEDIA: "sbom",
             ADAPTER_ARTIFACT_TYPE: "adapter"}.get(artifact_type or "", artifact_type or "?")
 
 
-def document(content: Any, digest: str, kind: str) -> bytes | None:
+def document(content: Content, digest: str, kind: str) -> bytes | None:
     """The first document of the referrer of ``kind`` (sbom, provenance, evaluation) of ``digest``."""
     for row in describe(content, digest):
         if row["kind"] != kind:
             continue
-        m = content.manifest(oci.Descriptor(oci.MANIFEST, row["digest"], row["size"]))
+        m = content.manifest(oci.Descriptor(MANIFEST, row["digest"], row["size"]))
         for layer in m.get("layers") or []:
             return bytes(content.blob(oci.Descriptor.from_json(layer)))
     return None

@@ -1,13 +1,12 @@
 """A small client for the OCI distribution API: what push, pull and inspect need, and no more.
 
-- References: ``[registry/]repository[:tag][@sha256:...]``. The first path component is a
-  registry when it has a dot or a port or is ``localhost``. A malformed one is a usage error.
-- Credentials, in this order: ``OLIVE_BUILDER_REGISTRY_USERNAME``/``_PASSWORD``, only for the
-  registry they are for (``OLIVE_BUILDER_REGISTRY_HOST``, else the host of
-  ``OLIVE_BUILDER_REGISTRY``); the docker config (``$DOCKER_CONFIG/config.json`` or
-  ``~/.docker/config.json``): ``credHelpers``, ``auths`` and ``credsStore``, the way
-  ``docker login`` leaves them. Basic and bearer-token challenges are both answered; a
-  token service on another host gets credentials only over HTTPS (or on loopback).
+References are parsed in ``builder.oci.reference``, credentials found in
+``builder.oci.credentials``, and every connection is watched by ``builder.transport``'s
+deadline watchdog. This module is the conversation with one registry host:
+
+- Credentials are looked up only when the registry asks. Basic and bearer-token challenges
+  are both answered; a token service on another host gets credentials only over HTTPS (or on
+  loopback).
 - A registry is not trusted to behave: every request has connect and read timeouts and the
   whole operation (retries, redirects and the token included) a deadline
   (``OLIVE_BUILDER_REGISTRY_TIMEOUT``, 60 s); a blob transfer must move 64 kB per such
@@ -29,38 +28,32 @@ import base64
 import json
 import os
 import re
-import socket
-import subprocess
-import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote, urlencode, urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
-import requests.adapters
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from builder.contract import OCI_REPOSITORY_RULE, OCI_TAG_RULE
-from builder.errors import (
-    AuthError,
-    ContentError,
-    ReferenceError_,
-    RegistryError,
-    StoreError,
-    UsageError,
-)
+from builder.contract import CHUNK
+from builder.errors import AuthError, ContentError, RegistryError, StoreError, UsageError
 from builder.oci import layout as oci
+from builder.oci.credentials import (
+    ENV_HOST,
+    ENV_PASSWORD,
+    ENV_USERNAME,
+    Credentials,
+    credentials_for,
+    env_hint,
+    hf_tokens,
+    redact,
+    sanitize,
+)
+from builder.oci.media import DOCKER_MANIFEST, INDEX, MANIFEST
+from builder.transport import Watchdog, read_capped, watched_session
 
-ENV_USERNAME = "OLIVE_BUILDER_REGISTRY_USERNAME"
-ENV_PASSWORD = "OLIVE_BUILDER_REGISTRY_PASSWORD"
-ENV_HOST = "OLIVE_BUILDER_REGISTRY_HOST"  # the registries the two above are for
-ENV_REGISTRY = "OLIVE_BUILDER_REGISTRY"  # the default push destination (its host, if ENV_HOST is unset)
 ENV_INSECURE = "OLIVE_BUILDER_INSECURE_REGISTRIES"
 ENV_TIMEOUT = "OLIVE_BUILDER_REGISTRY_TIMEOUT"
 DEFAULT_TIMEOUT = 60.0
@@ -70,15 +63,9 @@ MAX_MANIFEST_BYTES = 4 << 20  # what the distribution spec asks registries to ac
 MAX_BODY_BYTES = 1 << 20  # token answers
 MAX_ANSWER_BYTES = 64 << 20  # any other answer read whole (tag lists, referrer indexes, signatures, SBOMs)
 MAX_ERROR_BYTES = 64 << 10  # what an error answer may say
-MIN_PROGRESS = 64 << 10  # bytes a blob transfer must move per timeout period
-MAX_REFERENCE = 512
-MANIFEST_ACCEPT = ", ".join([oci.MANIFEST, oci.INDEX, oci.DOCKER_MANIFEST])
+MANIFEST_ACCEPT = ", ".join([MANIFEST, INDEX, DOCKER_MANIFEST])
 TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
 REDIRECT_STATUS = (301, 302, 303, 307, 308)
-_REPO_RE = re.compile(f"^{OCI_REPOSITORY_RULE}$")
-_TAG_RE = re.compile(f"^{OCI_TAG_RULE}$")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOST_RE = re.compile(rf"^(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?$")
 
 
 def timeout_setting() -> float:
@@ -95,249 +82,6 @@ def timeout_setting() -> float:
     return value
 
 
-# ---- what servers say -----------------------------------------------------------------------
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def sanitize(text: str, limit: int = 300) -> str:
-    """Server text fit for a terminal: no control characters (escape sequences), cut short."""
-    text = _CONTROL.sub("?", text.replace("\r", " ").replace("\n", " ").replace("\t", " "))
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def hf_tokens() -> list[str]:
-    """The Hugging Face tokens this process holds (a registry error body might echo them)."""
-    out = [os.environ.get(n, "") for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
-    home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
-    try:
-        out.append(Path(os.environ.get("HF_TOKEN_PATH") or Path(home) / "token").read_text()[:4096].strip())
-    except (OSError, UnicodeDecodeError):
-        pass
-    return [t for t in out if t]
-
-
-def known_secrets() -> list[str]:
-    """Every secret this process holds from its environment: the registry password and the HF
-    tokens. For whoever prints text that might echo them (the CLI's error printer)."""
-    return [s for s in (os.environ.get(ENV_PASSWORD, ""), *hf_tokens()) if s]
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret (and its URL- and base64-encoded forms) replaced by ***."""
-    forms: set[str] = set()
-    for secret in secrets:
-        if len(secret) < 4:  # too short to search for without mangling the message
-            continue
-        forms.update({secret, quote(secret, safe=""), base64.b64encode(secret.encode()).decode()})
-    for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, "***")
-    return text
-
-
-def _shown(text: str) -> str:
-    return repr(sanitize(text, 120))
-
-
-# ---- references -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Reference:
-    registry: str | None  # None: the local store
-    repository: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @property
-    def reference(self) -> str:
-        """What goes after /manifests/: the digest if there is one, else the tag."""
-        return self.digest or self.tag or "latest"
-
-    def with_tag(self, tag: str) -> Reference:
-        return Reference(self.registry, self.repository, tag, None)
-
-    @property
-    def name(self) -> str:
-        return f"{self.registry}/{self.repository}" if self.registry else self.repository
-
-    def __str__(self) -> str:
-        out = self.name
-        if self.tag:
-            out += f":{self.tag}"
-        if self.digest:
-            out += f"@{self.digest}"
-        return out
-
-
-def is_registry_host(part: str) -> bool:
-    return "." in part or ":" in part or part == "localhost"
-
-
-def parse_reference(text: str) -> Reference:
-    """Parse ``[registry/]repo[:tag][@digest]``; a reference without a registry names the local store.
-    A malformed reference is the user's mistake: ReferenceError_ (exit 2)."""
-    original = text
-    if len(text) > MAX_REFERENCE or any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
-        raise ReferenceError_(f"{_shown(text)} is not a valid reference: spaces, control characters or more than "
-                              f"{MAX_REFERENCE} characters.",
-                              hint="Use [registry/]repository[:tag][@sha256:...], e.g. localhost:5000/models/qwen:1.0-cpu-int4.")
-    digest = None
-    if "@" in text:
-        text, digest = text.split("@", 1)
-        if not oci.valid_digest(digest):
-            raise ReferenceError_(f"{original!r}: {digest!r} is not a sha256 digest (sha256:<64 hex digits>).")
-    registry = None
-    first, _, rest = text.partition("/")
-    if rest and is_registry_host(first):
-        if not _HOST_RE.match(first):
-            raise ReferenceError_(f"{original!r}: {first!r} is not a registry host[:port].")
-        registry, text = first, rest
-    tag = None
-    last = text.rsplit("/", 1)[-1]
-    if ":" in last:
-        text, tag = text.rsplit(":", 1)
-        if not _TAG_RE.match(tag):
-            raise ReferenceError_(f"{original!r}: {tag!r} is not a valid tag (OCI rule [a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}}).")
-    if not _REPO_RE.match(text):
-        raise ReferenceError_(f"{original!r} is not a valid reference.",
-                            hint="Use [registry/]repository[:tag][@sha256:...], e.g. localhost:5000/models/qwen:1.0-cpu-int4.")
-    if tag is None and digest is None:
-        tag = "latest"
-    return Reference(registry, text, tag, digest)
-
-
-def parse_destination(text: str) -> tuple[str, str]:
-    """``REGISTRY[/NAMESPACE]`` (where built models are pushed) -> (registry host, namespace)."""
-    first, _, rest = text.strip().rstrip("/").partition("/")
-    if not first or not is_registry_host(first):
-        raise ReferenceError_(f"{text!r} does not start with a registry host.",
-                            hint="Name the registry and an optional namespace, e.g. ghcr.io/acme/models or localhost:5000.")
-    if not _HOST_RE.match(first):
-        raise ReferenceError_(f"{text!r}: {first!r} is not a registry host[:port].")
-    if rest and not _REPO_RE.match(rest):
-        raise ReferenceError_(f"{text!r}: {rest!r} is not a valid repository namespace (lower-case, digits, . _ - and /).")
-    return first, rest
-
-
-def repository(namespace: str, name: str) -> str:
-    """The repository a recipe named ``name`` is pushed to under ``namespace``."""
-    return f"{namespace}/{name}" if namespace else name
-
-
-# ---- credentials ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str | None
-    secret: str
-    source: str  # where they came from, for messages (never the secret itself)
-    identity_token: bool = False
-
-    def __repr__(self) -> str:
-        return f"Credentials(username={self.username!r}, source={self.source!r})"
-
-
-def docker_config_path() -> Path:
-    base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
-
-
-def _config_keys(host: str) -> list[str]:
-    keys = [host, f"https://{host}", f"http://{host}", f"https://{host}/v1/", f"https://{host}/v2/"]
-    if host in ("docker.io", "registry-1.docker.io", "index.docker.io"):
-        keys.append("https://index.docker.io/v1/")
-    return keys
-
-
-def _helper(name: str, host: str) -> Credentials | None:
-    program = f"docker-credential-{name}"
-    try:
-        out = subprocess.run([program, "get"], check=False, input=host, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        raise AuthError(f"The docker config names the credential helper {program!r} for {host}, but it is not installed.",
-                        hint=f"Install {program}, or remove it from {docker_config_path()}.") from None
-    except subprocess.TimeoutExpired:
-        raise AuthError(f"The credential helper {program} did not answer within 30 s.") from None
-    if out.returncode != 0:
-        if "credentials not found" in (out.stdout + out.stderr).lower():
-            return None
-        said = out.stderr.strip() or out.stdout.strip()
-        raise AuthError(f"The credential helper {program} failed for {host}: {sanitize(said)}")
-    try:
-        data = json.loads(out.stdout)
-        user, secret = data.get("Username"), data["Secret"]
-    except (ValueError, KeyError):
-        raise AuthError(f"The credential helper {program} gave an answer that is not Docker's JSON.") from None
-    if user == "<token>":
-        return Credentials(None, secret, f"credential helper {program}", identity_token=True)
-    return Credentials(user, secret, f"credential helper {program}")
-
-
-def env_credentials_hosts() -> list[str]:
-    """The registries ``OLIVE_BUILDER_REGISTRY_USERNAME``/``_PASSWORD`` are for: the hosts in
-    ``OLIVE_BUILDER_REGISTRY_HOST`` (comma-separated), else the host of ``OLIVE_BUILDER_REGISTRY``."""
-    named = [h.strip().lower() for h in os.environ.get(ENV_HOST, "").split(",") if h.strip()]
-    if named:
-        return named
-    default = os.environ.get(ENV_REGISTRY, "").strip()
-    return [default.split("/", 1)[0].lower()] if default else []
-
-
-def _env_credentials(host: str) -> Credentials | None:
-    user, password = os.environ.get(ENV_USERNAME), os.environ.get(ENV_PASSWORD)
-    if not password:
-        return None
-    # Never to any registry that asks: a hostile one would only have to answer 401.
-    if host.lower() not in env_credentials_hosts():
-        return None
-    return Credentials(user or "", password, f"{ENV_USERNAME}/{ENV_PASSWORD}")
-
-
-def _env_hint(host: str) -> str:
-    if os.environ.get(ENV_PASSWORD) and host.lower() not in env_credentials_hosts():
-        named = ", ".join(env_credentials_hosts()) or "no registry"
-        return (f" {ENV_USERNAME}/{ENV_PASSWORD} are set but are for {named}: set {ENV_HOST}={host} "
-                "to use them here.")
-    return ""
-
-
-def credentials_for(host: str) -> Credentials | None:
-    env = _env_credentials(host)
-    if env is not None:
-        return env
-    path = docker_config_path()
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise AuthError(f"Cannot read the docker config {path}: {e}") from None
-    keys = _config_keys(host)
-    helpers = config.get("credHelpers") or {}
-    for key in keys:
-        if key in helpers:
-            return _helper(helpers[key], host)
-    auths = config.get("auths") or {}
-    for key in keys:
-        entry = auths.get(key)
-        if not entry:
-            continue
-        if entry.get("identitytoken"):
-            return Credentials(None, entry["identitytoken"], str(path), identity_token=True)
-        if entry.get("auth"):
-            try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                raise AuthError(f"The auth entry for {key} in {path} is not base64 of user:password.") from None
-            return Credentials(user, password, str(path))
-        if entry.get("username") and entry.get("password"):
-            return Credentials(entry["username"], entry["password"], str(path))
-    if config.get("credsStore"):
-        return _helper(config["credsStore"], host)
-    return None
-
-
-# ---- the client -----------------------------------------------------------------------------
 
 def is_loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
@@ -356,7 +100,7 @@ class _Body:
         return self._size
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n if n and n > 0 else oci.CHUNK)
+        data = self._f.read(n if n and n > 0 else CHUNK)
         if data:
             self._on_bytes(len(data))
         return data
@@ -369,128 +113,6 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = header.strip().partition(" ")
     params = dict(re.findall(r'(\w+)="([^"]*)"', rest))
     return scheme.lower(), params
-
-
-class _Watchdog:
-    """Cuts a session's connections when an operation runs past its deadline.
-
-    A socket timeout bounds each read, not a whole answer: a registry that sends a byte every
-    few seconds never trips it. So a thread watches the clock and shuts the sockets down,
-    which makes the blocked read return at once. With a window, every ``MIN_PROGRESS`` bytes
-    moved push the deadline on by the window: long transfers live, stalled ones do not.
-    """
-
-    def __init__(self) -> None:
-        self._conns: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._deadline: float | None = None
-        self._window = 0.0
-        self._moved = 0
-        self.expired = False
-        self._thread: threading.Thread | None = None
-
-    def track(self, conn: Any) -> None:
-        with self._lock:
-            self._conns.add(conn)
-
-    def arm(self, seconds: float, *, window: bool = False) -> None:
-        with self._lock:
-            self._deadline = time.monotonic() + seconds
-            self._window = seconds if window else 0.0
-            self._moved = 0
-            self.expired = False
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="registry-deadline", daemon=True)
-                self._thread.start()
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._deadline = None
-
-    def progress(self, n: int) -> None:
-        if n <= 0 or not self._window:
-            return
-        with self._lock:
-            self._moved += n
-            if self._moved >= MIN_PROGRESS and self._deadline is not None:
-                self._deadline = time.monotonic() + self._window
-                self._moved = 0
-
-    def _run(self) -> None:
-        idle_since = time.monotonic()
-        while True:
-            time.sleep(0.1)
-            with self._lock:
-                now = time.monotonic()
-                if self._deadline is None:
-                    if now - idle_since > 5:  # nothing to watch: let the thread go
-                        self._thread = None
-                        return
-                    continue
-                idle_since = now
-                if now < self._deadline:
-                    continue
-                self.expired = True
-                self._deadline = None
-                conns = list(self._conns)
-            for conn in conns:
-                sock = getattr(conn, "sock", None)
-                if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-
-
-def _watched_adapter(watchdog: _Watchdog) -> requests.adapters.HTTPAdapter:
-    """An adapter whose every connection (proxied ones included) the watchdog can cut."""
-
-    class Conn(HTTPConnection):
-        def connect(self) -> None:
-            super().connect()
-            watchdog.track(self)
-
-    class TLSConn(HTTPSConnection):
-        def connect(self) -> None:
-            super().connect()
-            watchdog.track(self)
-
-    class Pool(HTTPConnectionPool):
-        ConnectionCls = Conn
-
-    class TLSPool(HTTPSConnectionPool):
-        ConnectionCls = TLSConn
-
-    classes = {"http": Pool, "https": TLSPool}
-
-    class Adapter(requests.adapters.HTTPAdapter):
-        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = classes
-
-        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
-            manager = super().proxy_manager_for(proxy, **kwargs)
-            manager.pool_classes_by_scheme = classes
-            return manager
-
-    return Adapter(max_retries=0)
-
-
-def _read_capped(r: requests.Response, cap: int, what: str) -> bytes:
-    """The body of a streamed response, refusing more than ``cap`` bytes."""
-    declared = r.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > cap:
-        r.close()
-        raise ContentError(f"{what} is {int(declared)} bytes, more than the {cap} allowed; refused.")
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in r.iter_content(65536):
-        size += len(chunk)
-        if size > cap:
-            r.close()
-            raise ContentError(f"{what} is more than the {cap} bytes allowed; refused.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class Registry:
@@ -510,11 +132,8 @@ class Registry:
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout if timeout is not None else timeout_setting()
-        self._watch = _Watchdog()
-        self.session = requests.Session()
-        adapter = _watched_adapter(self._watch)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self._watch = Watchdog()
+        self.session = watched_session(self._watch)
         self.session.max_redirects = MAX_REDIRECTS
         self._auth: dict[str, str] = {}  # scope -> Authorization header
         self.uploaded_bytes = 0
@@ -566,7 +185,7 @@ class Registry:
             if creds is None:
                 raise AuthError(f"{self.host} requires a login and no credentials for it were found.",
                                 hint=f"Run `docker login {self.host}`, or set {ENV_USERNAME} and {ENV_PASSWORD} "
-                                     f"with {ENV_HOST}={self.host}.{_env_hint(self.host)}")
+                                     f"with {ENV_HOST}={self.host}.{env_hint(self.host)}")
             raw = f"{creds.username or ''}:{creds.secret}".encode()
             self._auth[scope] = "Basic " + base64.b64encode(raw).decode()
             return
@@ -602,7 +221,7 @@ class Registry:
                     r = self.session.get(url, auth=auth, timeout=self._timeouts(deadline), stream=True,
                                          allow_redirects=False)
                 with r:
-                    body = _read_capped(r, MAX_BODY_BYTES, f"The token service answer of {self.host}")
+                    body = read_capped(r, MAX_BODY_BYTES, f"The token service answer of {self.host}")
             except requests.RequestException as e:
                 if self._watch.expired:
                     raise self._timed_out("GET", realm) from None
@@ -629,7 +248,7 @@ class Registry:
         if creds is None:
             return AuthError(f"{self.host} refused access without credentials.",
                              hint=f"Run `docker login {self.host}`, or set {ENV_USERNAME} and {ENV_PASSWORD} "
-                                  f"with {ENV_HOST}={self.host}.{_env_hint(self.host)}")
+                                  f"with {ENV_HOST}={self.host}.{env_hint(self.host)}")
         who = f"user {creds.username!r}" if creds.username else "an identity token"
         return AuthError(f"{self.host} refused the credentials for {who} (from {creds.source}).",
                          hint=f"Check them with `docker login {self.host}`; they need push and pull rights on the repository.")
@@ -718,7 +337,7 @@ class Registry:
                         r.close()
                         return r
                     try:
-                        r._content = _read_capped(r, MAX_ANSWER_BYTES, f"The answer of {self.host} to {method}")
+                        r._content = read_capped(r, MAX_ANSWER_BYTES, f"The answer of {self.host} to {method}")
                     except requests.RequestException:
                         if self._watch.expired:
                             raise self._timed_out(method, url) from None
@@ -737,7 +356,7 @@ class Registry:
 
     def _error_text(self, r: requests.Response) -> str:
         try:
-            raw = _read_capped(r, MAX_ERROR_BYTES, "An error answer")
+            raw = read_capped(r, MAX_ERROR_BYTES, "An error answer")
         except (ContentError, requests.RequestException):
             return r.reason or ""
         finally:
@@ -763,7 +382,7 @@ class Registry:
 
     @contextmanager
     def _streaming(self, r: requests.Response) -> Iterator[requests.Response]:
-        """A streamed body under the watchdog: it must move MIN_PROGRESS bytes per timeout period."""
+        """A streamed body under the watchdog: it must move ``MIN_PROGRESS`` bytes per timeout period."""
         self._watch.arm(self.timeout, window=True)
         try:
             with r:
@@ -893,7 +512,7 @@ class Registry:
             if r.status_code == 404:
                 return None
             try:
-                data = _read_capped(r, MAX_MANIFEST_BYTES, f"The manifest {shown}")
+                data = read_capped(r, MAX_MANIFEST_BYTES, f"The manifest {shown}")
             except requests.RequestException:
                 if self._watch.expired:
                     raise self._timed_out("GET", f"{repo}/manifests/{reference}") from None

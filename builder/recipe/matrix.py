@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from builder.contract import BUILDER_FLAVOUR, RUNTIME_FLAVOUR
 from builder.errors import PlanError, RecipeError
 from builder.publish import cache
 from builder.recipe import format as recipe
 from builder.recipe import lock
+from builder.targets import DEVICES
 
 
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -106,9 +106,9 @@ def entries(paths: list[Path], *, device: str | None, runners: dict[str, list[st
         kept = []
         for loaded in loaded_all:
             dev = loaded.recipe.target.device
-            inputs = {f"Dockerfile.{BUILDER_FLAVOUR[dev]}", "builder/__init__.py"}
-            if dev in RUNTIME_FLAVOUR:
-                inputs.add(f"images/{RUNTIME_FLAVOUR[dev]}/Dockerfile")
+            inputs = {f"Dockerfile.{DEVICES[dev].builder_flavour}", "builder/__init__.py"}
+            if (runtime := DEVICES[dev].runtime_flavour) is not None:
+                inputs.add(f"images/{runtime}/Dockerfile")
             if inputs & changed:
                 kept.append(loaded)
                 continue

@@ -8,60 +8,15 @@ with the paths it sees (they differ between a container and the host):
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from builder import __version__
 from builder.build.check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
-from builder.contract import CACHE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR
+from builder.contract import CACHE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR, BuildStep, ModelRef
 from builder.errors import PlanError
 from builder.recipe.format import Finetune, LoadedRecipe, dataset_path, evaluation_text
-
-# Olive's accelerator type per target device. Olive's ModelBuilder pass takes the model
-# builder's `-e` from the execution provider (cuda, dml, webgpu) and builds fp16 only for a
-# GPU accelerator, so every GPU provider's target is a "gpu" accelerator, whatever the host has.
-_OLIVE_DEVICE = {"cpu": "cpu", "cuda": "gpu", "dml": "gpu", "webgpu": "gpu"}
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    hub: str | None
-    revision: str | None
-    path: str | None  # absolute host path of a local model folder
-    trust_remote_code: bool
-    resolved: str | None = None  # the commit `revision` resolved to, before the build (see cache.py)
-    files: dict[str, str] | None = None  # name -> sha256:..., from a lock file: the download must match
-
-
-@dataclass(frozen=True)
-class BuildStep:
-    id: str
-    recipe: str
-    recipe_digest: str
-    name: str
-    version: str
-    device: str
-    execution_provider: str
-    precision: str
-    builder_image: str
-    gpus: bool
-    model: ModelRef
-    olive_config: dict[str, Any]
-    expected_outputs: tuple[str, ...]
-    tokenizer_files: tuple[str, ...]
-    tags: tuple[str, ...]
-    cache_key: str | None  # set by the driver before the build (see cache.py): it needs the resolved inputs
-    builder_version: str = field(default=__version__)
-    license: str | None = None
-    description: str | None = None
-    # What the worker's evaluation stage does (builder.build.evaluate.Settings as JSON); None: the defaults.
-    evaluate: dict[str, Any] | None = None
-    # LoRA finetuning before conversion (see finetune_plan); None: a plain conversion.
-    finetune: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+from builder.targets import DEVICES
 
 
 def olive_passes(loaded: LoadedRecipe) -> dict[str, dict[str, Any]]:
@@ -177,7 +132,7 @@ def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
             "target_system": {
                 "type": "LocalSystem",
                 "accelerators": [
-                    {"device": _OLIVE_DEVICE[r.target.device], "execution_providers": [r.target.execution_provider]}
+                    {"device": DEVICES[r.target.device].olive_device, "execution_providers": [r.target.execution_provider]}
                 ],
             }
         },
@@ -193,7 +148,7 @@ def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
 
 
 def evaluate_settings(loaded: LoadedRecipe) -> dict[str, Any]:
-    """The recipe's `evaluate:` section as the worker reads it (builder.build.evaluate.Settings.from_json)."""
+    """The recipe's `evaluate:` section as the worker reads it (builder.build.evaluate.gates.Settings.from_json)."""
     ev = loaded.recipe.evaluate
     if ev is not None and not ev.enabled:
         return {"enabled": False}
@@ -212,19 +167,46 @@ def evaluate_settings(loaded: LoadedRecipe) -> dict[str, Any]:
     return out
 
 
-def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
+@dataclass(frozen=True)
+class Resolved:
+    """What the pipeline found out before planning, so that the plan is final when made: the
+    model's commit (and locked file digests) or its local folder, the cache key, and the
+    fetched and checked evaluation text and training data. Empty for a dry run."""
+
+    commit: str | None = None  # the commit a Hub revision resolved to
+    files: dict[str, str] | None = None  # name -> sha256:..., from a lock file: the download must match
+    model_dir: Path | None = None  # a GGUF file's converted folder (a local `path` is the recipe's own)
+    gguf: dict[str, Any] | None = None  # the GGUF the model_dir was converted from (sha256, file, package)
+    cache_key: str | None = None
+    eval_text: tuple[Path, str] | None = None  # a Hub evaluation text, fetched: (local file, label)
+    dataset: dict[str, Any] | None = None  # the training data, checked: files, digest, rows, columns
+
+
+def plan(loaded: LoadedRecipe, builder_image: str, resolved: Resolved | None = None) -> BuildStep:
     """Turn a recipe into the one container run that builds it."""
     r = loaded.recipe
+    resolved = resolved or Resolved()
     if not builder_image:
         raise PlanError("No builder image given for the plan.")
-    model_dir = loaded.model_dir
+    model_dir = resolved.model_dir or loaded.model_dir
     model = ModelRef(
         hub=r.model.hub,
         revision=(r.model.revision or "main") if r.model.hub else None,
         path=str(model_dir) if model_dir is not None else None,
         trust_remote_code=r.model.trust_remote_code,
+        resolved=resolved.commit,
+        files=resolved.files,
+        gguf=resolved.gguf,
     )
     config = olive_config(loaded)
+    evaluate = evaluate_settings(loaded)
+    if resolved.eval_text is not None:
+        text, label = resolved.eval_text
+        evaluate = {**{k: v for k, v in evaluate.items() if k != "text_hub"}, "text": str(text.resolve()),
+                    "text_source": label}
+    finetune = finetune_plan(loaded)
+    if finetune is not None and resolved.dataset is not None:
+        finetune = {**finetune, "dataset": {**finetune["dataset"], **resolved.dataset}}
     return BuildStep(
         id=loaded.id,
         recipe=str(loaded.path),
@@ -241,9 +223,9 @@ def plan(loaded: LoadedRecipe, builder_image: str) -> BuildStep:
         expected_outputs=REQUIRED_FILES,
         tokenizer_files=TOKENIZER_FILES,
         tags=(loaded.tag,),
-        cache_key=None,
+        cache_key=resolved.cache_key,
         license=r.model.license,
         description=r.description,
-        evaluate=evaluate_settings(loaded),
-        finetune=finetune_plan(loaded),
+        evaluate=evaluate,
+        finetune=finetune,
     )

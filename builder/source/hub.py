@@ -92,16 +92,14 @@ def fetch_dataset(hub: str, commit: str, files: list[str], *, max_bytes: int = M
 
     import requests
 
-    from builder.oci.registry import _Watchdog, _watched_adapter
+    from builder.transport import Watchdog, watched_session  # lazy: requests, which the worker lacks
 
     folder = dataset_folder(hub, commit)
     out: list[Path] = []
-    # The registry client's watchdog: a Hub (or proxy) that drips bytes is cut once it moves
+    # The watchdog the registry client uses too: a Hub (or proxy) that drips bytes is cut once it moves
     # less than MIN_PROGRESS bytes in a window, which a per-read timeout alone would not do.
-    watchdog = _Watchdog()
-    session = requests.Session()
-    session.mount("http://", _watched_adapter(watchdog))
-    session.mount("https://", _watched_adapter(watchdog))
+    watchdog = Watchdog()
+    session = watched_session(watchdog)
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     token = hf_token()
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")

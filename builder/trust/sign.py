@@ -12,6 +12,8 @@
   is the manifest's digest, signed with ECDSA-P256/SHA-256, the base64 DER signature in the layer
   annotation ``dev.cosignproject.cosign/signature``; attestations as DSSE envelopes
   (``application/vnd.dsse.envelope.v1+json``) signed over the DSSE pre-authentication encoding.
+
+Verifying them against a policy (what a pull or `build verify` requires) is ``builder.trust.verify``.
 """
 
 from __future__ import annotations
@@ -23,24 +25,21 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.errors import SigningError, VerificationError
+from builder.oci.media import INTOTO_MEDIA
+
+if TYPE_CHECKING:  # cryptography itself is imported where a key is used: the CLI starts without it
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey, EllipticCurvePublicKey
 
 ENV_SIGN_KEY = "OLIVE_BUILDER_SIGN_KEY"
 ENV_SIGN_PASSWORD = "OLIVE_BUILDER_SIGN_KEY_PASSWORD"
 
-SIMPLE_SIGNING_MEDIA = "application/vnd.dev.cosign.simplesigning.v1+json"
+# The `critical.type` of a simple-signing payload. The media types of these documents are in
+# builder.oci.media, the annotation keys on them in builder.contract.
 COSIGN_SIGNATURE_TYPE = "cosign container image signature"
-ANN_SIGNATURE = "dev.cosignproject.cosign/signature"
-ANN_PREDICATE_TYPE = "predicateType"  # cosign's annotation on an attestation layer
-DSSE_MEDIA = "application/vnd.dsse.envelope.v1+json"
-INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
-COSIGN_SIG_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
-COSIGN_ATT_ARTIFACT = "application/vnd.dev.cosign.artifact.att.v1+json"
-SIGSTORE_BUNDLE_MEDIA = "application/vnd.dev.sigstore.bundle.v0.3+json"
 
 
 # ---- keys ------------------------------------------------------------------------------------
@@ -48,7 +47,7 @@ SIGSTORE_BUNDLE_MEDIA = "application/vnd.dev.sigstore.bundle.v0.3+json"
 class SigningKey:
     """A private EC P-256 key. Its repr and str never show the key."""
 
-    def __init__(self, key: Any, source: str, path: Path | None, password: bytes | None):
+    def __init__(self, key: EllipticCurvePrivateKey, source: str, path: Path | None, password: bytes | None):
         self._key = key
         self.source = source  # where it came from, for messages
         self._path = path  # the PEM file, when it came from one (model_signing reads keys from files)
@@ -102,7 +101,7 @@ class SigningKey:
 
 
 class PublicKey:
-    def __init__(self, key: Any, path: Path):
+    def __init__(self, key: EllipticCurvePublicKey, path: Path):
         self._key = key
         self.path = path
 
@@ -128,12 +127,9 @@ class PublicKey:
             return False
 
 
-def _check_curve(key: Any, what: str) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)) or key.curve.name != "secp256r1":
-        raise SigningError(f"{what} is not an EC P-256 key.",
-                           hint="Make one with `build keygen` (or `openssl ecparam -name prime256v1 -genkey`).")
+def _not_p256(what: str) -> SigningError:
+    return SigningError(f"{what} is not an EC P-256 key.",
+                        hint="Make one with `build keygen` (or `openssl ecparam -name prime256v1 -genkey`).")
 
 
 def keygen(private_path: Path, public_path: Path, *, password: str | None = None) -> str:
@@ -165,6 +161,7 @@ def keygen(private_path: Path, public_path: Path, *, password: str | None = None
 def load_signing_key(spec: str | None = None, *, env: dict[str, str] | None = None) -> SigningKey | None:
     """The key named by ``spec`` (a path) or ``OLIVE_BUILDER_SIGN_KEY`` (a path or PEM text); None if neither."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     environ = os.environ if env is None else env
     source = spec or environ.get(ENV_SIGN_KEY) or None
@@ -198,12 +195,14 @@ def load_signing_key(spec: str | None = None, *, env: dict[str, str] | None = No
         raise SigningError(f"The signing key {shown} cannot be read: not a PEM private key, or the passphrase "
                            f"in {ENV_SIGN_PASSWORD} is wrong.",
                            hint="Use a key made by `build keygen`, with its passphrase.") from None
-    _check_curve(key, f"The signing key {shown}")
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise _not_p256(f"The signing key {shown}")
     return SigningKey(key, shown, path, password)
 
 
 def load_public_key(path: Path) -> PublicKey:
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
     try:
         data = Path(path).read_bytes()
@@ -215,7 +214,8 @@ def load_public_key(path: Path) -> PublicKey:
     except ValueError:
         raise VerificationError(f"{path} is not a PEM public key.",
                                 hint="Name the .pub file `build keygen` wrote (not the private key).") from None
-    _check_curve(key, f"The public key {path}")
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise _not_p256(f"The public key {path}")
     return PublicKey(key, Path(path))
 
 
@@ -265,7 +265,7 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
 
 
-def dsse_envelope(key: SigningKey, payload: bytes, payload_type: str = INTOTO_PAYLOAD_TYPE) -> bytes:
+def dsse_envelope(key: SigningKey, payload: bytes, payload_type: str = INTOTO_MEDIA) -> bytes:
     envelope = {"payloadType": payload_type, "payload": base64.b64encode(payload).decode(),
                 "signatures": [{"keyid": "", "sig": base64.b64encode(key.sign(pae(payload_type, payload))).decode()}]}
     return json.dumps(envelope, separators=(",", ":"), sort_keys=True).encode()
@@ -323,212 +323,3 @@ def bundle_key_hint(bundle: bytes) -> str | None:
     except (ValueError, KeyError, TypeError):
         return None
 
-
-@dataclass(frozen=True)
-class SignedLayer:
-    """One signature (or signed attestation) layer of a cosign-format manifest."""
-
-    data: bytes
-    media_type: str
-    annotations: dict[str, str]
-
-
-# ---- verifying a manifest's signature and attestations ------------------------------------------
-
-@dataclass(frozen=True)
-class Verified:
-    """What ``verify_subject`` established about one manifest."""
-
-    digest: str
-    signature: bool  # a cosign signature by the key over this digest
-    predicates: dict[str, dict[str, Any]]  # predicate type -> the verified statement
-    evaluation_result: str | None  # PASSED | WARNED | FAILED (the test-result predicate's)
-    model_bundle: bytes | None  # the OpenSSF model signing bundle by this key, if attached
-    referrers: tuple[str, ...]  # artifact types of every referrer listed
-    adapter: str | None = None  # a LoRA adapter's name, when the reference is an adapter artifact
-    base: Verified | None = None  # then: its base model artifact (its subject), verified the same way
-
-
-def verify_signature(content: Any, subject_digest: str, key: PublicKey, shown: str) -> None:
-    """Refuse ``subject_digest`` unless cosign's ``sha256-<hex>.sig`` holds a signature of it by ``key``."""
-    from builder.oci import layout as oci
-    from builder.oci import referrers
-
-    got = content.tagged(referrers.index_tag(subject_digest) + referrers.SIG_SUFFIX)
-    if got is None:
-        raise VerificationError(f"{shown} is not signed: there is no signature for {subject_digest}.",
-                                hint="Pull only content its publisher signed, or sign it with `--sign-key` when "
-                                     "packaging or pushing.")
-    _desc, manifest = got
-    reasons = []
-    for layer in manifest.get("layers") or []:
-        d = oci.Descriptor.from_json(layer)
-        if d.media_type != SIMPLE_SIGNING_MEDIA or ANN_SIGNATURE not in d.annotations:
-            continue
-        why = check_simple_signing(key, content.blob(d), d.annotations[ANN_SIGNATURE], subject_digest)
-        if why is None:
-            return
-        reasons.append(why)
-    detail = "; ".join(sorted(set(reasons))) or "it holds no simple-signing layer"
-    raise VerificationError(f"{shown} ({subject_digest}) is not signed by the key {key.path}: {detail}.",
-                            hint="It was signed by someone else, or changed after signing: do not use it.")
-
-
-def verify_subject(content: Any, subject_digest: str, key: PublicKey, shown: str, *,
-                   require_attestations: bool = True) -> Verified:
-    """Check a manifest's cosign signature by ``key`` and (with ``require_attestations``) that its signed
-    attestations hold a provenance whose subject is this manifest, an SBOM and a passing evaluation."""
-    from builder.oci import layout as oci
-    from builder.oci import referrers
-    from builder.trust import attest
-
-    verify_signature(content, subject_digest, key, shown)
-    predicates: dict[str, dict[str, Any]] = {}
-    got = content.tagged(referrers.index_tag(subject_digest) + referrers.ATT_SUFFIX)
-    for layer in (got[1].get("layers") or []) if got else []:
-        d = oci.Descriptor.from_json(layer)
-        if d.media_type != DSSE_MEDIA:
-            continue
-        try:
-            payload_type, payload = open_dsse(key, content.blob(d))
-        except VerificationError:
-            continue  # another signer's attestation: not evidence for this key
-        if payload_type != INTOTO_PAYLOAD_TYPE:
-            continue
-        try:
-            st = json.loads(payload)
-        except ValueError:
-            continue
-        subjects = {s.get("digest", {}).get("sha256") for s in st.get("subject") or [] if isinstance(s, dict)}
-        if st.get("_type") == attest.STATEMENT_V1 and subject_digest.split(":", 1)[1] in subjects:
-            predicates.setdefault(str(st.get("predicateType")), st)
-    listed = content.referrers(subject_digest)
-    bundle = None
-    for d in listed:
-        if d.artifact_type == SIGSTORE_BUNDLE_MEDIA and bundle is None:
-            m = content.manifest(d)
-            for layer in m.get("layers") or []:
-                data = content.blob(oci.Descriptor.from_json(layer))
-                if bundle_key_hint(data) == key.key_id:
-                    bundle = data
-    evaluation = predicates.get(attest.TEST_RESULT_V01)
-    result = str(evaluation["predicate"].get("result")) if evaluation else None
-    if require_attestations:
-        missing = [label for label, ptype in (("SLSA provenance", attest.SLSA_PROVENANCE_V1),
-                                               ("SBOM", attest.CYCLONEDX_PREDICATE),
-                                               ("evaluation", attest.TEST_RESULT_V01)) if ptype not in predicates]
-        if missing:
-            raise VerificationError(f"{shown} is signed, but has no {', '.join(missing)} attestation signed by "
-                                    f"{key.path} whose subject is {subject_digest}.",
-                                    hint="Package it again with --sign-key, then push.")
-        if result == "FAILED":
-            raise VerificationError(f"{shown}: its signed evaluation says FAILED.",
-                                    hint="Do not publish or serve it; rebuild at a higher precision.")
-    return Verified(subject_digest, True, predicates, result, bundle,
-                    tuple(sorted(d.artifact_type or "" for d in listed)))
-
-
-def find_model_bundle(content: Any, subject_digest: str, key_id: str | None = None) -> bytes | None:
-    """The OpenSSF model signing bundle attached to a manifest (by ``key_id``'s key if given)."""
-    from builder.oci import layout as oci
-
-    for d in content.referrers(subject_digest):
-        if d.artifact_type != SIGSTORE_BUNDLE_MEDIA:
-            continue
-        for layer in content.manifest(d).get("layers") or []:
-            data = content.blob(oci.Descriptor.from_json(layer))
-            if key_id is None or bundle_key_hint(data) == key_id:
-                return bytes(data)
-    return None
-
-
-class PullGuard:
-    """What `build pull --verify KEY --signature-out FILE` checks, in the order a pull meets it."""
-
-    def __init__(self, shown: str, key_path: Path | None, signature_out: Path | None):
-        self.shown = shown
-        self.key = load_public_key(key_path) if key_path is not None else None  # a bad key fails before downloading
-        self.signature_out = signature_out
-        self.bundle: bytes | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.key is not None or self.signature_out is not None
-
-    def verify(self, content: Any, digest: str) -> None:
-        """Before any blob is downloaded: the manifest's signature, and the model signature to check later."""
-        if self.key is not None:
-            found = verify_subject(content, digest, self.key, self.shown, require_attestations=False)
-            self.bundle = found.model_bundle
-        if self.bundle is None and self.signature_out is not None:
-            self.bundle = find_model_bundle(content, digest)
-            if self.bundle is None:
-                raise VerificationError(f"{self.shown} has no model signature attached, so there is nothing to "
-                                        "write to --signature-out.",
-                                        hint="Package it with --sign-key (or OLIVE_BUILDER_SIGN_KEY) and push it again.")
-
-    def check_folder(self, folder: Path) -> None:
-        """After unpacking, before the folder is put in place: every file matches the model signature."""
-        if self.key is None or self.bundle is None:
-            return
-        with tempfile.TemporaryDirectory(prefix="olive-builder-verify-") as tmp:
-            path = Path(tmp) / "model.sig"
-            path.write_bytes(self.bundle)
-            verify_model(self.key.path, folder, path)
-
-    def write_signature(self) -> None:
-        if self.signature_out is None or self.bundle is None:
-            return
-        from builder.contract import atomic_write
-
-        self.signature_out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.signature_out, self.bundle)
-
-
-def verify_reference(ref_text: str, key_path: Path, store: Any, *, insecure: bool | None = None) -> Verified:
-    """`build verify REF --key PUB`: the signature, the provenance's subject, the SBOM and the
-    evaluation; for a LoRA adapter also its file and its base (``verify_adapter``)."""
-    from builder.contract import ADAPTER_ARTIFACT_TYPE
-    from builder.oci import layout as oci
-    from builder.oci import referrers
-
-    key = load_public_key(key_path)
-    with referrers.open_content(ref_text, store, insecure=insecure) as (content, digest):
-        found = verify_subject(content, digest, key, ref_text, require_attestations=True)
-        manifest = content.manifest(oci.Descriptor(oci.MANIFEST, digest, 0))
-        if manifest.get("artifactType") != ADAPTER_ARTIFACT_TYPE:
-            return found
-        return verify_adapter(content, manifest, found, key, ref_text)
-
-
-def verify_adapter(content: Any, manifest: dict[str, Any], found: Verified, key: PublicKey, shown: str) -> Verified:
-    """An adapter artifact whose own signature and attestations ``found`` holds: its one layer (the
-    .onnx_adapter file) is downloaded and must match the digest the signed manifest names and its
-    signed SBOM lists; its signed provenance must name the base it is the subject of; and that base
-    must itself be a model artifact signed by ``key`` with its own attestations."""
-    import dataclasses
-
-    from builder.oci import layout as oci
-    from builder.publish.distribute import adapter_of
-    from builder.trust import attest
-
-    info = adapter_of(manifest, shown)
-    content.check_blob(info.layer)
-    want = info.layer.digest.split(":", 1)[1]
-    bom = found.predicates[attest.CYCLONEDX_PREDICATE].get("predicate") or {}
-    listed = {h.get("content") for c in bom.get("components") or [] for f in c.get("components") or []
-              if f.get("type") == "file" for h in f.get("hashes") or []}
-    if want not in listed:
-        raise VerificationError(f"{shown}: its signed SBOM does not list the adapter file {info.layer.digest}.",
-                                hint="The attestations belong to other content: do not use it.")
-    provenance = found.predicates[attest.SLSA_PROVENANCE_V1].get("predicate") or {}
-    deps = (provenance.get("buildDefinition") or {}).get("resolvedDependencies") or []
-    if not any((d.get("digest") or {}).get("sha256") == info.base.digest.split(":", 1)[1] for d in deps):
-        raise VerificationError(f"{shown}: its signed provenance does not name its base {info.base.digest}.",
-                                hint="The attestations belong to other content: do not use it.")
-    base_shown = f"{shown} (its base {info.base.digest})"
-    if content.manifest(info.base).get("artifactType") != oci.MODEL_ARTIFACT:
-        raise VerificationError(f"{base_shown} is not a model artifact.",
-                                hint="An adapter's subject is the model it was trained for; do not use this one.")
-    base = verify_subject(content, info.base.digest, key, base_shown, require_attestations=True)
-    return dataclasses.replace(found, adapter=info.name, base=base)

@@ -1,0 +1,209 @@
+"""The loaded model (``ModelRunner``): genai_config, tokenizer, LoRA adapters, and the blocking
+``og.Generator`` loop, the path for what ``og.Engine`` cannot serve (a seeded sampled request on
+the static CPU engine, ``logprobs``, an adapter) and for everything on an onnxruntime-genai
+without ``Engine``.
+
+onnxruntime_genai and numpy are imported when a model is loaded, not when this module is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from builder.contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTERS_DIR, adapters_in
+from builder.serve.errors import AdapterLoadError, ort_message
+from builder.serve.sampling import Finished, Piece, Sampling, seed32
+
+DEFAULT_BATCH_SIZE = 4  # on 2 CPU cores batch 4 and 8 both reach ~1.85x one request (environment.md)
+
+
+def engine_available(og: Any) -> bool:
+    return hasattr(og, "Engine") and hasattr(og, "TurnOptions")
+
+
+class ModelRunner:
+    """One loaded model, its tokenizer, and the blocking generator-path loop."""
+
+    def __init__(self, folder: str | Path, *, batch_size: int | None = None, use_engine: bool = True):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.folder = Path(folder)
+        config = json.loads((self.folder / "genai_config.json").read_text())
+        model = config.get("model", {})
+        search = config.get("search", {})
+        # The KV cache is sized by search.max_length: that, not the model's native context, is the limit.
+        self.context_length = int(search.get("max_length") or model.get("context_length") or 2048)
+        self.vocab_size = int(model.get("vocab_size") or 0)
+        self.default_do_sample = bool(search.get("do_sample", False))
+        eos = model.get("eos_token_id", [])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.use_engine = use_engine and engine_available(og)
+        configured = (config.get("engine") or {}).get("static_batching", {}).get("max_batch_size")
+        self.batch_size = batch_size or (int(configured) if configured else DEFAULT_BATCH_SIZE)
+        if self.use_engine:
+            # The batch size is the engine's, read from genai_config.json: overlay it in memory so
+            # the (possibly read-only) model folder stays as it is.
+            og_config = og.Config(str(self.folder))
+            og_config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.batch_size}}}))
+            self.model = og.Model(og_config)
+        else:
+            self.model = og.Model(str(self.folder))
+        self.tokenizer = og.Tokenizer(self.model)
+        self.version = getattr(og, "__version__", "")
+        self.adapters: Any = None
+        self.adapter_names: tuple[str, ...] = ()
+        # onnxruntime-genai counts an adapter's users in a plain integer (Adapter::AcquireRef when
+        # a generator activates it, ReleaseRef when the generator goes): activation and release
+        # happen under this lock, so concurrent requests of one adapter cannot lose a count.
+        self._adapter_lock = threading.Lock()
+        self._load_adapters(adapters_in(self.folder))
+
+    def _load_adapters(self, found: dict[str, Path]) -> None:
+        """Load every adapter now: a bad one must stop the start, not fail the first request."""
+        if not found:
+            return
+        og = self.og
+        where = self.folder / ADAPTERS_DIR
+        for name in found:
+            if len(name) > ADAPTER_NAME_MAX or not re.fullmatch(ADAPTER_NAME_RULE, name):
+                raise AdapterLoadError(
+                    f"the adapter file {found[name].name} in {where} has an invalid name: an adapter name is "
+                    f"lowercase letters and digits in words joined by '-', at most {ADAPTER_NAME_MAX} characters; "
+                    "rename the file or remove it")
+        if not hasattr(og, "Adapters"):
+            raise AdapterLoadError(f"{where} holds adapters but onnxruntime-genai {self.version} has no adapter "
+                                   "support (og.Adapters); use onnxruntime-genai >= 0.5")
+        adapters = og.Adapters(self.model)
+        for name, path in found.items():
+            try:
+                adapters.load(str(path), name)
+            except Exception as e:  # noqa: BLE001 - reported as what it is: this adapter is bad
+                raise AdapterLoadError(f"the adapter `{name}` ({path}) cannot be loaded: {ort_message(e)} Rebuild "
+                                       f"it, or remove it from {where} to serve the model without it") from None
+        self.adapters = adapters
+        self.adapter_names = tuple(found)
+
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
+        if tools:
+            return str(self.tokenizer.apply_chat_template(json.dumps(messages), tools=json.dumps(tools),
+                                                          add_generation_prompt=True))
+        return str(self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True))
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token]))
+
+    def sampled(self, sampling: Sampling) -> bool:
+        if sampling.temperature is not None:
+            return sampling.temperature > 0
+        return self.default_do_sample
+
+    def engine_can_serve(self, sampling: Sampling) -> bool:
+        """The CPU engine (static batching) has no per-turn seed and no logits."""
+        if not self.use_engine or sampling.logprobs:
+            return False
+        return not (sampling.seed is not None and self.sampled(sampling))
+
+    def generate(self, ids: list[int], sampling: Sampling, max_tokens: int, cancel: threading.Event,
+                 emit: Callable[[Piece], None], adapter: str | None = None) -> Finished:
+        """Blocking: generate up to ``max_tokens`` after ``ids``, calling ``emit`` with each piece.
+
+        With ``adapter``, that loaded adapter is active in this generation's own generator (one
+        adapter per generator: concurrent requests of other adapters, or of the base, are unaffected).
+        """
+        if adapter is None:
+            return self._generate(ids, sampling, max_tokens, cancel, emit, None)
+        if adapter not in self.adapter_names:
+            raise ValueError(f"no adapter named {adapter!r} is loaded")
+        return self._generate(ids, sampling, max_tokens, cancel, emit, adapter)
+
+    def warm_up(self, ids: list[int]) -> None:
+        """One real token from the base model and from every adapter: "loaded" means "can generate"."""
+        self.generate(ids, Sampling(temperature=0), 1, threading.Event(), lambda piece: None)
+        for name in self.adapter_names:
+            # An adapter that loads but does not fit the graph (another base, another rank) fails
+            # only when it runs: run it now.
+            try:
+                self.generate(ids, Sampling(temperature=0), 1, threading.Event(), lambda piece: None, adapter=name)
+            except Exception as e:  # noqa: BLE001 - reported as what it is: this adapter is bad
+                raise AdapterLoadError(f"the adapter `{name}` loads but cannot generate with this model "
+                                       f"({ort_message(e)}): was it trained on another base model? Rebuild it, or "
+                                       f"remove it from {self.folder / ADAPTERS_DIR} to serve the model without it") \
+                    from None
+
+    def _generate(self, ids: list[int], sampling: Sampling, max_tokens: int, cancel: threading.Event,
+                  emit: Callable[[Piece], None], adapter: str | None) -> Finished:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        options: dict[str, Any] = {"max_length": len(ids) + max_tokens}
+        if sampling.temperature is not None:
+            if sampling.temperature == 0:
+                options["do_sample"] = False
+            else:
+                options.update(do_sample=True, temperature=sampling.temperature)
+        if sampling.top_p is not None:
+            options["top_p"] = sampling.top_p
+        if sampling.top_k is not None:
+            options["top_k"] = sampling.top_k
+        if sampling.seed is not None:
+            options["random_seed"] = seed32(sampling.seed)
+        if sampling.repetition_penalty is not None:
+            options["repetition_penalty"] = sampling.repetition_penalty
+        minimum = max_tokens if sampling.ignore_eos else sampling.min_tokens
+        if minimum:
+            options["min_length"] = len(ids) + minimum  # genai masks EOS until min_length
+        params.set_search_options(**options)
+        if sampling.guidance is not None:
+            params.set_guidance(*sampling.guidance)
+        generator = og.Generator(self.model, params)
+        try:
+            if adapter is not None:
+                with self._adapter_lock:
+                    generator.set_active_adapter(self.adapters, adapter)
+            generator.append_tokens(ids)
+            stream = self.tokenizer.create_stream()
+            produced = 0
+            want_logits = sampling.logprobs
+            while produced < max_tokens and not generator.is_done():
+                if cancel.is_set():
+                    return Finished("cancelled", produced)
+                # The logits that choose the next token: get_logits after generate_next_token would
+                # already be those of the token after it.
+                logits = generator.get_logits() if want_logits else None
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+                if token in self.eos_ids and not sampling.ignore_eos:
+                    return Finished("stop", produced)
+                produced += 1
+                piece = Piece(stream.decode(token), token)
+                if logits is not None:
+                    piece.logprob, piece.top = _logprobs(logits, token, sampling.top_logprobs)
+                emit(piece)
+            return Finished("length", produced)
+        finally:
+            if adapter is not None:
+                with self._adapter_lock:  # the generator releases its adapter as it goes
+                    del generator
+
+
+def _logprobs(logits: Any, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under the model's raw distribution, and the ``top`` best."""
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    shifted = row - row.max()
+    logp = shifted - math.log(float(np.exp(shifted).sum()))
+    best: list[tuple[int, float]] = []
+    if top:
+        order = np.argsort(-logp, kind="stable")[:top]
+        best = [(int(i), float(logp[i])) for i in order]
+    return float(logp[token]), best
