@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from builder.build.evaluate import table_from_annotations
 from builder.errors import BuilderError
 from builder.oci.credentials import known_secrets, redact
 from builder.pipeline import BuildOutcome, Packaging, Progress
@@ -153,7 +154,5 @@ def show_description(info: dict[str, Any]) -> None:
     for r in found:
         click.echo(f"  {r['kind']:<16} {r['digest'][:19]}  {r['artifactType']}"
                    + (f"  {r['predicateType']}" if r.get("predicateType") else ""))
-    from builder.build.evaluate import table_from_annotations
-
     click.echo("evaluation:")
     click.echo(table_from_annotations(ann or {}))

@@ -19,11 +19,12 @@ the CLI, a notebook, a CI script or a test with a fake engine::
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from builder.build import images
+from builder.build import evaluate, images
 from builder.build.convert import convert_gguf, converted_folder, is_converted
 from builder.build.engine import DockerEngine, Engine, make_engine
 from builder.build.evaluate.inputs import HubText
@@ -600,10 +601,6 @@ def evaluate_model(model: str, reporter: Reporter | None = None, *, against: str
     """Evaluate a model folder, or a reference (pulled and verified first), against its source model,
     here (with the `local` extra) or in the CPU builder image. Returns ``evaluate.EvaluationRecord``; the
     caller decides what a failed gate means (``evaluate.raise_for_gates``)."""
-    import importlib.util
-
-    from builder.build import evaluate
-
     reporter = reporter or NullReporter()
     missing = [m for m in ("torch", "transformers", "onnxruntime_genai") if importlib.util.find_spec(m) is None]
     if engine == "local" and missing:

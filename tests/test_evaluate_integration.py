@@ -334,11 +334,11 @@ def test_the_source_figures_cache_keeps_the_newest_entries_within_its_size(tmp_p
     import torch
 
     ref = source_figures.Reference(nll=[1.0] * 64, argmax=[3] * 64, topk_ids=torch.zeros(64, 8, dtype=torch.long),
-                        topk_logp=torch.full((64, 8), -2.0), greedy=[[1, 2, 3]], vocab=100)
+                                   topk_logp=torch.full((64, 8), -2.0), greedy=[[1, 2, 3]], vocab=100)
     source_figures.save_reference(tmp_path, "a", ref)
     size = (tmp_path / "a.pt").stat().st_size
     os.utime(tmp_path / "a.pt", (1, 1))  # the oldest
-    monkeypatch.setattr(ev, "REFERENCE_CACHE_BYTES", 2 * size + 10)
+    monkeypatch.setattr(source_figures, "REFERENCE_CACHE_BYTES", 2 * size + 10)
     source_figures.save_reference(tmp_path, "b", ref)
     source_figures.save_reference(tmp_path, "c", ref)
     assert sorted(p.stem for p in tmp_path.glob("*.pt")) == ["b", "c"]

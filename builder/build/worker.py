@@ -14,6 +14,7 @@ it prints is the build log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.build.check import check_target
+from builder.build.evaluate import Settings, evaluate, not_evaluated, raise_for_gates
+from builder.build.measure import AdapterUnderTest, preload
 from builder.contract import (
     ADAPTERS_DIR,
     CACHE_DIR,
@@ -224,8 +227,6 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step.olive_config["passes"].items())
     event("finetune" if finetune else "convert", f"olive run: {passes}")
     if (step.evaluate or {}).get("enabled", True):
-        from builder.build.measure import preload
-
         preload()  # torch and transformers imported for the evaluation while Olive runs in its own process
     started = time.monotonic()
     code, train_loss = _olive_run(config_path, env, watch_loss=bool(finetune))
@@ -259,8 +260,6 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     if tuned is None:
         evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
     else:
-        from builder.build.measure import AdapterUnderTest
-
         entry = tuned["adapters"][0]
         under_test = AdapterUnderTest(name=entry["name"], peft_dir=Path(tuned.pop("peft_dir")),
                                       onnx_adapter=adapters.get(entry["name"]))
@@ -361,10 +360,6 @@ def evaluate_build(step: BuildStep, output: Path, source_dir: str, *, cross_chec
     With ``cross_check`` (why the target's hardware is missing) ``output`` is the CPU copy the
     check ran: accuracy is measured on the same graph, speed is not (CPU figures would not
     describe the target)."""
-    import dataclasses
-
-    from builder.build.evaluate import Settings, evaluate, not_evaluated, raise_for_gates
-
     settings = Settings.from_json(step.evaluate)
     wanted_speed = settings.speed
     if cross_check is not None or not speed:
