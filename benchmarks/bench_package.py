@@ -38,10 +38,21 @@ from builder.publish import (  # noqa: E402
     distribute,  # noqa: E402
     package,
 )
+from builder.reporting import NullReporter  # noqa: E402
 from conftest import RegistryProcess  # noqa: E402  (a real docker-registry process, as in the tests)
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
+
+
+class _Events(NullReporter):
+    """Keeps the push's event lines."""
+
+    def __init__(self, seen: list[str]):
+        self.seen = seen
+
+    def event(self, message: str) -> None:
+        self.seen.append(message)
 
 def synthetic_model(folder: Path, size_mb: int, target: str, seed: int) -> Path:
     folder.mkdir(parents=True)
@@ -101,7 +112,7 @@ def bench_push(first: Path, second: Path, scratch: Path) -> None:
                            ("second target", b.artifact_ref)):
             seen: list[str] = []
             t = time.perf_counter()
-            r = distribute.push(store, [ref], host, "bench", on_event=lambda s, m, seen=seen: seen.append(m))
+            r = distribute.push(store, [ref], host, "bench", reporter=_Events(seen))
             took = time.perf_counter() - t
             uploaded = [m.split()[-1] for m in seen if m.startswith("uploaded")]
             print(f"{label:20} {took:6.2f}s  uploaded {r.uploaded_bytes:>11} bytes in {r.uploaded} blob(s) "

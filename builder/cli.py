@@ -165,7 +165,7 @@ def list_cmd(paths: tuple[Path, ...], as_json: bool) -> None:
             "recipe": str(loaded.path),
             "device": r.target.device,
             "precision": r.target.precision,
-            "model": r.model.hub or r.model.path,
+            "model": r.model.hub or r.model.path or (f"{r.model.gguf.package or r.model.gguf.path}: gguf" if r.model.gguf else None),
             "tag": loaded.tag,
         })
     rows.sort(key=lambda row: str(row["id"]))  # by id: cpu-int4 before cpu-int4-faq (paths sort '-' before '.')
@@ -464,12 +464,13 @@ def verify_cmd(ref: str, key: Path, as_json: bool, store: Path | None, insecure:
 @insecure_option
 def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Path | None, insecure: bool) -> None:
     """Show what REF is: its digest, annotations, layers and referrers (SBOM, provenance, evaluation,
-    signatures), a registry ref or <name>:<tag> in the local store. Without REF, list what the
-    local store holds."""
+    signatures), a registry ref or <name>:<tag> in the local store, and the speed its build measured
+    (from the evaluation attestation). Without REF, list what the local store holds."""
     from builder.oci import layout as oci  # lazy: only the command that runs loads it (build --help stays fast)
     from builder.oci import referrers  # lazy: only the command that runs loads it (build --help stays fast)
     from builder.oci.content import open_content  # lazy: requests (the registry client)
     from builder.publish import distribute
+    from builder.trust.evaluation_statement import attached_observations  # lazy: as above (the registry client)
 
     if ref is not None and document is not None:
         with open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
@@ -497,6 +498,9 @@ def inspect_cmd(ref: str | None, as_json: bool, document: str | None, store: Pat
     info = distribute.describe(ref, oci.open_store(store), insecure=insecure or None)
     with open_content(ref, oci.open_store(store), insecure=insecure or None) as (content, digest):
         info["referrers"] = referrers.describe(content, digest)
+        # What the build's run observed (speed, seconds) is no part of the manifest: its evaluation
+        # attestation says it, one per build run that packaged this very manifest.
+        info["observed"] = [{"referrer": found, **seen} for found, seen in attached_observations(content, digest)]
     if info.get("artifactType") == MODEL_ARTIFACT:
         info["adapters"] = distribute.adapter_rows(info["referrers"], info["reference"])
     if as_json:

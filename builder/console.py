@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
-from builder.build.evaluate import table_from_annotations
+from builder.build.evaluate.report import observed_table, table_from_annotations
 from builder.errors import BuilderError
 from builder.oci.credentials import known_secrets, redact
-from builder.pipeline import BuildOutcome, Packaging, Progress
+from builder.pipeline import BuildOutcome, Packaging
 from builder.publish.distribute import PushReport as Pushed
+from builder.reporting import Progress
 
 _PROGRESS_BAR = re.compile(r"\d+%\|")
 
@@ -156,3 +157,7 @@ def show_description(info: dict[str, Any]) -> None:
                    + (f"  {r['predicateType']}" if r.get("predicateType") else ""))
     click.echo("evaluation:")
     click.echo(table_from_annotations(ann or {}))
+    for seen in info.get("observed") or []:
+        click.echo(f"observed by the build that packaged it (evaluation attestation {str(seen['referrer'])[:19]}, "
+                   "not part of the digests):")
+        click.echo(observed_table(seen))

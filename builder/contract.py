@@ -533,6 +533,8 @@ class BuildStep:
     evaluate: dict[str, Any] | None = None
     # LoRA finetuning before conversion (see builder.recipe.plan.finetune_plan); None: a plain conversion.
     finetune: dict[str, Any] | None = None
+    # Block quantization of the fp32 conversion (builder.build.quantize.Settings as JSON); None: none.
+    quantize: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from builder.build import evaluate, images
 from builder.build.convert import convert_gguf, converted_folder, is_converted
@@ -49,70 +49,11 @@ from builder.publish.distribute import Published, PushReport
 from builder.recipe import dataset, inputs, lock, plan
 from builder.recipe import format as recipe
 from builder.recipe.format import LoadedRecipe
+from builder.reporting import NullReporter, Reporter
 from builder.source import gguf as gguf_source
 from builder.source import hub
 from builder.targets import DEVICES, served
 from builder.trust import attach, sign
-
-# ---- how a caller hears about progress ----------------------------------------------------------
-
-class Progress(Protocol):
-    def __call__(self, n: int) -> None:
-        """``n`` more bytes are done."""
-
-    def start(self, total: int) -> None:
-        """(Re)start with ``total`` bytes to go."""
-
-    def close(self) -> None: ...
-
-
-class Reporter(Protocol):
-    """What a build tells its caller while it runs. Results come back as return values."""
-
-    def stage(self, stage: str, message: str) -> None:
-        """A stage began or finished (``==> stage: message`` on a terminal)."""
-
-    def log(self, line: str) -> None:
-        """A line of a long log (Olive's, an image build's): may be shown or dropped."""
-
-    def event(self, message: str) -> None:
-        """A step inside a stage worth showing even when quiet (a blob pushed, fetched)."""
-
-    def warn(self, message: str) -> None: ...
-
-    def progress(self, what: str, total: int) -> Progress:
-        """A byte counter for a long transfer."""
-
-
-class _NoProgress:
-    def __call__(self, n: int) -> None:
-        pass
-
-    def start(self, total: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class NullReporter:
-    """Hears everything, says nothing."""
-
-    def stage(self, stage: str, message: str) -> None:
-        pass
-
-    def log(self, line: str) -> None:
-        pass
-
-    def event(self, message: str) -> None:
-        pass
-
-    def warn(self, message: str) -> None:
-        pass
-
-    def progress(self, what: str, total: int) -> Progress:
-        return _NoProgress()
-
 
 # ---- options and outcomes ---------------------------------------------------------------------------
 
@@ -294,7 +235,7 @@ def build(source: str | Path | LoadedRecipe, options: BuildOptions | None = None
     # the folder again later (`build package DIR`, with no recipe at hand) gives the same digests.
     # (a GGUF's converted folder is as new as its conversion: only the recipe's own time counts then)
     created = rfc3339(inputs.created_time(loaded.path))
-    result = execute(step, engine, out_dir, force=options.force, on_stage=reporter.stage, on_log=reporter.log,
+    result = execute(step, engine, out_dir, force=options.force, reporter=reporter,
                      image_id=env.image_id, created=created)
     if options.require_native_check:
         require_native(step.id, result.record.check, where=result.output)
@@ -338,7 +279,7 @@ def convert_gguf_source(loaded: LoadedRecipe, gguf_file: Path, engine: Engine, i
     if not is_converted(folder):
         reporter.stage("convert", f"{gguf_file.name} ({header.architecture}) to float32 weights with transformers, "
                                   "once for this digest")
-    folder = convert_gguf(gguf_file, engine, image, on_log=reporter.log)
+    folder = convert_gguf(gguf_file, engine, image, reporter=reporter)
     name, _, version = (spec.package or "").partition("==")
     record: dict[str, Any] = {"sha256": spec.sha256, "file": spec.file or gguf_file.name,
                               "architecture": header.architecture, "file_type": header.file_type}
@@ -519,14 +460,8 @@ def push(refs: list[str], destination: str, reporter: Reporter | None = None, *,
     reporter = reporter or NullReporter()
     st = store if isinstance(store, oci.Store) else oci.open_store(store)
     host, namespace = parse_destination(destination)
-    total = distribute.push_total(st, refs)
     reporter.stage("push", f"{', '.join(refs)} to {host}/{namespace or ''}".rstrip("/"))
-    progress = reporter.progress("uploading", total)
-    try:
-        report = distribute.push(st, refs, host, namespace, insecure=insecure or None,
-                                 on_event=lambda stage, msg: reporter.event(msg), on_bytes=progress)
-    finally:
-        progress.close()
+    report = distribute.push(st, refs, host, namespace, insecure=insecure or None, reporter=reporter)
     return report
 
 
@@ -556,14 +491,8 @@ def pull(ref: str, directory: Path, reporter: Reporter | None = None, *, store: 
     signed by that key: see ``distribute.pull``)."""
     reporter = reporter or NullReporter()
     st = oci.open_store(store)
-    progress = reporter.progress("downloading", 0)
-    try:
-        _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None,
-                                        on_event=lambda stage, msg: reporter.event(msg),
-                                        on_bytes=progress, on_start=progress.start,
-                                        verify_key=verify_key, signature_out=signature_out)
-    finally:
-        progress.close()
+    _, desc, dest = distribute.pull(ref, directory, st, force=force, insecure=insecure or None, reporter=reporter,
+                                    verify_key=verify_key, signature_out=signature_out)
     return Published(ref, desc.digest), dest
 
 
@@ -575,8 +504,7 @@ def pull_for_serve(ref_text: str, reporter: Reporter | None = None, *, store: Pa
     st = oci.open_store(store)
     ref = parse_reference(ref_text)
     # An adapter's reference brings its base: the folder holds both, keyed by the adapter's digest.
-    got = distribute.fetch_model(ref, st, insecure=insecure or None, on_event=lambda stage, msg: reporter.event(msg),
-                                 verify_key=verify_key)
+    got = distribute.fetch_model(ref, st, insecure=insecure or None, reporter=reporter, verify_key=verify_key)
     guard, desc = got.base_guard, got.desc
     folder = cache_dir() / "models" / desc.digest.split(":", 1)[1]
     if not folder.is_dir():

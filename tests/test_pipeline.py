@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from builder import contract, pipeline
+from builder import contract, pipeline, reporting
 from builder.build.engine import BuilderEnv, Job, LineSink, Mount
 from builder.errors import BuildError, CheckError, OutputExistsError, RegistryError
 from builder.oci import layout as oci
@@ -90,7 +90,7 @@ class Recorder:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
-    def progress(self, what: str, total: int) -> pipeline.Progress:
+    def progress(self, what: str, total: int) -> reporting.Progress:
         return pipeline.NullReporter().progress(what, total)
 
 

@@ -29,8 +29,27 @@ def step_for(tmp_path: Path, device: str = "cpu", precision: str = "int4", extra
     return plan.plan(load_text(tmp_path, text, f"{device}-{precision}"), IMAGE)
 
 
+BUILDER_METHOD = "quantize:\n  method: builder\n"
+
+
+def test_cpu_int4_and_int8_default_to_block_quantization_of_an_fp32_conversion(tmp_path: Path) -> None:
+    for precision, bits in (("int4", 4), ("int8", 8)):
+        step = step_for(tmp_path / precision, precision=precision)
+        assert step.olive_config["passes"] == {"builder": {"type": "ModelBuilder", "precision": "fp32"}}
+        assert step.quantize == {"bits": bits, "block_size": 32, "lm_head_bits": 8, "accuracy_level": 4,
+                                 "exact_offsets": True}
+    tuned = step_for(tmp_path / "t", extra="quantize:\n  block_size: 16\n  lm_head: fp32\n  accuracy_level: 0\n")
+    assert tuned.quantize == {"bits": 4, "block_size": 16, "lm_head_bits": None, "accuracy_level": 0,
+                              "exact_offsets": True}
+    # a recipe that tunes the model builder keeps the model builder's int4
+    kept = step_for(tmp_path / "k", extra="olive:\n  extra_options:\n    int4_accuracy_level: 4\n")
+    assert kept.quantize is None and kept.olive_config["passes"]["builder"]["precision"] == "int4"
+    assert step_for(tmp_path / "c", device="cuda", precision="int4").quantize is None
+
+
 def test_int4_cpu_is_one_modelbuilder_pass(tmp_path: Path) -> None:
-    step = step_for(tmp_path)
+    step = step_for(tmp_path, extra=BUILDER_METHOD)
+    assert step.quantize is None
     config = step.olive_config
     assert config["passes"] == {"builder": {"type": "ModelBuilder", "precision": "int4"}}
     assert config["input_model"] == {"type": "HfModel", "model_path": plan.MODEL_DIR}
@@ -44,7 +63,7 @@ def test_int4_cpu_is_one_modelbuilder_pass(tmp_path: Path) -> None:
 
 
 def test_int8_is_fp32_modelbuilder_then_dynamic_quantization(tmp_path: Path) -> None:
-    passes = step_for(tmp_path, precision="int8").olive_config["passes"]
+    passes = step_for(tmp_path, precision="int8", extra=BUILDER_METHOD).olive_config["passes"]
     assert list(passes.items()) == [
         ("builder", {"type": "ModelBuilder", "precision": "fp32"}),
         ("quantize", {"type": "OnnxDynamicQuantization", "precision": "int8"}),

@@ -84,6 +84,9 @@ def test_the_required_recipes_are_shipped() -> None:
     ids = {recipe.recipe_id(p) for p in SHIPPED}
     assert {
         "smollm2-135m-instruct/cpu-int4",
+        "smollm2-135m-instruct-gguf/cpu-int4",
+        "smollm2-135m-instruct-gguf/cpu-int8",
+        "smollm2-135m-instruct-gguf/cpu-fp32",
         "qwen2.5-0.5b-instruct/cpu-int4",
         "qwen2.5-0.5b-instruct/cuda-int4",
         "qwen2.5-0.5b-instruct/cuda-fp16",
@@ -100,7 +103,10 @@ def test_shipped_recipe_validates(path: Path) -> None:
     assert (loaded.recipe.target.device, loaded.recipe.target.precision) == (device, precision)
     ft = loaded.recipe.finetune
     assert variant == ([ft.adapter] if ft is not None else [])
-    assert loaded.recipe.model.hub and not loaded.recipe.model.trust_remote_code
+    m = loaded.recipe.model
+    assert not m.trust_remote_code
+    # a Hub model, or a GGUF pinned by package version and digest (the offline route)
+    assert m.hub or (m.gguf is not None and m.gguf.package and m.gguf.file and len(m.gguf.sha256) == 64)
 
 
 def test_committed_schema_is_current() -> None:

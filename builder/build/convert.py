@@ -12,11 +12,11 @@ renames, so a failed or interrupted one leaves nothing that looks converted.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
 from pathlib import Path
 
 from builder.build.engine import Engine, Job, Mount
 from builder.errors import BuildError
+from builder.reporting import Reporter
 from builder.source.gguf import SOURCE_NOTE
 
 CONVERTED = "hf"  # the converted folder, beside the GGUF file in its digest's cache folder
@@ -31,8 +31,7 @@ def is_converted(folder: Path) -> bool:
     return (folder / SOURCE_NOTE).is_file() and (folder / "config.json").is_file()
 
 
-def convert_gguf(gguf_file: Path, engine: Engine, image: str, *, gpus: bool = False,
-                 on_log: Callable[[str], None] = lambda line: None) -> Path:
+def convert_gguf(gguf_file: Path, engine: Engine, image: str, *, reporter: Reporter | None = None) -> Path:
     """The converted folder for ``gguf_file`` (a verified file in the GGUF cache): converted
     now unless an earlier build did it."""
     out = converted_folder(gguf_file)
@@ -49,12 +48,13 @@ def convert_gguf(gguf_file: Path, engine: Engine, image: str, *, gpus: bool = Fa
     }
     job = Job(image=image, module="builder.source.gguf",
               args=("convert", f"{root}/{gguf_file.name}", f"{root}/{CONVERTED}"),
-              env=env, mounts=(mount,), gpus=False)
+              env=env, mounts=(mount,))
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
 
     def sink(line: str) -> None:
         tail.append(line)
-        on_log(line)
+        if reporter is not None:
+            reporter.log(line)
 
     code = engine.run(job, sink)
     if is_converted(out):  # ours, or a concurrent build's that renamed first

@@ -4,6 +4,9 @@ The build happens in a hidden work folder beside the output (same filesystem, so
 final rename is atomic). The output folder appears only once the worker has checked the
 model; a failure or Ctrl-C removes the work folder and leaves no output behind. The full
 log goes to a log file; a failure carries its last lines.
+
+The folder's build record holds what was built (a rebuild writes the same bytes); what the run
+observed (speed, seconds, the CPU) goes beside the folder (``builder.build.observed``).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from builder.build import observed as observations
 from builder.build.check import check_files
 from builder.build.engine import Engine, Job, Mount
 from builder.contract import (
@@ -42,6 +47,7 @@ from builder.contract import (
 )
 from builder.errors import BuildError, CheckError, EngineError, EvaluationError, ModelNotFoundError, OutputExistsError
 from builder.oci.layout import rename_noreplace
+from builder.reporting import NullReporter, Reporter
 
 LOG_TAIL_LINES = 40
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
@@ -54,6 +60,8 @@ class BuildResult:
     record: BuildRecord
     seconds: float
     log_path: Path
+    # What the run observed (builder.build.observed), kept beside ``output``, not in ``record``.
+    observed: dict[str, Any] = field(default_factory=dict)
 
 
 StageSink = Callable[[str, str], None]
@@ -98,11 +106,11 @@ def execute(
     output: Path,
     *,
     force: bool = False,
-    on_stage: StageSink = lambda stage, msg: None,
-    on_log: LineSink = lambda line: None,
+    reporter: Reporter | None = None,
     image_id: str | None = None,
     created: str | None = None,
 ) -> BuildResult:
+    reporter = reporter or NullReporter()
     output = output.absolute()
     preflight_output(output, force)
     preflight_model(step)
@@ -121,7 +129,7 @@ def execute(
     try:
         job, spec = _job(step, engine, work, secrets, token)
         spec.write(work / SPEC_FILE)
-        on_stage("start", f"{step.id}: {engine.name} engine" + (f", image {step.builder_image}" if engine.name == "docker" else ""))
+        reporter.stage("start", f"{step.id}: {engine.name} engine" + (f", image {step.builder_image}" if engine.name == "docker" else ""))
         with log_path.open("w", encoding="utf-8") as log:
 
             def sink(line: str) -> None:
@@ -133,14 +141,14 @@ def execute(
                 if line.startswith(EVENT_PREFIX):
                     try:
                         ev = json.loads(line[len(EVENT_PREFIX) :])
-                        on_stage(str(ev.get("stage", "")), str(ev.get("message", "")))
+                        reporter.stage(str(ev.get("stage", "")), str(ev.get("message", "")))
                         return
                     except ValueError:
                         pass
                 tail.append(line)
                 if _EXCEPTION_LINE.match(line):
                     cause = line.strip()
-                on_log(line)
+                reporter.log(line)
 
             code = engine.run(job, sink)
         result = _read_result(work)
@@ -161,8 +169,11 @@ def execute(
         record = dataclasses.replace(_record(step, result, engine.name, image_id), created=created)
         record.write(model)
         _replace(model, output, work, force)
-        on_stage("done", f"{output}")
-        return BuildResult(output=output, record=record, seconds=time.monotonic() - started, log_path=log_path)
+        # Only once the folder is in place: a build that lost the race must not touch the winner's.
+        seen = observations.write(output, _observed(result))
+        reporter.stage("done", f"{output}")
+        return BuildResult(output=output, record=record, seconds=time.monotonic() - started, log_path=log_path,
+                           observed=seen)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if secrets is not None:
@@ -260,7 +271,10 @@ def _failure(result: WorkerResult, log_path: Path, tail: list[str], cause: str |
 
 
 def _record(step: BuildStep, result: WorkerResult, engine: str, image_id: str | None) -> BuildRecord:
-    """What was built from what, by what: recorded in the model folder for packaging and people."""
+    """What was built from what, by what: recorded in the model folder for packaging and people.
+    Nothing one run observed (times, speed, the machine, cache state; ``_observed``) goes in: the
+    record is packaged, and a rebuild of the same inputs must give the same bytes."""
+    sections, _ = observations.split(result.extra)
     return BuildRecord(
         id=step.id,
         name=step.name,
@@ -279,8 +293,14 @@ def _record(step: BuildStep, result: WorkerResult, engine: str, image_id: str | 
         tools=dict(result.versions),
         check=dict(result.check),
         # Results of later stages (the evaluation, ...) travel as extra sections of the worker result.
-        extra={k: v for k, v in result.extra.items() if k not in ("olive_seconds",)},
+        extra=sections,
     )
+
+
+def _observed(result: WorkerResult) -> dict[str, Any]:
+    """What the run observed: the parts of the worker's result that ``_record`` leaves out."""
+    _, seen = observations.split({**result.extra, "olive_seconds": result.olive_seconds})
+    return seen
 
 
 def _replace(model: Path, output: Path, work: Path, force: bool) -> None:

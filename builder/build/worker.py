@@ -244,6 +244,7 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         if (output / name).exists():
             shutil.move(str(output / name), str(meta / name))
 
+    quantized = quantize_output(step, output) if step.quantize else None
     tuned = finetune_outcome(finetune, output, meta, train_loss) if finetune else None
     adapters = {a["name"]: output / a["file"] for a in tuned["adapters"] if a.get("file")} if tuned else {}
 
@@ -283,7 +284,28 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     }
     if tuned is not None:
         out["finetune"] = tuned
+    if quantized is not None:
+        out["quantization"] = quantized
     return out
+
+
+def quantize_output(step: BuildStep, output: Path) -> dict[str, Any]:
+    """Block-quantize the fp32 graph Olive's ModelBuilder wrote (``step.quantize``); what the
+    build record keeps of it: the settings and what changed (deterministic, no times)."""
+    from builder.build.quantize import Settings, quantize_folder  # lazy: numpy and onnx, only for builds that quantize
+
+    try:
+        settings = Settings.from_json(step.quantize)
+    except ValueError as e:
+        raise WorkerFailure("internal", f"The planned quantization is not valid: {e}") from None
+    lm = f"int{settings.lm_head_bits}" if settings.lm_head_bits else "fp32"
+    event("quantize", f"weights to {settings.bits} bits in blocks of {settings.block_size}, LM head {lm}, "
+                      f"accuracy level {settings.accuracy_level}")
+    try:
+        summary = quantize_folder(output, settings)
+    except (ValueError, OSError) as e:
+        raise WorkerFailure("olive_failed", f"Quantizing the converted model failed: {e}") from None
+    return {"settings": settings.to_json(), **summary}
 
 
 _LOSS = re.compile(r"'train_loss': '?([0-9.eE+-]+)")

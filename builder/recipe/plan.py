@@ -15,7 +15,7 @@ from typing import Any
 from builder.build.check import REQUIRED_FILES, TOKENIZER_FILES  # what the check will demand of the output
 from builder.contract import CACHE_DIR, DATA_DIR, MODEL_DIR, OUTPUT_DIR, BuildStep, ModelRef
 from builder.errors import PlanError
-from builder.recipe.format import Finetune, LoadedRecipe, dataset_path, evaluation_text
+from builder.recipe.format import Finetune, LoadedRecipe, dataset_path, evaluation_text, quantization
 from builder.targets import DEVICES
 
 
@@ -31,7 +31,8 @@ def olive_passes(loaded: LoadedRecipe) -> dict[str, dict[str, Any]]:
         if ft.merge:  # a plain HF model with the adapter in its weights, converted as any model
             passes["merge"] = {"type": "MergeAdapterWeights"}
     precision = r.target.precision
-    mb: dict[str, Any] = {"type": "ModelBuilder", "precision": "fp32" if precision == "int8" else precision}
+    block = quantization(r) is not None  # ModelBuilder at fp32; the worker block-quantizes its graph
+    mb: dict[str, Any] = {"type": "ModelBuilder", "precision": "fp32" if precision == "int8" or block else precision}
     if r.generation is not None:
         search = r.generation.model_dump(exclude_none=True)
         if search:
@@ -39,7 +40,7 @@ def olive_passes(loaded: LoadedRecipe) -> dict[str, dict[str, Any]]:
     if r.olive is not None and r.olive.extra_options:
         mb["extra_options"] = dict(r.olive.extra_options)
     passes["builder"] = mb
-    if precision == "int8":
+    if precision == "int8" and not block:
         passes["quantize"] = {"type": "OnnxDynamicQuantization", "precision": "int8"}
     if ft is not None and not ft.merge:
         # The LoRA weights become optional graph inputs (the graph alone is the base model) and
@@ -147,6 +148,17 @@ def olive_config(loaded: LoadedRecipe) -> dict[str, Any]:
     }
 
 
+def quantize_plan(loaded: LoadedRecipe) -> dict[str, Any] | None:
+    """The worker's block quantization after the fp32 conversion (``builder.build.quantize.Settings``
+    as JSON); None where the model builder or Olive quantizes."""
+    q = quantization(loaded.recipe)
+    if q is None:
+        return None
+    return {"bits": 4 if loaded.recipe.target.precision == "int4" else 8, "block_size": q.block_size,
+            "lm_head_bits": {"int8": 8, "int4": 4, "fp32": None}[q.lm_head], "accuracy_level": q.accuracy_level,
+            "exact_offsets": q.exact_offsets}
+
+
 def evaluate_settings(loaded: LoadedRecipe) -> dict[str, Any]:
     """The recipe's `evaluate:` section as the worker reads it (builder.build.evaluate.gates.Settings.from_json)."""
     ev = loaded.recipe.evaluate
@@ -228,4 +240,5 @@ def plan(loaded: LoadedRecipe, builder_image: str, resolved: Resolved | None = N
         description=r.description,
         evaluate=evaluate,
         finetune=finetune,
+        quantize=quantize_plan(loaded),
     )

@@ -9,10 +9,17 @@ adapter artifact gets the same, from its manifest and the base's build record.
 
 Attaching is idempotent: what is already attached (by this key) is kept, so packaging the same
 build again adds nothing, and a stored build can be attested and signed again at any time.
+
+The manifests of two builds of the same inputs are the same; what each build's run observed
+(its speed and seconds, ``builder.build.observed``) is not, and travels in the evaluation
+statement only. Packaging a rebuild therefore attaches one more evaluation statement to the same
+manifests (and signs it beside the earlier ones); attesting stored content again, where no run
+is at hand, keeps what an earlier packaging attached (``attached_observed``).
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -59,7 +66,7 @@ from builder.oci.media import (
     SIMPLE_SIGNING_MEDIA,
 )
 from builder.trust import sign
-from builder.trust.evaluation_statement import adapter_evaluation, evaluation
+from builder.trust.evaluation_statement import adapter_evaluation, evaluation, observed_in
 from builder.trust.facts import AdapterFacts, BuildFacts, FileDigest, Subject, file_digests, statement
 from builder.trust.provenance import adapter_provenance, provenance
 from builder.trust.sbom import Package, adapter_sbom, layer_packages, sbom
@@ -160,16 +167,33 @@ def _sign_manifest(store: oci.Store, name: str, docker_name: str, subject: oci.D
         annotations=dict(when))
 
 
+def _signed_payloads(store: oci.Store, name: str, subject_digest: str, key: SigningKey) -> set[str]:
+    """The digests of the statements ``key`` signed under the ``.att`` tag of a subject."""
+    desc = referrers.local_tagged(store, name, subject_digest, referrers.ATT_SUFFIX)
+    found: set[str] = set()
+    for d in (store.read_json(desc.digest).get("layers") or []) if desc is not None else []:
+        if (d.get("annotations") or {}).get(SIGNATURE_KEY_ANNOTATION) != key.key_id:
+            continue
+        try:
+            found.add(oci.digest_bytes(base64.b64decode(json.loads(store.read_bytes(d["digest"]))["payload"])))
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+    return found
+
+
 def _sign_attestations(store: oci.Store, name: str, subject: oci.Descriptor, key: SigningKey,
                        documents: Iterable[tuple[bytes, str]], when: Mapping[str, str]) -> oci.Descriptor | None:
     """Cosign's DSSE attestations of ``documents`` (statement, predicate type) under the ``.att`` tag
-    of ``subject``, unless ``key``'s are there already."""
-    if signed_by(store, name, subject.digest, referrers.ATT_SUFFIX, key):
-        return None
+    of ``subject``, but those ``key`` signed there already (a DSSE signature differs each time, so
+    the statement inside is compared): packaging the same build again signs nothing, a rebuild's
+    new evaluation statement is signed beside the earlier ones."""
+    done = _signed_payloads(store, name, subject.digest, key)
     layers = [(sign.dsse_envelope(key, doc), DSSE_MEDIA,
                {COSIGN_SIGNATURE_ANNOTATION: "", COSIGN_PREDICATE_TYPE_ANNOTATION: ptype,
                 SIGNATURE_KEY_ANNOTATION: key.key_id})
-              for doc, ptype in documents]
+              for doc, ptype in documents if oci.digest_bytes(doc) not in done]
+    if not layers:
+        return None
     return referrers.replace_local_tagged(store, name, subject, referrers.ATT_SUFFIX, COSIGN_ATT_ARTIFACT,
                                           layers, annotations=dict(when))
 
@@ -179,18 +203,23 @@ def attach_build(store: oci.Store, model_dir: Path, *, artifact_ref: str, artifa
                  runtime: RuntimeLayers | None = None, created: dt.datetime, info: Mapping[str, Any],
                  recipe: RecipeInputs | None = None, key: SigningKey | None = None,
                  files: Iterable[str] | None = None, precomputed: tuple[FileDigest, ...] | None = None,
-                 env: Mapping[str, str] | None = None, image_files: tuple[FileDigest, ...] = ()) -> Attached:
+                 env: Mapping[str, str] | None = None, image_files: tuple[FileDigest, ...] = (),
+                 observed: Mapping[str, Any] | None = None) -> Attached:
     """Attach the SBOMs, provenance and evaluation of a packaged build as referrers of its manifests,
     and with ``key`` sign the model folder (OpenSSF model signing) and both manifests and the
     attestations (cosign's format). ``image_files``: files the runnable image holds beyond
-    ``model_dir``'s (a finetuned build's adapters), listed in its SBOM. Idempotent: what is already
-    attached (by this key) is kept, so packaging the same build again adds nothing."""
+    ``model_dir``'s (a finetuned build's adapters), listed in its SBOM. ``observed``: what the
+    build's run observed (``builder.build.observed``), for the evaluation statement; None keeps
+    what an earlier packaging of this artifact attached. Idempotent: what is already attached (by
+    this key) is kept, so packaging the same build again adds nothing."""
     name = artifact_ref.rpartition(":")[0]
     if precomputed is None:
         names = list(files) if files is not None else model_files(model_dir)
         precomputed = file_digests(model_dir, names)
+    if observed is None:
+        observed = attached_observed(store, name, artifact.digest)
     facts = BuildFacts(info, precomputed, created, recipe.path if recipe else None, recipe.text if recipe else None,
-                       recipe.lock_entry if recipe else None, image_files)
+                       recipe.lock_entry if recipe else None, image_files, observed)
     a_subject = Subject(artifact_ref, artifact.digest)
     i_subject = Subject(image_ref, image.digest) if image is not None and image_ref else None
     packages = _runtime_packages(store, runtime) if runtime is not None and i_subject else []
@@ -292,6 +321,23 @@ def stored_runtime(store: oci.Store, image: oci.Descriptor) -> StoredRuntime | N
                          oci.Descriptor(MANIFEST, base, 0), layers)
 
 
+def attached_observed(store: oci.Store, name: str, subject_digest: str) -> dict[str, Any] | None:
+    """What an evaluation statement already attached to a subject says its run observed (the first,
+    by digest, of those that say); None when none does. Attesting stored content again (a cache hit,
+    `build push --sign-key` of what was packaged unsigned) has no run at hand: it keeps this."""
+    for d in referrers.list_local(store, name, subject_digest):
+        if d.annotations.get(REFERRER_KIND_ANNOTATION) != "evaluation" or not store.has(d.digest):
+            continue
+        for layer in store.read_json(d.digest).get("layers") or []:
+            try:
+                seen = observed_in(store.read_bytes(str(layer["digest"])))
+            except (OSError, KeyError, TypeError):
+                continue
+            if seen is not None:
+                return seen
+    return None
+
+
 def attached_and_signed(store: oci.Store, name: str, subject_digest: str, key: SigningKey | None) -> bool:
     """Whether a subject has its SBOM, provenance and evaluation and, with ``key``, that key's
     signatures of itself and of its attestations: then attaching again would add nothing."""
@@ -323,13 +369,15 @@ def stored_record(store: oci.Store, base_digest: str) -> dict[str, Any]:
 # ---- LoRA adapters -----------------------------------------------------------------------------
 
 def attach_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, *, info: Mapping[str, Any] | None = None,
-                   key: SigningKey | None = None, env: Mapping[str, str] | None = None) -> Attached:
+                   key: SigningKey | None = None, env: Mapping[str, str] | None = None,
+                   observed: Mapping[str, Any] | None = None) -> Attached:
     """Attach an adapter artifact's SBOM, provenance and evaluation as referrers of its manifest
     and, with ``key``, sign the manifest and the attestations (cosign's formats, as for a model).
-    ``info``: the build record (else read from the base artifact in the store). Idempotent."""
+    ``info``: the build record (else read from the base artifact in the store). ``observed``: what
+    the build's run observed (else what an earlier packaging attached). Idempotent."""
     name = ref.rpartition(":")[0]
-    if attached_and_signed(store, name, desc.digest, key):
-        return Attached((), key is not None)
+    if observed is None and attached_and_signed(store, name, desc.digest, key):
+        return Attached((), key is not None)  # nothing new to say: no run's observations at hand
     manifest = store.read_json(desc.digest)
     layer = oci.Descriptor.from_json(manifest["layers"][0])
     config = store.read_json(manifest["config"]["digest"])
@@ -342,7 +390,8 @@ def attach_adapter(store: oci.Store, ref: str, desc: oci.Descriptor, *, info: Ma
     facts = AdapterFacts(
         adapter, FileDigest(f"{ADAPTERS_DIR}/{adapter}{ADAPTER_SUFFIX}", layer.digest.split(":", 1)[1], layer.size),
         dict(config.get("finetune") or {}), Subject(base_ref, base_digest),
-        dict(info) if info is not None else stored_record(store, base_digest), created)
+        dict(info) if info is not None else stored_record(store, base_digest), created,
+        observed if observed is not None else attached_observed(store, name, desc.digest))
     subject = Subject(ref, desc.digest)
     statements = {"provenance": (oci.canonical_json(adapter_provenance(facts, subject, env)), SLSA_PROVENANCE_V1),
                   "evaluation": (oci.canonical_json(adapter_evaluation(facts, subject)), TEST_RESULT_V01)}

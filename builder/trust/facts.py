@@ -4,7 +4,10 @@ of its build record, and the in-toto Statement that wraps each document.
 The documents themselves are built from these in ``sbom``, ``provenance`` and
 ``evaluation_statement``; ``attach`` stores them (and their signatures) beside the content.
 Everything here is a pure function of the build's facts and its creation time (no wall clock,
-no random serial numbers), so packaging the same build again gives the same bytes.
+no random serial numbers), so packaging the same build again gives the same bytes. The facts
+include what the build's run observed (``observed``: its speed and seconds on one machine,
+``builder.build.observed``), which only the evaluation statement carries: the SBOM and the
+provenance of two builds of the same inputs are alike, their evaluation statements need not be.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class BuildFacts:
     # Files only the runnable image holds: a finetuned build's adapters/<name>.onnx_adapter (the
     # model artifact leaves them out; each is an artifact of its own, see ``adapter_sbom``).
     image_files: tuple[FileDigest, ...] = ()
+    # What the build's run observed (the observed document beside the output folder); None: unknown.
+    observed: Mapping[str, Any] | None = None
 
 
 def file_digests(model_dir: Path, files: Iterable[str]) -> tuple[FileDigest, ...]:
@@ -130,6 +135,7 @@ class AdapterFacts:
     base: Subject  # the base model artifact (the adapter manifest's subject)
     info: Mapping[str, Any]  # the build record
     created: dt.datetime
+    observed: Mapping[str, Any] | None = None  # what the build's run observed (``BuildFacts.observed``)
 
     @property
     def dataset(self) -> Mapping[str, Any]:
@@ -169,3 +175,23 @@ def adapter_evaluation_section(facts: AdapterFacts) -> dict[str, Any] | None:
     if tested.get("sha256") and str(tested["sha256"]).split(":", 1)[-1] != facts.file.sha256:
         return None
     return section
+
+
+def adapter_observed(facts: AdapterFacts) -> dict[str, Any] | None:
+    """What the build's run observed of this adapter, in the observed document's own shape: the
+    record it belongs to, this adapter's ``finetune.adapters`` entry (training seconds, its own
+    evaluation's seconds) and, where the adapter's evaluation is the build's, the build's
+    ``evaluation``. Taking it of its own result gives the same document."""
+    seen = facts.observed
+    if not seen:
+        return None
+    out: dict[str, Any] = {k: seen[k] for k in ("record",) if k in seen}
+    finetune = seen.get("finetune")
+    entries = finetune.get("adapters") if isinstance(finetune, dict) else None
+    mine = [e for e in entries if isinstance(e, dict) and e.get("name") == facts.name] if isinstance(entries, list) else []
+    if mine:
+        out["finetune"] = {"adapters": mine[:1]}
+    if not isinstance(facts.entry.get("evaluation"), dict) and isinstance(seen.get("evaluation"), dict) \
+            and adapter_evaluation_section(facts) is not None:
+        out["evaluation"] = seen["evaluation"]
+    return out if set(out) - {"record"} else None

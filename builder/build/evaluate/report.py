@@ -1,6 +1,12 @@
-"""The evaluation's record: what goes into olive-builder.json (``EvaluationRecord``), read as a
-table (``format_table``, ``build eval``) and as manifest annotations (``manifest_annotations``:
-``<ns>eval.*`` and ``<ns>bench.*``, read back by ``build inspect`` with ``table_from_annotations``).
+"""The evaluation's record (``EvaluationRecord``), read as a table (``format_table``, ``build
+eval``) and as manifest annotations (``manifest_annotations``: ``<ns>eval.*``, read back by
+``build inspect`` with ``table_from_annotations``).
+
+Only what was built goes into olive-builder.json and the annotations: the accuracy figures, the
+gates, the verdict, the text digest. What one run observed (the speed on this machine, seconds,
+timings, whether the source figures were cached; ``builder.build.observed``) travels in the
+evaluation attestation, and ``observed_figures`` shows it the way the ``<ns>bench.*``
+annotations of earlier builds did.
 
 Stdlib only: the worker writes the record inside the builder image.
 """
@@ -8,6 +14,7 @@ Stdlib only: the worker writes the record inside the builder image.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +25,9 @@ RECORD_PREFIX = "::olive-builder-evaluation:: "  # the record on one line of out
 
 @dataclass
 class EvaluationRecord:
-    """The figures, the gates and the verdict: what goes into olive-builder.json.
+    """The figures, the gates and the verdict, as the worker reports them. The build record keeps
+    what was built; ``speed``, ``seconds``, ``timings`` and ``source_cached`` are what this run
+    observed (``builder.build.observed.split_evaluation``).
 
     (The recipe's ``evaluate:`` section, what the stage is asked to do, is
     ``builder.recipe.format.Evaluation``.)"""
@@ -104,7 +113,8 @@ ANNOTATED_BENCH = ("load_s", "ttft_s", "prompt_tokens", "prompt_tokens_per_s", "
 
 
 def manifest_annotations(data: dict[str, Any] | None, ns: str = NS) -> dict[str, str]:
-    """``<ns>eval.<metric>`` and ``<ns>bench.<metric>`` for the manifests."""
+    """``<ns>eval.<metric>`` for the manifests: what was built, never what a run observed (the speed
+    is in the evaluation attestation, see ``observed_figures``), so a rebuild annotates alike."""
     if not data:
         return {}
     if not data.get("evaluated"):
@@ -120,22 +130,56 @@ def manifest_annotations(data: dict[str, Any] | None, ns: str = NS) -> dict[str,
         out[ns + "eval.text-tokens"] = str(text.get("tokens"))
     if data.get("gates"):
         out[ns + "eval.gates"] = json.dumps(data["gates"], sort_keys=True, separators=(",", ":"))
-    speed = data.get("speed") or {}
+    return out
+
+
+def observed_figures(observed: Mapping[str, Any]) -> dict[str, str]:
+    """What a run observed (an observed document, ``builder.build.observed``) as rows named like the
+    ``bench.*`` annotations of earlier builds: ``bench.<metric>``, ``bench.cpu``, ``bench.threads``
+    (or ``bench``: why not measured), the evaluation's ``eval.seconds`` and ``eval.source-cached``,
+    the conversion's ``convert.seconds`` and each adapter's ``adapter.<name>.training-seconds``."""
+    out: dict[str, str] = {}
+    found = observed.get("evaluation")
+    evaluation: dict[str, Any] = found if isinstance(found, dict) else {}
+    speed = evaluation.get("speed") or {}
     if speed.get("measured"):
-        out.update({f"{ns}bench.{k.replace('_', '-')}": _fmt(speed[k]) for k in ANNOTATED_BENCH if k in speed})
+        out.update({f"bench.{k.replace('_', '-')}": _fmt(speed[k]) for k in ANNOTATED_BENCH if k in speed})
         cpu = speed.get("cpu") or {}
-        out[ns + "bench.cpu"] = f"{cpu.get('model')}, {cpu.get('usable_cores')} cores"
-        out[ns + "bench.threads"] = str(speed.get("intra_op_threads"))
+        out["bench.cpu"] = f"{cpu.get('model')}, {cpu.get('usable_cores')} cores"
+        out["bench.threads"] = str(speed.get("intra_op_threads"))
     elif speed:
-        out[ns + "bench"] = str(speed.get("reason", "not measured"))
+        out["bench"] = str(speed.get("reason", "not measured"))
+    if "seconds" in evaluation:
+        out["eval.seconds"] = _fmt(evaluation["seconds"])
+    if "source_cached" in evaluation:
+        out["eval.source-cached"] = "yes" if evaluation["source_cached"] else "no"
+    if observed.get("olive_seconds") is not None:
+        out["convert.seconds"] = _fmt(observed["olive_seconds"])
+    found = observed.get("finetune")
+    finetune: dict[str, Any] = found if isinstance(found, dict) else {}
+    for entry in finetune.get("adapters") or []:
+        training = entry.get("training") if isinstance(entry, dict) else None
+        if isinstance(training, dict) and "seconds" in training:
+            out[f"adapter.{entry.get('name')}.training-seconds"] = _fmt(training["seconds"])
     return out
 
 
 def table_from_annotations(ann: dict[str, str], ns: str = NS) -> str:
-    """The evaluation part of a manifest's annotations as a table (for `build inspect`)."""
+    """The evaluation part of a manifest's annotations as a table (for `build inspect`). Builds
+    made before the speed moved to the evaluation attestation also carry ``<ns>bench.*``."""
     rows = [(k[len(ns):], v) for k, v in sorted(ann.items()) if k.startswith((ns + "eval", ns + "bench"))]
     if not rows:
         return "  not evaluated (built before the evaluation stage existed)"
+    return _table(rows)
+
+
+def observed_table(observed: Mapping[str, Any]) -> str:
+    """``observed_figures`` as a table (for `build inspect`)."""
+    rows = sorted(observed_figures(observed).items())
+    return _table(rows) if rows else "  nothing observed"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
 
