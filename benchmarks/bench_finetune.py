@@ -18,7 +18,6 @@ the base model folder's. Each build is asserted to be a real build (no cache hit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from builder.build import observed  # noqa: E402
 
 DATASET = REPO / "tests" / "data" / "finetune" / "colors.jsonl"
 
@@ -67,7 +68,7 @@ def build(path: Path, out: Path, store: Path) -> tuple[float, dict]:
         package=pipeline.PackageOptions(store=store, runnable_image=False)))
     seconds = time.perf_counter() - started
     assert outcome.built is not None, "a cache hit: this benchmark must build"
-    return seconds, json.loads((out / "olive-builder.json").read_text())
+    return seconds, observed.full_record(out)  # the record and what the run observed (speed, seconds)
 
 
 def folder_bytes(folder: Path, skip: str | None = None) -> int:

@@ -87,8 +87,9 @@ def test_gates_pass_and_fail_with_figures_limit_and_what_to_try() -> None:
     assert isinstance(e, BuildError) and e.exit_code == 4
     text = str(e)
     assert "perplexity ratio (built / source) 1.4 is above the limit 1.15" in text
-    assert "top-1 next-token agreement 0.5 is below the limit 0.75" in text
-    assert "int4_accuracy_level" in text and "higher precision" in text  # what to try
+    assert "top-1 next-token agreement 0.5 is below the limit 0.7" in text
+    assert "quantize: {block_size: 16}" in text and "accuracy_level: 0" in text  # what to try
+    assert "higher precision" in text
     assert "perplexity_ratio" in text and "(limit <= 1.15)" in text  # the figures' table
     assert e.figures["accuracy"]["perplexity_ratio"] == 1.4
 
@@ -217,7 +218,7 @@ def test_agreement_gates_are_not_applied_to_a_source_that_knows_nothing() -> Non
     """A near-uniform source (random weights): its argmax is noise, so only the other gates apply."""
     acc = {"source_perplexity": 900.0, "perplexity_ratio": 1.01, "top1_agreement": 0.07}
     gates = ev_gates.applicable_gates(acc, "int4", {"min_greedy_prefix": 4}, vocab=1024)
-    assert gates == {"max_perplexity_ratio": 1.15}
+    assert gates == {"max_perplexity_ratio": 1.15, "max_mean_kl": 0.2}
     assert ev_gates.check_gates(acc, gates) == []
     assert "its top-1 choices are noise" in acc["gates_skipped"]
     acc = {"source_perplexity": 60.0, "perplexity_ratio": 1.01, "top1_agreement": 0.07}
@@ -274,3 +275,31 @@ def test_a_hub_text_is_fetched_once_and_recorded_by_its_origin_and_digest(hub_te
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EvaluationError, match="HF_HUB_OFFLINE"):
         ev.HubText("acme/texts", TEXT_COMMIT, "books/other.txt").fetch()
+
+
+# The calibration figures (README "Default gates"): what each default gate was chosen between.
+# (precision, perplexity ratio, top-1, mean KL, passes)
+REAL_MODEL_CALIBRATION = [  # SmolLM2-135M-Instruct from its GGUF: benchmarks/calibrate_real.py
+    ("fp32", 1.0, 1.0, 0.0, True),            # the fp32 conversion
+    ("int4", 1.0026, 0.983, 0.0008, True),    # block int4, accuracy_level 4 (the default)
+    ("int8", 1.0065, 0.954, 0.0038, True),    # block int8, accuracy_level 4 (the default)
+    ("int4", 1.276, 0.594, 0.33, False),      # the model builder's int4 of the same weights
+    ("fp32", 0.9965, 0.9746, 0.00144, False),  # noise k = 0.005
+    ("int8", 1.0026, 0.8817, 0.0228, False),  # noise k = 0.02
+    ("int4", 1.852, 0.478, 0.614, False),     # noise k = 0.1
+]
+TOY_CALIBRATION = [  # the 64-wide model of the tests, trained on the text: bench_eval.py --calibrate
+    ("fp32", 1.0, 1.0, 0.0, True),
+    ("int8", 0.99921, 0.9726, 0.0005, True),
+    ("int4", 0.99946, 0.8935, 0.0066, True),
+    ("fp32", 3.4355, 0.2268, 1.28, False),    # 100 % noise
+    ("int8", 1.2749, 0.7214, 0.26, False),
+    ("int4", 12.749, 0.1584, 3.02, False),
+]
+
+
+@pytest.mark.parametrize(("precision", "ratio", "top1", "kl", "passes"), REAL_MODEL_CALIBRATION + TOY_CALIBRATION)
+def test_the_default_gates_separate_the_calibration_figures(precision: str, ratio: float, top1: float, kl: float,
+                                                            passes: bool) -> None:
+    figures = {"perplexity_ratio": ratio, "top1_agreement": top1, "mean_kl": kl}
+    assert (ev_gates.check_gates(figures, ev_gates.gates_for(precision)) == []) == passes

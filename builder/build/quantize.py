@@ -167,7 +167,8 @@ def pack_zero_points(zero: np.ndarray) -> np.ndarray:
     n, blocks = zero.shape
     if blocks % 2:
         zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
-    return (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+    packed: np.ndarray = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+    return packed
 
 
 # -- reading and writing tensors -------------------------------------------------------------
