@@ -318,7 +318,7 @@ def check_dataset(loaded: LoadedRecipe, reporter: Reporter) -> dict[str, Any] | 
         paths = [local]
     try:
         info = dataset.check(list(zip(names, paths, strict=True)), dataset.template_fields(ft.template))
-    except dataset.DatasetError as e:
+    except dataset.DatasetProblem as e:
         if ft.dataset.hub is not None:  # not kept: the next build fetches it again rather than trust it
             for path in paths:
                 path.unlink(missing_ok=True)

@@ -143,13 +143,13 @@ def test_csv_and_json_datasets_are_read_too(tmp_path):  # type: ignore[no-untype
     assert (info.rows, info.loader, info.columns) == (2, "csv", ("instruction", "response"))
     no_column = tmp_path / "e.csv"
     no_column.write_text("instruction\nx\n")
-    with pytest.raises(dataset.DatasetError, match="e.csv:2: column `response` of the template is missing"):
+    with pytest.raises(dataset.DatasetProblem, match="e.csv:2: column `response` of the template is missing"):
         dataset.check([("e.csv", no_column)], ["instruction", "response"])
     array = tmp_path / "d.json"
     array.write_text(json.dumps([{"instruction": "a", "response": 1}, {"instruction": "b", "response": "c"}]))
     assert dataset.check([("d.json", array)], ["instruction", "response"]).rows == 2
     array.write_text(json.dumps({"rows": []}))
-    with pytest.raises(dataset.DatasetError, match="must be an array of objects"):
+    with pytest.raises(dataset.DatasetProblem, match="must be an array of objects"):
         dataset.check([("d.json", array)], ["instruction"])
 
 

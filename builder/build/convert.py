@@ -15,12 +15,12 @@ import collections
 from pathlib import Path
 
 from builder.build.engine import Engine, Job, Mount
+from builder.build.execute import LOG_TAIL_LINES
 from builder.errors import BuildError
 from builder.reporting import Reporter
 from builder.source.gguf import SOURCE_NOTE
 
 CONVERTED = "hf"  # the converted folder, beside the GGUF file in its digest's cache folder
-LOG_TAIL_LINES = 40
 
 
 def converted_folder(gguf_file: Path) -> Path:

@@ -53,8 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from builder.build.source_figures import (
-    CHUNK,
     GREEDY_TOKENS,
+    TOKEN_CHUNK,
     DigestUnknown,
     Reference,
     load_reference,
@@ -293,8 +293,8 @@ def _built_pass(model: Any, windows: list[list[int]], prompts: list[list[int]], 
     pos = 0
     for window in windows:
         generator = _generator(model, len(window), adapters, name)
-        for s in range(0, len(window) - 1, CHUNK):
-            piece = window[s : s + CHUNK]
+        for s in range(0, len(window) - 1, TOKEN_CHUNK):
+            piece = window[s : s + TOKEN_CHUNK]
             generator.append_tokens(piece)
             # All positions of the chunk just appended (get_logits() gives only the last one).
             logits = torch.from_numpy(generator.get_output("logits")[0])

@@ -28,7 +28,7 @@ from typing import Any
 
 from builder.contract import atomic_write, cache_dir, sha256_file
 
-CHUNK = 128  # tokens scored at a time: a chunk's logits are CHUNK x vocab floats (78 MB at 152k vocab)
+TOKEN_CHUNK = 128  # tokens scored at a time: a chunk's logits are TOKEN_CHUNK x vocab floats (78 MB at 152k vocab)
 TOP_K = 256  # source log-probabilities kept per position for the KL divergence
 GREEDY_TOKENS = 32  # tokens generated after each chat prompt, on both sides
 
@@ -71,7 +71,7 @@ def _step(model: Any, ids: list[int], cache: Any) -> tuple[Any, Any]:
 
 
 def _window_logits(model: Any, window: list[int], split: bool) -> Iterator[tuple[int, Any]]:
-    """(start, logits [n, vocab]) for each CHUNK of positions of ``window``.
+    """(start, logits [n, vocab]) for each TOKEN_CHUNK of positions of ``window``.
 
     ``split``: one pass of the decoder over the whole window, then the LM head a chunk at a
     time, so the full window's logits (window x vocab floats: 1.2 GB at 2048 x 152k) never exist
@@ -82,12 +82,12 @@ def _window_logits(model: Any, window: list[int], split: bool) -> Iterator[tuple
     if split:
         hidden = model.get_decoder()(input_ids=torch.tensor([window])).last_hidden_state[0]
         head = model.get_output_embeddings()
-        for s in range(0, len(window) - 1, CHUNK):
-            yield s, head(hidden[s : s + CHUNK])
+        for s in range(0, len(window) - 1, TOKEN_CHUNK):
+            yield s, head(hidden[s : s + TOKEN_CHUNK])
         return
     cache = None
-    for s in range(0, len(window) - 1, CHUNK):
-        logits, cache = _step(model, window[s : s + CHUNK], cache)
+    for s in range(0, len(window) - 1, TOKEN_CHUNK):
+        logits, cache = _step(model, window[s : s + TOKEN_CHUNK], cache)
         yield s, logits
 
 
@@ -242,7 +242,7 @@ def source_pass(source_dir: Path, windows: list[list[int]], prompts: list[list[i
         split = _can_split(model, windows[0])
         for window in windows:
             for s, logits in _window_logits(model, window, split):
-                targets = window[s + 1 : s + 1 + CHUNK]
+                targets = window[s + 1 : s + 1 + TOKEN_CHUNK]
                 n, arg, ids, lp = _chunk_stats(logits[: len(targets), :vocab], targets, k)
                 nll.extend(n.tolist())
                 argmax.extend(arg.tolist())
@@ -335,7 +335,7 @@ def reference_key(source_dir: Path, peft_dir: Path | None, windows: list[list[in
         "peft": _file_digests(peft_dir, cache, read=read) if peft_dir is not None else None,
         "windows": hashlib.sha256(json.dumps(windows).encode()).hexdigest(),
         "prompts": prompts,
-        "greedy_tokens": GREEDY_TOKENS, "top_k": TOP_K, "chunk": CHUNK, "batched": batched,
+        "greedy_tokens": GREEDY_TOKENS, "top_k": TOP_K, "chunk": TOKEN_CHUNK, "batched": batched,
         "dtype": str(dtype),
         "versions": versions,
     }

@@ -57,7 +57,7 @@ REF_TAG_INFIX = ".ref."
 SIG_SUFFIX = ".sig"
 ATT_SUFFIX = ".att"
 ANN_CREATED = "org.opencontainers.image.created"
-Event = Callable[[str, str], None]
+Event = Callable[[str, str], None]  # (stage, message): what the transfer loops report
 
 
 def index_tag(subject_digest: str) -> str:

@@ -66,12 +66,11 @@ from builder.oci.media import (
     MODEL_LAYER_TYPES,
 )
 from builder.oci.reference import Reference, parse_reference, repository
-from builder.oci.referrers import Content
+from builder.oci.referrers import Content, Event
 from builder.oci.registry import Registry
 from builder.reporting import NullReporter, Reporter
 from builder.trust.verify import AdapterInfo, PullGuard, adapter_of, verify_signature
 
-Event = Callable[[str, str], None]  # (stage, message)
 LOCATIONS = "locations.json"
 
 

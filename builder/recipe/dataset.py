@@ -24,7 +24,7 @@ MAX_JSON_ARRAY = 256 << 20  # a .json file is parsed whole
 MAX_PROBLEMS = 5
 
 
-class DatasetError(ValueError):
+class DatasetProblem(ValueError):
     """A dataset that cannot be trained on; the message names the file and line."""
 
 
@@ -49,20 +49,20 @@ def template_fields(template: str) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as e:
-        raise DatasetError(f"the template is not a valid text template: {e} (write a literal brace as {{{{ or }}}})")\
+        raise DatasetProblem(f"the template is not a valid text template: {e} (write a literal brace as {{{{ or }}}})")\
             from None
     for _, name, spec, conversion in parsed:
         if name is None:
             continue
         if not name.isidentifier():
-            raise DatasetError(f"template field {{{name}}} is not a plain column name: use {{column}} only, "
+            raise DatasetProblem(f"template field {{{name}}} is not a plain column name: use {{column}} only, "
                                "without '.', '[...]' or positional {}")
         if spec or conversion:
-            raise DatasetError(f"template field {{{name}}} has a conversion or format spec; use {{{name}}} alone")
+            raise DatasetProblem(f"template field {{{name}}} has a conversion or format spec; use {{{name}}} alone")
         if name not in fields:
             fields.append(name)
     if not fields:
-        raise DatasetError("the template uses no dataset column: name at least one, e.g. {instruction}")
+        raise DatasetProblem("the template uses no dataset column: name at least one, e.g. {instruction}")
     return fields
 
 
@@ -70,19 +70,19 @@ def check(files: list[tuple[str, Path]], fields: list[str]) -> DatasetInfo:
     """Read every row of ``files`` ((shown name, path) pairs): each must be an object (a CSV
     row) holding every template field with a string or number value."""
     if not files:
-        raise DatasetError("the dataset has no files")
+        raise DatasetProblem("the dataset has no files")
     loaders = {FORMATS.get(Path(name).suffix.lower()) for name, _ in files}
     if None in loaders:
         bad = next(name for name, _ in files if Path(name).suffix.lower() not in FORMATS)
-        raise DatasetError(f"{bad}: unsupported dataset file type; use .jsonl, .json or .csv")
+        raise DatasetProblem(f"{bad}: unsupported dataset file type; use .jsonl, .json or .csv")
     if len(loaders) != 1:
-        raise DatasetError("the dataset mixes JSON and CSV files; use one format")
+        raise DatasetProblem("the dataset mixes JSON and CSV files; use one format")
     loader = loaders.pop() or "json"
     digest = hashlib.sha256()
     rows, columns, problems = 0, None, []
     for name, path in files:
         if not path.is_file():
-            raise DatasetError(f"{name}: not a regular file")
+            raise DatasetProblem(f"{name}: not a regular file")
         with path.open("rb") as stream:
             while chunk := stream.read(4 << 20):
                 digest.update(chunk)
@@ -106,9 +106,9 @@ def check(files: list[tuple[str, Path]], fields: list[str]) -> DatasetInfo:
         if len(problems) >= MAX_PROBLEMS:
             break
     if problems:
-        raise DatasetError("\n".join(problems))
+        raise DatasetProblem("\n".join(problems))
     if rows == 0:
-        raise DatasetError(f"{files[0][0]}: the dataset has no rows")
+        raise DatasetProblem(f"{files[0][0]}: the dataset has no rows")
     return DatasetInfo(tuple(name for name, _ in files), rows, columns or (), "sha256:" + digest.hexdigest(), loader)
 
 
@@ -117,17 +117,17 @@ def _rows(name: str, path: Path) -> Iterator[tuple[int, dict[str, object]]]:
     if suffix == ".json":
         size = path.stat().st_size
         if size > MAX_JSON_ARRAY:
-            raise DatasetError(f"{name}: {size >> 20} MiB is too large for a .json array; use JSON Lines (.jsonl)")
+            raise DatasetProblem(f"{name}: {size >> 20} MiB is too large for a .json array; use JSON Lines (.jsonl)")
         raw = path.read_bytes()
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise DatasetError(f"{name}: not valid UTF-8 JSON: {e}") from None
+            raise DatasetProblem(f"{name}: not valid UTF-8 JSON: {e}") from None
         if not isinstance(data, list):
-            raise DatasetError(f"{name}: a .json dataset must be an array of objects (or use JSON Lines)")
+            raise DatasetProblem(f"{name}: a .json dataset must be an array of objects (or use JSON Lines)")
         for i, row in enumerate(data, 1):
             if not isinstance(row, dict):
-                raise DatasetError(f"{name}: item {i} is a {type(row).__name__}, not an object")
+                raise DatasetProblem(f"{name}: item {i} is a {type(row).__name__}, not an object")
             yield i, row
         return
     if suffix == ".csv":
@@ -136,27 +136,27 @@ def _rows(name: str, path: Path) -> Iterator[tuple[int, dict[str, object]]]:
             reader = csv.DictReader(text)
             try:
                 if not reader.fieldnames:
-                    raise DatasetError(f"{name}: a CSV dataset needs a header row naming its columns")
+                    raise DatasetProblem(f"{name}: a CSV dataset needs a header row naming its columns")
                 for row in reader:
                     if None in row:  # more values than header columns
-                        raise DatasetError(f"{name}:{reader.line_num}: more values than the header has columns")
+                        raise DatasetProblem(f"{name}:{reader.line_num}: more values than the header has columns")
                     yield reader.line_num, {k: v for k, v in row.items() if v is not None}
             except csv.Error as e:
-                raise DatasetError(f"{name}:{reader.line_num}: not valid CSV: {e}") from None
+                raise DatasetProblem(f"{name}:{reader.line_num}: not valid CSV: {e}") from None
             except UnicodeDecodeError as e:
-                raise DatasetError(f"{name}:{reader.line_num + 1}: not UTF-8: {e}") from None
+                raise DatasetProblem(f"{name}:{reader.line_num + 1}: not UTF-8: {e}") from None
         return
     with path.open("rb") as f:
         for number, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), b""), 1):
             if len(line) > MAX_LINE:
-                raise DatasetError(f"{name}:{number}: a line longer than {MAX_LINE >> 20} MiB")
+                raise DatasetProblem(f"{name}:{number}: a line longer than {MAX_LINE >> 20} MiB")
             if not line.strip():
                 continue
             try:
                 row = json.loads(line.decode("utf-8"))
             except (UnicodeDecodeError, ValueError, RecursionError) as e:
-                raise DatasetError(f"{name}:{number}: not a JSON object: {e}") from None
+                raise DatasetProblem(f"{name}:{number}: not a JSON object: {e}") from None
             if not isinstance(row, dict):
-                raise DatasetError(f"{name}:{number}: a {type(row).__name__}, not a JSON object")
+                raise DatasetProblem(f"{name}:{number}: a {type(row).__name__}, not a JSON object")
             yield number, row
 

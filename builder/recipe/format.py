@@ -587,7 +587,7 @@ def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any
     fields: list[str] = []
     try:
         fields = dataset.template_fields(ft.template)
-    except dataset.DatasetError as e:
+    except dataset.DatasetProblem as e:
         out.append((("finetune", "template"), str(e)))
     local = dataset_path(recipe, recipe_path)
     if local is not None:
@@ -603,7 +603,7 @@ def finetune_problems(recipe: Recipe, recipe_path: Path) -> list[tuple[tuple[Any
         elif fields:
             try:
                 dataset.check([(shown, local)], fields)
-            except dataset.DatasetError as e:
+            except dataset.DatasetProblem as e:
                 out.append((("finetune", "template" if "of the template is missing" in str(e) else "dataset"),
                             "the dataset does not fit the template:\n    " + str(e).replace("\n", "\n    ")))
             except OSError as e:
