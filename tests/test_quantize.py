@@ -95,6 +95,9 @@ def write_graph(folder: Path, *, tied: bool, linear_bits: int = 4, seed: int = 0
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V])],
         inits,
+        # one activation's shape declared, as ModelBuilder declares them all: its block sums take
+        # the short path (Reshape by rank), the others the general one (Shape, Concat)
+        value_info=[helper.make_tensor_value_info("act", TensorProto.FLOAT, ["batch", "sequence", F])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     folder.mkdir(parents=True, exist_ok=True)
