@@ -219,7 +219,7 @@ class DockerEngine:
             try:
                 out = self.client.containers.run(image, ["python", "-c", probe], remove=True, stdout=True, stderr=False,
                                                  environment={"PYTHONPATH": CONTAINER_PACKAGE_ROOT},
-                                                 volumes={str(_package_dir()): {"bind": CONTAINER_PACKAGE_ROOT + "/builder",
+                                                 volumes={str(PACKAGE_DIR): {"bind": CONTAINER_PACKAGE_ROOT + "/builder",
                                                                                 "mode": "ro"}})
                 found = json.loads(out.decode().strip().splitlines()[-1])
             except (docker.errors.DockerException, ValueError, IndexError) as e:
@@ -237,9 +237,12 @@ class DockerEngine:
                 f"The builder image {job.image} is not in this Docker engine.",
                 hint="Build it with `build images`, or name another one with --image.",
             )
-        volumes = {
+        # The driver's own package, read-only, where PYTHONPATH points: every job runs our code as it
+        # is here (mounted, never installed in the image), so a job names only its own folders.
+        volumes = {str(PACKAGE_DIR): {"bind": CONTAINER_PACKAGE_ROOT + "/builder", "mode": "ro"}}
+        volumes.update({
             str(m.source): {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in job.mounts
-        }
+        })
         device_requests = [DeviceRequest(count=-1, capabilities=[["gpu"]])] if job.gpus else None
         name = f"olive-builder-{uuid.uuid4().hex[:12]}"
         env = dict(job.env)
@@ -320,10 +323,6 @@ def connect() -> Any:
             "with --engine local.",
         ) from None
     return client
-
-
-def _package_dir() -> Path:
-    return PACKAGE_DIR
 
 
 def _short(e: Exception) -> str:

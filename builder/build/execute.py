@@ -29,7 +29,6 @@ from builder.build.check import check_files
 from builder.build.engine import Engine, Job, Mount
 from builder.contract import (
     EVENT_PREFIX,
-    PACKAGE_DIR,
     RESULT_FILE,
     SPEC_FILE,
     BuilderInfo,
@@ -204,8 +203,6 @@ def _job(step: BuildStep, engine: Engine, work: Path, secrets: Path | None, toke
         token_file.chmod(0o600)
         mounts.append(Mount(token_file, "/run/secrets/hf_token", read_only=True))
         env["HF_TOKEN_PATH"] = "/run/secrets/hf_token"
-    package = PACKAGE_DIR
-    mounts.append(Mount(package, "/opt/olive-builder/builder", read_only=True))
     if (step.evaluate or {}).get("enabled", True) and os.environ.get("OLIVE_BUILDER_EVAL_CACHE", "") != "off":
         # The evaluation's cache of source-model figures outlives the container, so a second
         # precision or target of the same source skips the source pass (builder.build.source_figures).

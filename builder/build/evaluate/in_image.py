@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.build.engine import CONTAINER_PACKAGE_ROOT, Engine, Job, LineSink, Mount
+from builder.build.engine import Engine, Job, LineSink, Mount
 from builder.build.evaluate.gates import Settings
 from builder.build.evaluate.report import RECORD_PREFIX, EvaluationRecord
 from builder.build.measure import AdapterUnderTest
-from builder.contract import PACKAGE_DIR
 from builder.errors import EvaluationError
 
 
@@ -22,9 +21,7 @@ def evaluate_in_image(engine: Engine, image: str, model_dir: Path, source_dir: P
                       on_line: LineSink, adapter: AdapterUnderTest | None = None) -> EvaluationRecord:
     """The same evaluation inside a builder image (for hosts without torch, transformers and
     onnxruntime-genai): the folders are mounted read-only and the record comes back on one line."""
-    package = PACKAGE_DIR
-    mounts = [Mount(model_dir.resolve(), "/eval/model", read_only=True),
-              Mount(package, CONTAINER_PACKAGE_ROOT + "/builder", read_only=True)]
+    mounts = [Mount(model_dir.resolve(), "/eval/model", read_only=True)]
     args = ["/eval/model", "--record-line", "--device", device, "--max-tokens", str(settings.max_tokens)]
     if source_dir is not None:
         mounts.append(Mount(source_dir.resolve(), "/eval/source", read_only=True))
