@@ -57,7 +57,7 @@ def q8_0(rows: int, k: int, rng: np.random.Generator, block: int = 32) -> np.nda
     return w
 
 
-def write_graph(folder: Path, *, tied: bool, linear_bits: int = 4, seed: int = 0) -> Path:
+def write_graph(folder: Path, *, tied: bool, linear_bits: int = 4, seed: int = 0, copied: bool = False) -> Path:
     """model.onnx + model.onnx.data as ModelBuilder lays them out, weights on GGUF grids: the
     linear layers Q4_1 (``linear_bits`` 4) or Q8_0 (8), the LM head and embedding Q8_0."""
     rng = np.random.default_rng(seed)
@@ -77,8 +77,9 @@ def write_graph(folder: Path, *, tied: bool, linear_bits: int = 4, seed: int = 0
         nodes.append(helper.make_node("Transpose", ["lm_head.MatMul.weight"], ["/model/embed_tokens/Transpose/output_0"],
                                       name="/model/embed_tokens/Transpose"))
         table = "/model/embed_tokens/Transpose/output_0"
-    else:
-        inits.append(numpy_helper.from_array(q8_0(V, H, rng), "model.embed_tokens.weight"))
+    else:  # copied: a tied model saved with the table twice (as Olive's ModelBuilder pass writes it)
+        own = np.ascontiguousarray(lm.T) if copied else q8_0(V, H, rng)
+        inits.append(numpy_helper.from_array(own, "model.embed_tokens.weight"))
         table = "model.embed_tokens.weight"
     nodes += [
         helper.make_node("Gather", [table, "input_ids"], ["emb"], name="/model/embed_tokens/Gather"),
@@ -206,6 +207,25 @@ def test_an_untied_embedding_is_quantized_on_its_own(tmp_path: Path) -> None:
     gather = next(n for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
                   if n.op_type == "GatherBlockQuantized")
     assert gather.input[1] == "input_ids"
+
+
+def test_a_tied_table_saved_twice_is_stored_once(tmp_path: Path) -> None:
+    ref = write_graph(tmp_path / "fp32", tied=False, copied=True)
+    out = tmp_path / "q"
+    shutil.copytree(ref, out)
+    summary = quantize_folder(out, Settings(bits=4, accuracy_level=0))
+    assert summary["embedding"] == "shared with the LM head (an equal copy dropped)"
+    kinds = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert kinds.count("GatherBlockQuantized") == 1
+    # one quantized table: the copy is gone, and only the head's bytes are quantized
+    inits = _initializers(out)
+    assert "model.embed_tokens.weight" not in inits
+    assert [name for name in inits if name.endswith("_Q8G32")] == ["lm_head.MatMul.weight_Q8G32"]
+    expected, got = logits(ref, IDS), logits(out, IDS)
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    # a table that differs in one number is not the head's
+    other = write_graph(tmp_path / "other", tied=False)
+    assert quantize_folder(other, Settings(bits=4))["embedding"] == "own"
 
 
 def test_block_sizes_that_do_not_divide_k(tmp_path: Path) -> None:

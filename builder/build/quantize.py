@@ -572,6 +572,12 @@ def _rewrite(rw: _Rewrite) -> None:
                 rw.record("embedding", q.max_error)
             else:
                 rw.embedding = "fp32 (tied to an LM head that was not quantized)"
+        elif (head := _tied_head(rw, lm, t, done)) is not None:
+            # A tied model whose converter wrote the table twice (Olive's ModelBuilder pass does):
+            # the same numbers, so the same bytes serve both.
+            _gather_quantized(rw, gather, head, head.k, shared=True, out=made)
+            rw.embedding = "shared with the LM head (an equal copy dropped)"
+            rw.record("embedding", head.max_error)
         else:
             q = rw.quantize(table, rw.source.array(t), settings.lm_head_bits, transpose=False, residual_rows_first=True)
             _gather_quantized(rw, gather, q, q.k, shared=False, out=made)
@@ -583,6 +589,26 @@ def _rewrite(rw: _Rewrite) -> None:
         raise ValueError("K not a multiple of the block size needs opset 18 or later (Pad with axes)")
     del graph.node[:]
     graph.node.extend(_without_dead(nodes, graph))
+
+
+def _tied_head(rw: _Rewrite, lm: onnx.NodeProto | None, table: TensorProto,
+               done: dict[str, Quantized]) -> Quantized | None:
+    """The LM head's quantized weight when the embedding table equals its transpose exactly (a
+    tied model saved with two copies), else None. Compared a slice of rows at a time."""
+    if lm is None:
+        return None
+    q = done.get(lm.input[1])
+    head = rw.inits.get(lm.input[1])
+    if q is None or head is None or q.bits != rw.settings.lm_head_bits:
+        return None
+    emb, w = rw.source.array(table), rw.source.array(head)  # [V, H] and [H, V]
+    if emb.ndim != 2 or w.ndim != 2 or emb.shape != (w.shape[1], w.shape[0]):
+        return None
+    step = 4096
+    for start in range(0, emb.shape[0], step):
+        if not np.array_equal(emb[start:start + step], w[:, start:start + step].T):
+            return None
+    return q
 
 
 def _without_dead(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
