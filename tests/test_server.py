@@ -469,6 +469,12 @@ def test_runtime_image_is_small(runtime_image: str, docker_client) -> None:  # t
         container.remove(force=True)
 
 
+@pytest.mark.docker
+def test_the_runtime_image_turns_telemetry_off(runtime_image: str, docker_client) -> None:  # type: ignore[no-untyped-def]
+    # onnxruntime-genai 0.18 has a telemetry client; the server also turns it off in code.
+    assert "ORT_DISABLE_TELEMETRY=1" in docker_client.images.get(runtime_image).attrs["Config"]["Env"]
+
+
 def _stream_reader(chunks):  # type: ignore[no-untyped-def]
     import io
 

@@ -33,6 +33,11 @@ class ModelRunner:
     def __init__(self, folder: str | Path, *, batch_size: int | None = None, use_engine: bool = True):
         import onnxruntime_genai as og
 
+        # onnxruntime-genai 0.18 carries a telemetry client (a persisted device id, a heartbeat): a
+        # model server in someone's cluster must not call out. Off before any model loads (the
+        # runtime images also set ORT_DISABLE_TELEMETRY=1); older releases have no such client.
+        if hasattr(og, "disable_telemetry_events"):
+            og.disable_telemetry_events()
         self.og = og
         self.folder = Path(folder)
         config = json.loads((self.folder / "genai_config.json").read_text())
