@@ -53,7 +53,10 @@ def served_model(tmp_path_factory: pytest.TempPathFactory, local_engine_ready: N
     model = make_tiny_model(root / "hf", max_position_embeddings=CONTEXT)
     recipe = write_recipe(root / "recipes" / "tiny-qwen2", "cpu-int4",
                           f"name: tiny-qwen2\nversion: 0.1.0\nmodel:\n  path: {model}\n"
-                          f"target:\n  device: cpu\n  precision: int4\ngeneration:\n  max_length: {CONTEXT}\n")
+                          f"target:\n  device: cpu\n  precision: int4\ngeneration:\n  max_length: {CONTEXT}\n"
+                          # the model builder's int4, the graph these tests' expectations (where this
+                          # random model's EOS falls, its stop strings) were written against
+                          "quantize:\n  method: builder\n")
     out = root / "out"
     with pytest.raises(SystemExit) as info:
         main(["recipe", str(recipe), "--engine", "local", "-q", "--no-image", "-o", str(out)])
