@@ -388,6 +388,8 @@ class BuildRecord:
         out = dataclasses.asdict(self)
         extra = out.pop("extra")
         out["tags"] = list(self.tags)
+        if out["source"].get("gguf") is None:  # only GGUF builds have it: other records read as before
+            del out["source"]["gguf"]
         return {**extra, **out}
 
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -81,11 +82,22 @@ def test_fp32_model_generates_what_transformers_generates(tmp_path, tiny_model, 
     assert generate(out) == expected
 
 
-def test_int8_is_dynamically_quantized(capsys, tmp_path, tiny_model, local_engine_ready):  # type: ignore[no-untyped-def]
+def test_int8_is_weight_only_block_quantized_or_dynamically_with_the_builder_method(capsys, tmp_path, tiny_model,  # type: ignore[no-untyped-def]
+                                                                                    local_engine_ready):
     import onnx
 
     out = tmp_path / "int8"
     code, _, err = build(capsys, str(tiny_recipe(tmp_path, tiny_model, "int8")), "--engine", "local", "-o", str(out))
+    assert code == 0, err
+    assert_built(out, "int8", "local")
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "MatMulInteger" not in ops, ops
+    record = json.loads((out / INFO_FILE).read_text())
+    assert record["quantization"]["settings"]["bits"] == 8 and record["quantization"]["counts"]["linear"] > 0
+
+    out = tmp_path / "int8-builder"
+    recipe = tiny_recipe(tmp_path / "b", tiny_model, "int8", extra=textwrap.indent("quantize:\n  method: builder\n", " " * 8).lstrip())
+    code, _, err = build(capsys, str(recipe), "--engine", "local", "-o", str(out))
     assert code == 0, err
     assert_built(out, "int8", "local")
     ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
