@@ -39,7 +39,9 @@ def test_dry_run_prints_the_step_and_olive_config(capsys: pytest.CaptureFixture[
     step = json.loads(out)
     assert step["id"] == "qwen2.5-0.5b-instruct/cpu-int4"
     assert step["tags"] == ["qwen2.5-0.5b-instruct:1.0.0-cpu-int4"]
-    assert step["olive_config"]["passes"]["builder"]["precision"] == "int4"
+    # int4 by the block method: the model builder converts at fp32, the worker quantizes to 4 bits
+    assert step["olive_config"]["passes"]["builder"]["precision"] == "fp32"
+    assert step["quantize"]["bits"] == 4 and step["quantize"]["lm_head_bits"] == 8
     assert step["builder_image"].startswith("olive-builder-cpu:")
 
 
