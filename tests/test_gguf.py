@@ -435,19 +435,21 @@ def test_convert_gives_a_llama_folder_that_knows_paris(converted: tuple[Path, di
 
 # ---- through `build recipe` ------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", ["not-gguf", "wrong-digest", "truncated"])
+@pytest.mark.parametrize("case", ["not-gguf", "wrong-digest", "truncated", "fifo"])
 def test_a_recipe_whose_gguf_is_bad_fails_at_its_line_before_any_engine(
         case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], real_gguf: Path) -> None:
     from conftest import run_cli, write_recipe
 
     bad = tmp_path / "model.gguf"
-    if case == "not-gguf":
+    if case == "fifo":  # a pipe nobody writes to: refused at once, never read (a read would hang)
+        os.mkfifo(bad)
+    elif case == "not-gguf":
         bad.write_bytes(b"PK\x03\x04 not a model " * 64)
     elif case == "truncated":
         bad.write_bytes(real_gguf.read_bytes()[: 4096])
     else:
         bad.write_bytes(b"GGUF" + b"\0" * 60)
-    digest = ("f" * 64) if case == "wrong-digest" else sha256(bad)
+    digest = ("f" * 64) if case in ("wrong-digest", "fifo") else sha256(bad)
     recipe = write_recipe(tmp_path / "recipes" / "m", "cpu-int4", f"""
         name: m
         version: "1"

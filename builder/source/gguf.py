@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -217,7 +218,12 @@ def _read_chunks(f: _Readable) -> Iterator[bytes]:
 
 def _copy_local(path: Path, out: Path, spec: GgufSpec, max_bytes: int) -> None:
     try:
-        with Path(path).open("rb") as f:
+        # O_NONBLOCK: a FIFO named as the file must not hang the open; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UsageError(f"the GGUF file {path} is not a regular file",
+                                 hint="Point the model source's `path` at a .gguf file.")
             _copy_hashed(_read_chunks(f), out, spec, max_bytes)
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         raise UsageError(f"cannot read the GGUF file {path}: {e.strerror}",
