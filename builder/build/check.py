@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from builder.contract import CHECK_CPU_CROSS, CHECK_NATIVE, GENAI_CONFIG, write_json
+from builder.contract import CHECK_CPU_CROSS, CHECK_NATIVE, GENAI_CONFIG, og_config, write_json
 from builder.errors import CheckError
 from builder.targets import DEVICES
 
@@ -111,7 +111,7 @@ def check_generates(folder: str | Path, *, new_tokens: int = 8, adapters: dict[s
     except ImportError as e:  # pragma: no cover - the builder images always have it
         raise CheckError(f"onnxruntime-genai is not installed, so the model cannot be checked: {e}") from None
     try:
-        model = og.Model(str(folder))
+        model = og.Model(og_config(og, folder))  # the server's loader: the same compute threads
         tokenizer = og.Tokenizer(model)
     except Exception as e:
         raise CheckError(f"onnxruntime-genai cannot load the model in {folder}: {e}") from None

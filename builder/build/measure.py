@@ -64,7 +64,7 @@ from builder.build.source_figures import (
     source_dtype,
     source_pass,
 )
-from builder.contract import PACKAGE_DIR
+from builder.contract import PACKAGE_DIR, compute_threads, og_config
 from builder.errors import CheckError, EvaluationError
 
 DEFAULT_MAX_TOKENS = 1024  # ~5% of the committed text: cheap, and enough to move a perplexity ratio
@@ -200,12 +200,9 @@ def _og_model(model_dir: Path, *, force_cpu: bool) -> Any:
     import onnxruntime_genai as og
 
     try:
-        if force_cpu:
-            # A cuda target without a GPU: its accuracy is still measured, on the CPU provider.
-            config = og.Config(str(model_dir))
-            config.clear_providers()
-            return og.Model(config)
-        return og.Model(str(model_dir))
+        # The server's loader: the same compute threads. force_cpu: a cuda target without a GPU,
+        # its accuracy still measured, on the CPU provider.
+        return og.Model(og_config(og, model_dir, force_cpu=force_cpu))
     except Exception as e:  # noqa: BLE001 - onnxruntime-genai raises plain RuntimeError/OrtException
         raise CheckError(f"onnxruntime-genai cannot load the model in {model_dir}: {e}") from None
 
@@ -374,6 +371,19 @@ def _process_threads() -> int | None:
     return None
 
 
+def _peak_rss_kb(fallback: int) -> int:
+    """This process's own peak resident memory (VmHWM), in KiB. Not ``ru_maxrss``: Linux carries that
+    across exec, so a child started by the build process (1 GB with torch) reported the build's
+    size instead of the model's."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return fallback
+
+
 def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: int,
                 adapter: AdapterUnderTest | None = None) -> dict[str, Any]:
     """Run in the child process: only onnxruntime-genai is imported here. With ``adapter`` (a
@@ -392,7 +402,7 @@ def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: i
     loads, ttfts, decodes, threads = [], [], [], None
     for _ in range(runs):
         started = time.perf_counter()
-        model = og.Model(str(model_dir))
+        model = og.Model(og_config(og, model_dir))
         tokenizer = og.Tokenizer(model)
         adapters = _og_adapters(model, adapter)
         loads.append(time.perf_counter() - started)
@@ -413,6 +423,7 @@ def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: i
         decodes.append(time.perf_counter() - started)
         threads = _process_threads()
         del generator, adapters, tokenizer, model
+    threads_given = compute_threads(model_dir)
     options = config.get("model", {}).get("decoder", {}).get("session_options", {})
     ttft = statistics.median(ttfts)
     return {
@@ -424,9 +435,9 @@ def _speed_here(model_dir: Path, prompt_tokens: int, decode_tokens: int, runs: i
         "prompt_tokens_per_s": round(prompt_len / ttft, 1),
         "decode_tokens": decode_tokens,
         "decode_tokens_per_s": round(decode_tokens / statistics.median(decodes), 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(_peak_rss_kb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024, 1),
         "cpu": cpu_info(),
-        "intra_op_threads": options.get("intra_op_num_threads") or "onnxruntime default (one per physical core)",
+        "intra_op_threads": threads_given or options.get("intra_op_num_threads"),
         "process_threads": threads,
         "onnxruntime_genai": og.__version__,
     }
