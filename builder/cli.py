@@ -292,39 +292,170 @@ def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_t
 @click.option("--verify", "verify_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PUB",
               envvar="OLIVE_BUILDER_VERIFY_KEY",
               help="Serve a reference only if it is signed by this public key. Env: OLIVE_BUILDER_VERIFY_KEY.")
+@click.option("--host-runtime", is_flag=True,
+              help="Serve in this Python (the serve extra) instead of the runtime image in Docker.")
 @store_option
 @insecure_option
 def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concurrency: int | None, queue_size: int,
               batch_size: int | None, api_key: str | None, metrics_need_key: bool,
-              verify_key: Path | None, store: Path | None, insecure: bool) -> None:
-    """Serve MODEL with an OpenAI-compatible API (as the runtime image does), on this host.
+              verify_key: Path | None, host_runtime: bool, store: Path | None, insecure: bool) -> None:
+    """Serve MODEL with an OpenAI-compatible API, as a deployment of it serves.
+
+    By default in Docker: a reference's runnable image (<tag>-serve), else the runtime image of
+    the model's target with the folder mounted read-only. Ctrl-C stops it (in-flight requests
+    finish) and removes the container. --host-runtime serves in this Python instead.
 
     MODEL is a model folder, or a reference: <name>:<tag> in the local store or
-    REGISTRY/REPO:TAG, pulled (verified) into ~/.cache/olive-builder/models first.
+    REGISTRY/REPO:TAG (pulled and verified first).
     """
+    from builder.build.check import check_files  # lazy: only the command that runs loads it (build --help stays fast)
+
+    is_reference = not Path(model).exists() and (":" in model or "@" in model)
+    if verify_key is not None and not is_reference:
+        raise UsageError(f"--verify checks a reference's signature; {model} is a folder.",
+                         hint="Serve the signed reference (REGISTRY/REPO:TAG or <name>:<tag>) instead.")
+    if not is_reference:
+        check_files(Path(model))
+    if metrics_need_key and not api_key:
+        raise UsageError("--metrics-need-key needs an API key.", hint="Set --api-key or OLIVE_BUILDER_API_KEY.")
+    if host_runtime:
+        _serve_on_host(model, is_reference, store=store, insecure=insecure, verify_key=verify_key, host=host,
+                       port=port, model_id=model_id, max_concurrency=max_concurrency, queue_size=queue_size,
+                       batch_size=batch_size, api_key=api_key or None, metrics_need_key=metrics_need_key)
+        return
+    from builder.deploy import local  # lazy: docker-py and the store (build --help stays fast)
+
+    reporter = ConsoleReporter()
+    served = local.resolve(model, reporter, store=store, insecure=insecure, verify_key=verify_key)
+    options = local.ServerOptions(host=host, port=port, model_id=model_id, max_concurrency=max_concurrency,
+                                  queue_size=queue_size, batch_size=batch_size, api_key=api_key or None,
+                                  metrics_need_key=metrics_need_key)
+    local.serve(served, options, reporter, on_line=lambda line: click.echo(f"    {line}", err=True))
+
+
+def _serve_on_host(model: str, is_reference: bool, *, store: Path | None, insecure: bool, verify_key: Path | None,
+                   **options: Any) -> None:
+    """`build serve --host-runtime`: the server in this Python, with this Python's onnxruntime-genai."""
+    import os
+
     from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
     from builder.build.check import check_files  # lazy: only the command that runs loads it (build --help stays fast)
 
     model_dir = Path(model)
-    if not model_dir.exists() and (":" in model or "@" in model):
+    if is_reference:
         model_dir = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure,
                                             verify_key=verify_key)
-    elif verify_key is not None:
-        raise UsageError(f"--verify checks a reference's signature; {model} is a folder.",
-                         hint="Serve the signed reference (REGISTRY/REPO:TAG or <name>:<tag>) instead.")
-    check_files(model_dir)
+        check_files(model_dir)
+    # onnxruntime-genai 0.18's telemetry client (a DNS lookup and upload some seconds after start,
+    # a device id under ~/.cache/Microsoft) stays on after og.disable_telemetry_events(); only this
+    # variable, read when the library loads, turns it off. The runtime images set it too.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
+        import onnxruntime_genai as og
+
         from builder.serve import app as server  # lazy: Starlette and uvicorn (the serve extra)
+        from builder.serve.generator import engine_available  # lazy: part of the server, as above
     except ImportError as e:
         raise BuilderError(f"The server's dependencies are not installed: {e}",
-                           hint="pip install -e '.[serve]' (and onnxruntime-genai).") from None
-    if metrics_need_key and not api_key:
-        raise UsageError("--metrics-need-key needs an API key.", hint="Set --api-key or OLIVE_BUILDER_API_KEY.")
-    code = server.run(model_dir, host=host, port=port, model_id=model_id, max_concurrency=max_concurrency,
-                      queue_size=queue_size, batch_size=batch_size, api_key=api_key or None,
-                      metrics_need_key=metrics_need_key)
+                           hint="pip install -e '.[serve]' (and onnxruntime-genai), or drop --host-runtime to "
+                                "serve in the runtime image.") from None
+    if not engine_available(og):
+        ConsoleReporter().warn(
+            f"onnxruntime-genai {getattr(og, '__version__', '?')} in this Python has no Engine: --host-runtime "
+            "serves without continuous batching (one og.Generator per request), unlike the runtime image. "
+            "Drop --host-runtime to serve in the runtime image, or serve from a Python with "
+            "onnxruntime-genai 0.18 (pip install -e '.[serve]' 'onnxruntime-genai==0.18.0', without the `local` "
+            "extra, which pins 0.14.1).")
+    code = server.run(model_dir, **options)
     if code:
         raise BuilderError(f"The server stopped: the model in {model_dir} could not be loaded (see above).")
+
+
+@cli.command("deploy")
+@click.argument("ref")
+@click.option("-o", "--output", default="-", show_default=True, metavar="DIR|-",
+              help="A folder to write, one file per object (NN-kind-name.yaml), or - for one YAML stream on stdout.")
+@click.option("--force", is_flag=True, help="Replace DIR if it exists.")
+@click.option("--name", default=None, help="Name of every object [default: <model name>-<target>].")
+@click.option("--namespace", default=None, help="Namespace to write into the objects [default: none: kubectl's].")
+@click.option("--runtime-image", default=None, metavar="REF",
+              help="For a model artifact: the runtime image at a registry it runs in (a runtime image you pushed, "
+                   "or the model's runnable image).")
+@click.option("--model-from", type=click.Choice(["image", "image-volume", "pull"]), default=None,
+              help="image: the runnable image alone. image-volume: the artifact as a Kubernetes image volume "
+                   "(CRI-O), unpacked and verified by an init container. pull: the init container pulls the "
+                   "artifact by digest (containerd) [default: image for a runnable image, image-volume for an "
+                   "artifact].")
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1), help="Replicas (the autoscaler's minimum).")
+@click.option("--max-replicas", default=8, show_default=True, type=click.IntRange(1), help="The autoscaler's maximum.")
+@click.option("--autoscaler", type=click.Choice(["hpa", "keda", "none"]), default="hpa", show_default=True,
+              help="hpa: autoscaling/v2 on the per-pod custom metric olive_server_requests_waiting (needs a custom "
+                   "metrics adapter). keda: a KEDA ScaledObject with a Prometheus trigger on the same metric.")
+@click.option("--waiting-target", default=2, show_default=True, type=click.IntRange(1),
+              help="Requests waiting per pod the autoscaler aims at.")
+@click.option("--prometheus-url", default="http://prometheus-operated.monitoring.svc:9090", show_default=True,
+              help="Where KEDA queries Prometheus.")
+@click.option("--kserve", is_flag=True,
+              help="A KServe InferenceService (serving.kserve.io/v1beta1, custom container) instead of the "
+                   "Deployment, Service and autoscaler (KServe makes those).")
+@click.option("--inference-pool", is_flag=True,
+              help="Also an InferencePool (inference.networking.k8s.io/v1) for the Gateway API Inference Extension.")
+@click.option("--epp-name", default=None, help="The InferencePool's endpoint picker Service [default: <name>-epp].")
+@click.option("--epp-port", default=9002, show_default=True, type=click.IntRange(1, 65535),
+              help="The endpoint picker's gRPC port.")
+@click.option("--policy-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None, metavar="PUB",
+              help="Also a sigstore policy-controller ClusterImagePolicy admitting only images signed by this public "
+                   "key (the images are checked against it first).")
+@click.option("--verify", "verify_key", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PUB",
+              envvar="OLIVE_BUILDER_VERIFY_KEY",
+              help="Write nothing unless REF is signed by this public key. Env: OLIVE_BUILDER_VERIFY_KEY.")
+@click.option("--api-key-secret", default=None, metavar="SECRET",
+              help="Require an API key, read from this Secret's `api-key` (the key itself never enters a manifest).")
+@click.option("--pull-secret", default=None, metavar="SECRET",
+              help="An image pull secret (kubernetes.io/dockerconfigjson), also given to the pull init container.")
+@click.option("--ca-configmap", default=None, metavar="CONFIGMAP",
+              help="The registry's CA bundle (key ca.crt) for --model-from pull over HTTPS.")
+@click.option("--plain-http", is_flag=True, help="--model-from pull: the registry speaks HTTP (an in-cluster registry).")
+@insecure_option
+def deploy_cmd(ref: str, output: str, force: bool, name: str | None, namespace: str | None,
+               runtime_image: str | None, model_from: str | None, replicas: int, max_replicas: int, autoscaler: str,
+               waiting_target: int, prometheus_url: str, kserve: bool, inference_pool: bool, epp_name: str | None,
+               epp_port: int, policy_key: Path | None, verify_key: Path | None, api_key_secret: str | None,
+               pull_secret: str | None, ca_configmap: str | None, plain_http: bool, insecure: bool) -> None:
+    """Write Kubernetes manifests that serve REF, pinned by digest: a pushed runnable image
+    (REGISTRY/REPO:VERSION-TARGET-serve) or model artifact (REGISTRY/REPO:VERSION-TARGET, with
+    --runtime-image). Requests and limits come from the memory and threads the build measured
+    (its evaluation attestation); without one, from the model's size.
+
+    \b
+    Deployment (probes on /health, restricted securityContext, graceful drain), Service,
+    PodDisruptionBudget, NetworkPolicy (ingress to port 8000, no egress), and an autoscaler
+    on olive_server_requests_waiting; optionally an InferenceService, an InferencePool and a
+    ClusterImagePolicy. Nothing is written if REF does not resolve or is not ours.
+    """
+    from builder.deploy import kubernetes, source  # lazy: PyYAML and the registry client
+
+    found = source.resolve(ref, runtime_image=runtime_image, insecure=insecure or None, verify_key=verify_key)
+    pem, images = None, tuple[str, ...]()
+    if policy_key is not None:
+        images = tuple(source.check_policy_key(found, policy_key, insecure=insecure or None))
+        pem = policy_key.read_text(encoding="utf-8")
+    options = kubernetes.DeployOptions(
+        name=name, namespace=namespace, model_from=model_from, replicas=replicas,  # type: ignore[arg-type]
+        max_replicas=max(max_replicas, replicas), autoscaler=autoscaler,  # type: ignore[arg-type]
+        waiting_target=waiting_target, prometheus_url=prometheus_url, kserve=kserve, inference_pool=inference_pool,
+        epp_name=epp_name, epp_port=epp_port, policy_key_pem=pem, policy_images=images,
+        api_key_secret=api_key_secret, pull_secret=pull_secret, ca_configmap=ca_configmap, plain_http=plain_http)
+    objects = kubernetes.manifests(found, options)
+    kinds = ", ".join(o["kind"] for o in objects)
+    if output == "-":
+        click.echo(kubernetes.render(objects), nl=False)
+    else:
+        written = kubernetes.write(objects, Path(output), force=force)
+        click.echo(f"Wrote {len(written)} manifests to {Path(output)}")
+    click.echo(f"{found.model.image}: {kinds} ({found.sizing.basis})", err=True)
+    if found.signed and policy_key is None:
+        click.echo("REF is signed: --policy-key PUB adds an admission policy that requires the signature.", err=True)
 
 
 @cli.command("package")

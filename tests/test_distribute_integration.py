@@ -345,7 +345,7 @@ def test_serve_a_reference_pulls_verifies_and_serves(capsys, tmp_path, model_cop
     log = tmp_path / "serve.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "builder", "serve", f"{registry.host}/s/{MODEL_ID}",
-                                 "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
+                                 "--host-runtime", "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         wait_healthy(port, lambda: proc.poll() is None, log.read_text)
         models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5).read())
