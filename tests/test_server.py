@@ -933,3 +933,90 @@ def _greedy_exact(model: Path, prompt_ids: list[int], n: int) -> str:
         gen.generate_next_token()
         text += stream.decode(int(gen.get_next_tokens()[0]))
     return text
+
+
+# ----------------------------------------------------------------------------- vLLM's extensions (issue 21)
+
+
+def _sse_events(data: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server: Running) -> None:
+    """vLLM's load-testing clients send `stream_options: {include_usage, continuous_usage_stats}`."""
+    payload = {**GOOD, "messages": MESSAGES, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True,
+               "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    code, _, data = server.request("POST", "/v1/chat/completions", json.dumps(payload))
+    assert code == 200
+    events = _sse_events(data)
+    _, _, alone = server.post("/v1/chat/completions", {**payload, "stream": False, "stream_options": None})
+    prompt = alone["usage"]["prompt_tokens"]
+    assert all(e["usage"] is not None for e in events)
+    done = [e["usage"]["completion_tokens"] for e in events]
+    assert done[0] == 0 and done == sorted(done) and done[-1] == 12  # grows with the text, exact at the end
+    assert all(e["usage"]["prompt_tokens"] == prompt and e["usage"]["total_tokens"] == prompt + n
+               for e, n in zip(events, done, strict=True))
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == alone["usage"]  # the usage chunk, as before
+    assert _sse_text(data) == alone["choices"][0]["message"]["content"]
+    # Without include_usage there is nothing to continue (as in vLLM): no usage at all.
+    code, _, data = server.request("POST", "/v1/chat/completions", json.dumps(
+        {**payload, "stream_options": {"continuous_usage_stats": True}}))
+    assert code == 200 and all("usage" not in e for e in _sse_events(data))
+
+
+def test_stream_options_it_cannot_honour_are_400s_naming_them(server: Running) -> None:
+    code, _, body = server.post("/v1/chat/completions", {**GOOD, "stream": True,
+                                                         "stream_options": {"include_usage": True, "x_extra": True}})
+    assert code == 400 and body["error"]["param"] == "stream_options.x_extra"
+    code, _, body = server.post("/v1/chat/completions", {**GOOD, "stream": True,
+                                                         "stream_options": {"continuous_usage_stats": "yes"}})
+    assert code == 400 and "continuous_usage_stats" in body["error"]["message"]
+
+
+def test_text_parts_are_joined_as_vllm_joins_them(server: Running) -> None:
+    parts = {**GOOD, "max_tokens": 8, "temperature": 0,
+             "messages": [{"role": "user", "content": [{"type": "text", "text": "Name"}, {"type": "text", "text": "a color."}]}]}
+    joined = {**parts, "messages": [{"role": "user", "content": "Name\na color."}]}
+    code, _, a = server.post("/v1/chat/completions", parts)
+    code2, _, b = server.post("/v1/chat/completions", joined)
+    assert code == code2 == 200
+    assert a["usage"] == b["usage"] and a["choices"][0]["message"] == b["choices"][0]["message"]
+
+
+def test_min_tokens_holds_stop_sequences_back_as_vllm_does(server: Running) -> None:
+    base = {**GOOD, "messages": MESSAGES, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    _, _, full = server.post("/v1/chat/completions", base)
+    text = full["choices"][0]["message"]["content"]
+    stop = text[0]  # the first token's first character: without min_tokens, nothing is left
+    _, _, cut = server.post("/v1/chat/completions", {**base, "stop": stop})
+    assert cut["choices"][0]["message"]["content"] == "" and cut["usage"]["completion_tokens"] <= 2
+    _, _, held = server.post("/v1/chat/completions", {**base, "stop": stop, "min_tokens": 10})
+    assert held["usage"]["completion_tokens"] > 10  # a stop sequence ends the text only after min_tokens
+    assert text.startswith(held["choices"][0]["message"]["content"]) and held["choices"][0]["message"]["content"]
+
+
+def _metric_lines(server: Running, prefix: str) -> list[str]:
+    _, _, body = server.request("GET", "/metrics")
+    return [line for line in body.decode().splitlines() if line.startswith(prefix)]
+
+
+def test_the_metrics_routers_read_have_the_inference_extension_names(server: Running) -> None:
+    """The Gateway API Inference Extension's model-server protocol (its vLLM names, which its
+    endpoint picker reads by default), beside olive_server_*."""
+    labels = f'{{model_name="{MODEL_ID}"}}'
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
+        assert _metric_lines(server, name + labels), name
+    (lora,) = _metric_lines(server, "vllm:lora_requests_info{")
+    assert 'max_lora="0"' in lora and 'running_lora_adapters=""' in lora and 'waiting_lora_adapters=""' in lora
+    assert abs(float(lora.rsplit(" ", 1)[1]) - time.time()) < 60  # its value: when it was last updated
+    sock = _stream_first_event(server.port, {**LONG, "max_tokens": 3000})
+    try:
+        deadline = time.monotonic() + 20
+        while server.metric("vllm:kv_cache_usage_perc" + labels) <= 0:
+            assert time.monotonic() < deadline, "no KV-cache use while a request generates"
+            time.sleep(0.05)
+        assert server.metric("vllm:num_requests_running" + labels) == 1
+        used = server.metric("vllm:kv_cache_usage_perc" + labels)
+        assert 0 < used <= 3100 / (2 * CONTEXT)  # tokens held over 2 slots x 4096 (--max-concurrency 2)
+    finally:
+        sock.close()

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 
-from builder.serve.app import API_KEY_ENV, BODY_TIMEOUT, HEADER_TIMEOUT, run
+from builder.serve.app import API_KEY_ENV, BODY_TIMEOUT, HEADER_TIMEOUT, WRITE_TIMEOUT, run
 from builder.serve.generator import DEFAULT_BATCH_SIZE
 
 
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds a connection may take to send a request's headers")
     parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT,
                         help="seconds a request may take to send its body (408 after)")
+    parser.add_argument("--write-timeout", type=float, default=float(env("OLIVE_WRITE_TIMEOUT") or WRITE_TIMEOUT),
+                        help="seconds a client may leave what it was sent unread (its socket buffers full) before "
+                             "the connection is closed and its generation stopped (default: $OLIVE_WRITE_TIMEOUT, "
+                             f"else {WRITE_TIMEOUT:g})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     raise SystemExit(run(args.model, host=args.host, port=args.port, model_id=args.model_id,
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
                          drain_seconds=args.drain_seconds, batch_size=args.batch_size,
                          api_key=args.api_key or env(API_KEY_ENV) or None, metrics_need_key=args.metrics_need_key,
                          use_engine=not args.no_engine, header_timeout=args.header_timeout,
-                         body_timeout=args.body_timeout))
+                         body_timeout=args.body_timeout, write_timeout=args.write_timeout))
 
 
 if __name__ == "__main__":

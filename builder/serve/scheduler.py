@@ -16,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from builder.serve.engine import EngineWorker, Handle
 from builder.serve.errors import ApiError
 from builder.serve.generator import ModelRunner
-from builder.serve.metrics import Metrics
+from builder.serve.metrics import Load, Metrics
 from builder.serve.sampling import Finished, Output, Piece, Sampling
+from builder.serve.workers import Workers
 
 AHEAD = 64  # text pieces a generator-path generation may run ahead of its HTTP writer
 
@@ -47,10 +48,16 @@ class Scheduler:
         self.runner, self.metrics = runner, metrics
         self.max_concurrency, self.queue_size = max_concurrency, queue_size
         self._engine: EngineWorker | None = None
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="generate")
+        # Its threads end when idle: a burst of generator-path requests leaves none behind.
+        self._pool = Workers(max_concurrency, "generate")
         self._slots = asyncio.Semaphore(max_concurrency)
         self._admitted = 0  # generating + waiting, counted at admission: the queue bound holds exactly
         self._waiting = 0
+        # What routers read (``load``), kept on the event loop: the jobs holding a slot (each
+        # with the tokens its KV cache holds so far) and the adapters of the jobs waiting for one.
+        self._generating: dict[int, Job] = {}
+        self._tokens: dict[int, int] = {}
+        self._waiting_adapters: Counter[str] = Counter()
 
     def start(self) -> None:
         """Start the engine thread (when the model runs on the engine) and put one real token through
@@ -68,6 +75,16 @@ class Scheduler:
         if self._engine is not None:
             self._engine.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is generating or waiting (on the event loop)."""
+        return self._admitted > 0
+
+    def load(self) -> Load:
+        """The load routers and autoscalers read (``/metrics``); on the event loop."""
+        return Load(running=len(self._generating), waiting=self._waiting, kv_tokens=sum(self._tokens.values()),
+                    waiting_adapters=tuple(sorted(a for a, n in self._waiting_adapters.items() if n > 0)))
 
     def generate(self, job: Job) -> Generation:
         """Admit ``job`` (no await between the check and the count) or answer 429."""
@@ -90,17 +107,33 @@ class Scheduler:
         """Wait for a generation slot."""
         self._waiting += 1
         self.metrics.waiting.set(self._waiting)
+        if job.adapter is not None:
+            self._waiting_adapters[job.adapter] += 1
         try:
             await self._slots.acquire()
         finally:
             self._waiting -= 1
             self.metrics.waiting.set(self._waiting)
+            if job.adapter is not None:
+                self._waiting_adapters[job.adapter] -= 1
         self.metrics.in_flight.inc()
         self.metrics.prompt_tokens.inc(len(job.ids))
+        self._generating[id(job)] = job
+        self._tokens[id(job)] = len(job.ids)
 
-    def _leave(self, finished: Finished | None) -> None:
+    def _produced(self, job: Job) -> None:
+        """One more token of ``job`` reached the event loop (its KV cache holds one more)."""
+        if id(job) in self._tokens:
+            self._tokens[id(job)] += 1
+
+    def _free_slot(self, job: Job) -> None:
+        """``job`` generates no more (finished, failed or stopped): its slot is the next job's."""
+        self._generating.pop(id(job), None)
+        self._tokens.pop(id(job), None)
         self.metrics.in_flight.dec()
         self._slots.release()
+
+    def _count(self, finished: Finished | None) -> None:
         if finished is not None:
             self.metrics.completion_tokens.inc(finished.completion_tokens)
             self.metrics.cached_tokens.inc(finished.cached_tokens)
@@ -110,14 +143,25 @@ class Scheduler:
             self._engine.wake()
 
     def _dispatch(self, job: Job, on_engine: bool, cancel: threading.Event, loop: asyncio.AbstractEventLoop,
-                  queue_: asyncio.Queue[Output]) -> threading.Semaphore | None:
-        """Start ``job`` on its path, its outputs going to ``queue_``; the generator path's credits, if any."""
+                  queue_: asyncio.Queue[Output], ended: Callable[[], None]) -> threading.Semaphore | None:
+        """Start ``job`` on its path, its outputs going to ``queue_`` (``ended`` called with its last);
+        the generator path's credits, if any."""
         self.metrics.paths.labels("engine" if on_engine else "generator").inc()
         if job.adapter is not None:
             self.metrics.adapter_generations.labels(job.adapter).inc()
+
+        def deliver(item: Output) -> None:  # on the event loop
+            if isinstance(item, Piece):
+                self._produced(job)  # counted as it arrives: a slow reader's unread tokens are held too
+            else:
+                # The generation is over: its slot is free now, even while its reader is behind
+                # (a client that stopped reading no longer holds a slot once the engine is done).
+                ended()
+            queue_.put_nowait(item)
+
         if on_engine:
             assert self._engine is not None
-            self._engine.submit(Handle(job.ids, job.sampling, job.max_tokens, cancel, loop, queue_.put_nowait))
+            self._engine.submit(Handle(job.ids, job.sampling, job.max_tokens, cancel, loop, deliver))
             # The engine steps every request together and cannot pause one: a slow reader's
             # pieces wait here, bounded by its max_tokens.
             return None
@@ -131,7 +175,7 @@ class Scheduler:
                 if cancel.is_set():
                     return
             try:
-                loop.call_soon_threadsafe(queue_.put_nowait, piece)
+                loop.call_soon_threadsafe(deliver, piece)
             except RuntimeError:  # the loop closed while we generated (shutdown)
                 cancel.set()
 
@@ -144,7 +188,7 @@ class Scheduler:
             if isinstance(result, Finished) and result.reason == "cancelled":
                 self.metrics.cancelled.inc()
             try:
-                loop.call_soon_threadsafe(queue_.put_nowait, result)
+                loop.call_soon_threadsafe(deliver, result)
             except RuntimeError:  # the loop closed while we generated (shutdown)
                 pass
 
@@ -159,6 +203,7 @@ class Generation:
         self._scheduler, self.job, self._on_engine = scheduler, job, on_engine
         self._cancel = threading.Event()
         self._released = False
+        self._holds_slot = False
         self.finished: Finished | None = None
 
     def release(self) -> None:
@@ -166,6 +211,14 @@ class Generation:
         if not self._released:
             self._released = True
             self._scheduler._release()
+
+    def _ended(self) -> None:
+        """The generation is over (its last output reached the event loop, or its reader stopped):
+        its slot and its admission go to the next job, whether or not its text is all written."""
+        if self._holds_slot:
+            self._holds_slot = False
+            self._scheduler._free_slot(self.job)
+        self.release()
 
     def abort(self) -> None:
         """Stop generating (the client went away, or a stop sequence was found)."""
@@ -180,13 +233,14 @@ class Generation:
         metrics = scheduler.metrics
         queue_: asyncio.Queue[Output] = asyncio.Queue()
         await scheduler._enter(job)
+        self._holds_slot = True
         first = True
         stops = job.sampling.stop
         held = ""
         held_pieces: list[Piece] = []
         consumed = 0
         try:
-            credits = scheduler._dispatch(job, self._on_engine, self._cancel, loop, queue_)
+            credits = scheduler._dispatch(job, self._on_engine, self._cancel, loop, queue_, self._ended)
             while True:
                 item = await queue_.get()
                 if isinstance(item, BaseException):
@@ -204,7 +258,9 @@ class Generation:
                     first = False
                 held += item.text
                 held_pieces.append(item)
-                cut = _find_stop(held, stops)
+                # As vLLM: no stop sequence ends the text before min_tokens tokens (a token after
+                # them may complete one begun before).
+                cut = _find_stop(held, stops) if consumed > job.sampling.min_tokens else None
                 if cut is not None:
                     self.abort()
                     if held[:cut]:
@@ -221,7 +277,8 @@ class Generation:
                     held, held_pieces = held[len(held) - keep :], []
         finally:
             self.abort()
-            scheduler._leave(self.finished)
+            self._ended()
+            scheduler._count(self.finished)
 
     async def collect(self, disconnected: Callable[[], Awaitable[bool]]) -> tuple[str, list[Piece], Finished]:
         """The whole answer of a non-streaming request, cancelled if ``disconnected()`` says the client went."""

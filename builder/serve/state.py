@@ -17,10 +17,13 @@ from typing import Any
 from builder.contract import INFO_FILE
 from builder.serve.errors import ApiError
 from builder.serve.generator import DEFAULT_BATCH_SIZE, ModelRunner
-from builder.serve.metrics import Metrics
+from builder.serve.metrics import Capacity, Metrics
 from builder.serve.scheduler import Scheduler
+from builder.serve.workers import Workers
 
 log = logging.getLogger("olive-builder.server")  # one logger for the whole server
+
+PREPARE_WORKERS = 2
 
 
 class ServedModel:
@@ -34,7 +37,13 @@ class ServedModel:
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.use_engine = use_engine
-        self.metrics = Metrics()
+        self.metrics = Metrics(model_name=self.model_id)
+        # Parsing, validating, templating and tokenizing requests (``serving``): off the event
+        # loop, in at most PREPARE_WORKERS threads (more would only compete for the GIL); bodies
+        # of LARGE_BODY bytes or more in one thread of their own, so that a flood of them takes
+        # at most that thread (and never delays the small requests).
+        self.preparing = Workers(PREPARE_WORKERS, "prepare")
+        self.preparing_large = Workers(1, "prepare-large")
         self.created = int(time.time())
         self.runner: ModelRunner | None = None  # set once the model has loaded and generated its first token
         self.scheduler: Scheduler | None = None
@@ -52,6 +61,8 @@ class ServedModel:
             scheduler = Scheduler(runner, self.metrics, max_concurrency=concurrency, queue_size=self.queue_size)
             self._starting = scheduler  # a shutdown during the warm-up still stops its engine
             scheduler.start()
+            self.metrics.router.capacity = Capacity(concurrency * runner.context_length, runner.adapter_names)
+            self.metrics.router.load = scheduler.load
             self.runner, self.scheduler = runner, scheduler
             path = f"engine, batch size {runner.batch_size}" if runner.use_engine else "generator only"
             log.info("model %s loaded from %s in %.2fs (onnxruntime-genai %s, %s, %d at once, %d waiting)",
@@ -69,6 +80,8 @@ class ServedModel:
     def close(self) -> None:
         if self._starting is not None:
             self._starting.close()
+        self.preparing.shutdown(wait=False, cancel_futures=True)
+        self.preparing_large.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> tuple[ModelRunner, Scheduler]:
         """The loaded model and its scheduler; 503 while loading, 500 if loading failed."""
