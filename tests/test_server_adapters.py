@@ -279,11 +279,18 @@ def test_two_adapters_and_the_base_at_once_each_get_their_own(finetuned: Finetun
     """One generator per request, each with its own adapter: 12 requests over 3 models, 4 at a time."""
     model = tmp_path / "model"
     shutil.copytree(finetuned.model, model)
-    _scaled_adapter(model / "adapters" / f"{ADAPTER}.onnx_adapter", model / "adapters" / "strong.onnx_adapter", 3.0)
     ids = prompt_ids(model)
     expected = {BASE_ID: text_of(model, og_tokens(model, ids, None)),
-                ADAPTED_ID: text_of(model, og_tokens(model, ids, ADAPTER)),
-                f"{BASE_ID}:strong": text_of(model, og_tokens(model, ids, "strong"))}
+                ADAPTED_ID: text_of(model, og_tokens(model, ids, ADAPTER))}
+    # The session trains its adapter afresh: how far x3 moves a greedy answer varies from run to
+    # run (once, x3 answered as x1 did), so the smallest scale that gives a third answer is taken.
+    for scale in (3.0, 10.0, 30.0):
+        _scaled_adapter(model / "adapters" / f"{ADAPTER}.onnx_adapter", model / "adapters" / "strong.onnx_adapter",
+                        scale)
+        _og.cache_clear()  # the reference model loads the adapters it finds: this one is new
+        expected[f"{BASE_ID}:strong"] = text_of(model, og_tokens(model, ids, "strong"))
+        if len(set(expected.values())) == 3:
+            break
     assert len(set(expected.values())) == 3  # three different answers
     with serve(model, tmp_path, "--model-id", BASE_ID, "--max-concurrency", "4") as running:
         status, _, body = running.request("GET", "/v1/models")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from builder import contract
 from builder.contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTERS_DIR, adapters_in
 from builder.serve.errors import AdapterLoadError, ort_message
 from builder.serve.sampling import Finished, Piece, Sampling, seed32
@@ -31,12 +33,15 @@ class ModelRunner:
     """One loaded model, its tokenizer, and the blocking generator-path loop."""
 
     def __init__(self, folder: str | Path, *, batch_size: int | None = None, use_engine: bool = True):
+        # onnxruntime-genai 0.18 carries a telemetry client (a persisted device id, a heartbeat): a
+        # model server in someone's cluster must not call out. Measured with strace: only the
+        # environment switch, set before the library loads, stops its DNS lookup of the events
+        # host; disable_telemetry_events() alone does not. The runtime images set it too; a value
+        # the operator set stays (an empty one turns telemetry on).
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime_genai as og
 
-        # onnxruntime-genai 0.18 carries a telemetry client (a persisted device id, a heartbeat): a
-        # model server in someone's cluster must not call out. Off before any model loads (the
-        # runtime images also set ORT_DISABLE_TELEMETRY=1); older releases have no such client.
-        if hasattr(og, "disable_telemetry_events"):
+        if hasattr(og, "disable_telemetry_events"):  # older releases have no such client
             og.disable_telemetry_events()
         self.og = og
         self.folder = Path(folder)
@@ -55,11 +60,11 @@ class ModelRunner:
         if self.use_engine:
             # The batch size is the engine's, read from genai_config.json: overlay it in memory so
             # the (possibly read-only) model folder stays as it is.
-            og_config = og.Config(str(self.folder))
+            og_config = contract.og_config(og, self.folder)  # the compute threads (usable CPUs)
             og_config.overlay(json.dumps({"engine": {"static_batching": {"max_batch_size": self.batch_size}}}))
             self.model = og.Model(og_config)
         else:
-            self.model = og.Model(str(self.folder))
+            self.model = og.Model(contract.og_config(og, self.folder))
         self.tokenizer = og.Tokenizer(self.model)
         self.version = getattr(og, "__version__", "")
         self.adapters: Any = None
