@@ -336,8 +336,6 @@ def serve_cmd(model: str, host: str, port: int, model_id: str | None, max_concur
 def _serve_on_host(model: str, is_reference: bool, *, store: Path | None, insecure: bool, verify_key: Path | None,
                    **options: Any) -> None:
     """`build serve --host-runtime`: the server in this Python, with this Python's onnxruntime-genai."""
-    import os
-
     from builder import pipeline  # lazy: only the command that runs loads it (build --help stays fast)
     from builder.build.check import check_files  # lazy: only the command that runs loads it (build --help stays fast)
 
@@ -346,15 +344,11 @@ def _serve_on_host(model: str, is_reference: bool, *, store: Path | None, insecu
         model_dir = pipeline.pull_for_serve(model, ConsoleReporter(), store=store, insecure=insecure,
                                             verify_key=verify_key)
         check_files(model_dir)
-    # onnxruntime-genai 0.18's telemetry client (a DNS lookup and upload some seconds after start,
-    # a device id under ~/.cache/Microsoft) stays on after og.disable_telemetry_events(); only this
-    # variable, read when the library loads, turns it off. The runtime images set it too.
-    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
-        import onnxruntime_genai as og
-
         from builder.serve import app as server  # lazy: Starlette and uvicorn (the serve extra)
-        from builder.serve.generator import engine_available  # lazy: part of the server, as above
+        from builder.serve.generator import engine_available, load_onnxruntime_genai  # lazy: the server, as above
+
+        og = load_onnxruntime_genai()  # telemetry off before the library loads
     except ImportError as e:
         raise BuilderError(f"The server's dependencies are not installed: {e}",
                            hint="pip install -e '.[serve]' (and onnxruntime-genai), or drop --host-runtime to "

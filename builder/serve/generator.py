@@ -29,20 +29,27 @@ def engine_available(og: Any) -> bool:
     return hasattr(og, "Engine") and hasattr(og, "TurnOptions")
 
 
+def load_onnxruntime_genai() -> Any:
+    """The onnxruntime_genai module, with its telemetry off: every server route imports it here.
+
+    onnxruntime-genai 0.18 carries a telemetry client (a persisted device id, a heartbeat): a model
+    server in someone's cluster must not call out. Measured with strace: only the environment
+    switch, set before the library loads, stops its DNS lookup of the events host;
+    disable_telemetry_events() alone does not. The runtime images set it too; a value the operator
+    set stays (an empty one turns telemetry on)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime_genai as og
+
+    if hasattr(og, "disable_telemetry_events"):  # older releases have no such client
+        og.disable_telemetry_events()
+    return og
+
+
 class ModelRunner:
     """One loaded model, its tokenizer, and the blocking generator-path loop."""
 
     def __init__(self, folder: str | Path, *, batch_size: int | None = None, use_engine: bool = True):
-        # onnxruntime-genai 0.18 carries a telemetry client (a persisted device id, a heartbeat): a
-        # model server in someone's cluster must not call out. Measured with strace: only the
-        # environment switch, set before the library loads, stops its DNS lookup of the events
-        # host; disable_telemetry_events() alone does not. The runtime images set it too; a value
-        # the operator set stays (an empty one turns telemetry on).
-        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
-        import onnxruntime_genai as og
-
-        if hasattr(og, "disable_telemetry_events"):  # older releases have no such client
-            og.disable_telemetry_events()
+        og = load_onnxruntime_genai()
         self.og = og
         self.folder = Path(folder)
         config = json.loads((self.folder / "genai_config.json").read_text())
