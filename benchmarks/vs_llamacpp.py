@@ -17,7 +17,18 @@ made from it with llama.cpp's own tools, as its users would:
 
 PY is onnxruntime-genai 0.18's Python (the runtime image's); the llama Python has
 llama-cpp-python (`pip install 'llama-cpp-python[server]==0.3.36'` compiles llama.cpp here,
-~15 min on 2 cores).
+~15 min on 2 cores). llama.cpp's own `llama-server` (and `llama-quantize`) build from the
+sdist's vendor/llama.cpp with cmake (~8 min on 2 cores):
+
+    cmake -S vendor/llama.cpp -B build -G Ninja -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
+        -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON ... (the CPU's flags)
+    cmake --build build -j2 --target llama-server llama-quantize
+
+and the sdist's Python bindings run on that build without a second compile
+(`PYTHONPATH=SDIST LLAMA_CPP_LIB_PATH=build/bin python`). On a VM whose CPU lists AMX, a
+`GGML_NATIVE=ON` build (and pip's compile, which uses it) dies with an invalid opcode in
+libggml-cpu on the first evaluation: the guest may not use AMX tiles. Name the flags instead,
+AMX off, as above.
 
 1. Quality, one child process per model: perplexity of the first ``--tokens`` token ids of the
    committed evaluation text (the source's tokenizer, the same ids for every model) and top-1
@@ -208,19 +219,23 @@ def stream_one(base: str, model: str, prompt: str, max_tokens: int) -> tuple[flo
     return (ttft if ttft is not None else time.perf_counter() - t0), int(usage or chunks)
 
 
-def load(base: str, model: str, streams: int, window: float, max_tokens: int) -> dict[str, float]:
+def load(base: str, model: str, streams: int, window: float, max_tokens: int, run: int = 0) -> dict[str, float]:
+    """``streams`` clients for ``window`` seconds. Every prompt differs from every other one this
+    server has seen, in this run and the runs before (``run``): llama-server keeps earlier prompts'
+    caches across requests, and a repeated prompt would measure that cache, not prefill."""
     words = TEXT.read_text(encoding="utf-8").split()
     stop = time.perf_counter() + window
     lock, tokens, ttfts, failures = threading.Lock(), [0], [], [0]
     started = time.perf_counter()
 
     def worker(w: int) -> None:
-        k = 0
+        k = run * 100_000
         while time.perf_counter() < stop:
             start = (w * 997 + k * 131) % (len(words) - 60)
+            prefix = f"{w}.{k}: "  # unique even where two starts meet
             k += 1
             try:
-                ttft, n = stream_one(base, model, " ".join(words[start:start + 48]), max_tokens)
+                ttft, n = stream_one(base, model, prefix + " ".join(words[start:start + 48]), max_tokens)
             except OSError:
                 with lock:
                     failures[0] += 1
@@ -266,7 +281,7 @@ def server_figures(start: Any, path: str, args: argparse.Namespace) -> dict[str,
         proc, base, model = start(path, args, streams)
         try:
             ready = wait_ready(base + ("/health" if model == "ours" else "/v1/models"), proc)
-            runs = [load(base, model, streams, args.window, 64) for _ in range(args.server_runs)]
+            runs = [load(base, model, streams, args.window, 64, run) for run in range(args.server_runs)]
             out[str(streams)] = {"ready_s": ready,
                                  "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
                                  "ttft_s": statistics.median(r["ttft_s"] for r in runs),

@@ -30,8 +30,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.docker]
 RECIPES = REPO / "recipes" / "smollm2-135m-instruct-gguf"
 PRECISIONS = ("fp32", "int8", "int4")
 # What llama.cpp reaches on the same weights and tokens (its Q8_0 and Q4_K_M; issue 20), and
-# its file sizes times 1.1 (Q8_0 145 MB, Q4_K_M 105 MB): the goals, held here.
-MAX_PERPLEXITY_RATIO = {"fp32": 1.001, "int8": 1.009, "int4": 1.041}
+# its file sizes times 1.1 (Q8_0 145 MB, Q4_K_M 105 MB): the goals, held here. Both sides compute
+# with int8 activations, whose kernels differ by CPU: measured side by side
+# (benchmarks/vs_llamacpp.py), Q8_0 1.0092 and ours 1.0065 on one 2-vCPU Xeon; Q8_0 1.0101 and
+# ours 1.0090 on another with AVX512-VNNI. The int8 limit is llama.cpp's larger figure; Q4_K_M
+# was 1.0412 and 1.0461 (ours 1.0033 and 1.0011).
+MAX_PERPLEXITY_RATIO = {"fp32": 1.001, "int8": 1.0101, "int4": 1.041}
 MAX_FOLDER_BYTES = {"int8": 160 * 2**20, "int4": 116 * 2**20}
 # The runnable image served is the fp32 build's: on this question the model's first token is a
 # near-tie in float32 ("The" 25.325 vs "L" 25.243 logits), which the int8 activations of the
