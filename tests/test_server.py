@@ -893,10 +893,15 @@ def test_a_late_request_joins_the_running_batch(served_model: Path, tmp_path: Pa
         # The first stream's text when it runs alone on this server: what the rebatch may not change.
         # (Held to this server's own output, not to another onnxruntime-genai in the test process:
         # over 2,000 greedy tokens of a random model, two runtimes' float rounding can part ways.)
-        code, _, alone = s.post("/v1/chat/completions", {**LONG, "stream": False, "max_tokens": 2000})
-        assert code == 200 and alone["usage"]["completion_tokens"] == 2000
-        sock = _stream_first_event(s.port, {**LONG, "max_tokens": 2000, "stream_options": {"include_usage": True}})
-        time.sleep(0.2)  # past the engine's gathering of a burst (15 ms): the first batch is running
+        started = time.monotonic()
+        code, _, alone = s.post("/v1/chat/completions", {**LONG, "stream": False})
+        alone_s = time.monotonic() - started
+        assert code == 200 and alone["usage"]["completion_tokens"] == LONG["max_tokens"]
+        sock = _stream_first_event(s.port, {**LONG, "stream_options": {"include_usage": True}})
+        # Past the engine's gathering of a burst (15 ms), well before the first stream can end (a
+        # fast machine generated 2,000 tokens before a late request sent after 0.2 s arrived).
+        time.sleep(min(0.2, max(0.03, alone_s / 20)))
+        assert s.metric("olive_server_requests_generating") == 1, f"the first stream ended ({alone_s:.2f} s alone)"
         started = time.monotonic()
         code, _, body = s.post("/v1/chat/completions", {**GOOD, "messages": MESSAGES, "max_tokens": 20,
                                                          "temperature": 0, "ignore_eos": True})
@@ -909,7 +914,7 @@ def test_a_late_request_joins_the_running_batch(served_model: Path, tmp_path: Pa
         sock.close()
         assert code == 200 and s.metric("olive_server_engine_rebatches_total") >= 1
         assert body["choices"][0]["message"]["content"] == _greedy_exact(served_model, chat_ids(served_model, MESSAGES), 20)
-        assert b'"completion_tokens": 2000' in data
+        assert b'"completion_tokens": %d' % LONG["max_tokens"] in data
         # The first stream goes on where it was when the batch was re-begun: its next 64 tokens' text
         # is the text it has alone at that point. (Not all 2,000: measured on this 2-core machine,
         # a batch of two computes with other kernels than a batch of one, and this random model's
