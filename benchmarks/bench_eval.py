@@ -1,7 +1,7 @@
 """What the evaluation stage adds to a build: its time against the rest of `build recipe`.
 
     python benchmarks/bench_eval.py [--models smollm2,tiny,bench,qwen0.5b] [--precision int4] [--max-tokens N]
-                                    [--then int8] [--keep DIR]
+                                    [--then int8] [--keep DIR] [--stability K]
     python benchmarks/bench_eval.py --calibrate
 
 --calibrate prints what the default gates (builder/build/evaluate/gates.py DEFAULT_GATES) rest on: the
@@ -202,6 +202,8 @@ def main() -> None:
             r = run(kind, root, args.precision, args.max_tokens)
             hf = None if kind == "smollm2" else root / "hf"
             then = build(kind, hf, root, args.then, args.max_tokens) if args.then else None
+            if args.stability:  # on the last folder built, before a temporary root goes
+                stability(root / "out" / (args.then or args.precision), args.stability)
         acc, sp = r["accuracy"], r["speed"]
         weights = f"{r['weights_mb']} MB fp32" if r["weights_mb"] is not None else "the shipped GGUF recipe"
         print(f"{kind}: {weights} -> {args.precision}; build without evaluation {r['build_s']} s, "
@@ -223,10 +225,6 @@ def main() -> None:
                   f"ratio {then['ratio']:.2f}; CPU seconds {then['build_cpu_s']} / {then['eval_cpu_s']}: "
                   f"ratio {then['cpu_ratio']:.2f}")
         print(json.dumps({**r, "then": then}), flush=True)
-        if args.stability:
-            if not args.keep:
-                raise SystemExit("--stability needs --keep DIR (the built folder is measured after the build)")
-            stability(args.keep / kind / "out" / (args.then or args.precision), args.stability)
 
 
 if __name__ == "__main__":
