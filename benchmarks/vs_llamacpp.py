@@ -37,10 +37,12 @@ AMX off, as above.
    (a 512-token prompt), decode tokens/s (128 tokens, EOS ignored), peak RSS of the process.
    Both sides get the machine's usable cores: llama.cpp ``n_threads``; ours whatever the build's
    genai_config.json and our loader give it (the same code path the server and evaluation use).
-3. Servers, the same files: our runtime server (``python -m builder.serve``) against llama.cpp's
+3. Servers, the same files: our runtime server (``python -m builder.serve``, its default settings:
+   batch size 4, further streams wait in its queue; ``--our-batch N`` sets both) against llama.cpp's
    OpenAI server: ``--llama-server`` (llama.cpp's own ``llama-server``, run with ``--parallel``
-   equal to the streams: its best setting for that load) or else llama-cpp-python's server (one
-   request at a time). 1, 4 and 8 streaming clients, each sending distinct ~64-token prompts for
+   equal to the streams, its best setting for that load, and ``--llama-context`` tokens of context
+   per stream, as many as our build's max_length gives each of our sequences) or else
+   llama-cpp-python's server (one request at a time). 1, 4 and 8 streaming clients, each sending distinct ~64-token prompts for
    64 tokens (EOS ignored) for ``--window`` seconds: aggregate completion tokens/s and the median
    time to first token.
 
@@ -257,8 +259,9 @@ def load(base: str, model: str, streams: int, window: float, max_tokens: int, ru
 def serve_ours(folder: str, args: argparse.Namespace, streams: int) -> tuple[subprocess.Popen[bytes], str, str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [args.serve_python, "-m", "builder.serve", "--model", folder, "--port", str(port), "--model-id", "ours",
-           "--batch-size", str(max(streams, 4)), "--max-concurrency", str(max(streams, 4))]
+    cmd = [args.serve_python, "-m", "builder.serve", "--model", folder, "--port", str(port), "--model-id", "ours"]
+    if args.our_batch:  # else the server's default: batch 4, the rest of the streams queue
+        cmd += ["--batch-size", str(args.our_batch), "--max-concurrency", str(args.our_batch)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True), f"http://127.0.0.1:{port}", "ours"
 
@@ -267,10 +270,10 @@ def serve_llama(gguf: str, args: argparse.Namespace, streams: int) -> tuple[subp
     port, n = free_port(), usable_cpus()
     if args.llama_server:
         cmd = [args.llama_server, "-m", gguf, "--port", str(port), "--parallel", str(streams),
-               "-c", str(1024 * streams), "-t", str(n), "-tb", str(n), "--no-webui"]
+               "-c", str(args.llama_context * streams), "-t", str(n), "-tb", str(n), "--no-webui"]
     else:
         cmd = [args.llama_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
-               "--n_ctx", "2048", "--n_threads", str(n), "--n_threads_batch", str(n)]
+               "--n_ctx", str(args.llama_context), "--n_threads", str(n), "--n_threads_batch", str(n)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True), f"http://127.0.0.1:{port}", "llama"
 
@@ -322,6 +325,12 @@ def main() -> None:
     p.add_argument("--server-runs", type=int, default=1)
     p.add_argument("--streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
     p.add_argument("--window", type=float, default=20.0)
+    p.add_argument("--our-batch", type=int, default=None,
+                   help="our server's --batch-size and --max-concurrency (default: its own, batch 4 with the other "
+                        "streams queued; measured here at 8 streams: batch 8 gave 124 tok/s, batch 4 161)")
+    p.add_argument("--llama-context", type=int, default=2048,
+                   help="llama.cpp's context per stream (default 2048: our shipped recipes' max_length, which sizes "
+                        "our server's KV cache per sequence; the same context on both sides)")
     p.add_argument("--skip", action="append", default=[], choices=["quality", "speed", "server"])
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
