@@ -327,7 +327,7 @@ def main() -> None:
     p.add_argument("--window", type=float, default=20.0)
     p.add_argument("--our-batch", type=int, default=None,
                    help="our server's --batch-size and --max-concurrency (default: its own, batch 4 with the other "
-                        "streams queued; measured here at 8 streams: batch 8 gave 124 tok/s, batch 4 161)")
+                        "streams queued; the engine steps at most 4 requests at once)")
     p.add_argument("--llama-context", type=int, default=2048,
                    help="llama.cpp's context per stream (default 2048: our shipped recipes' max_length, which sizes "
                         "our server's KV cache per sequence; the same context on both sides)")

@@ -22,7 +22,13 @@ from builder.contract import ADAPTER_NAME_MAX, ADAPTER_NAME_RULE, ADAPTERS_DIR, 
 from builder.serve.errors import AdapterLoadError, ort_message
 from builder.serve.sampling import Finished, Piece, Sampling, seed32
 
-DEFAULT_BATCH_SIZE = 4  # on 2 CPU cores batch 4 and 8 both reach ~1.85x one request (environment.md)
+DEFAULT_BATCH_SIZE = 4  # the most the static engine steps at once (ENGINE_STEP_LIMIT)
+# onnxruntime-genai's static batching (the CPU engine) steps at most 4 requests at once whatever
+# engine.static_batching.max_batch_size says (StaticBatchScheduler::Schedule, `static_batch_size = 4`).
+# Measured on 0.18 with max_batch_size 8 and 8 requests: every step carried 4 tokens, the two
+# groups of 4 took turns, and a server at batch 8 gave 124 tokens/s to 8 streams against 161 at 4
+# (first tokens 2.7 s against 2.1 s). A larger batch size is therefore held to this.
+ENGINE_STEP_LIMIT = 4
 
 
 def engine_available(og: Any) -> bool:
@@ -64,6 +70,10 @@ class ModelRunner:
         self.use_engine = use_engine and engine_available(og)
         configured = (config.get("engine") or {}).get("static_batching", {}).get("max_batch_size")
         self.batch_size = batch_size or (int(configured) if configured else DEFAULT_BATCH_SIZE)
+        self.batch_size_asked = self.batch_size
+        static = not (config.get("engine") or {}).get("dynamic_batching")
+        if self.use_engine and static and self.batch_size > ENGINE_STEP_LIMIT:
+            self.batch_size = ENGINE_STEP_LIMIT
         if self.use_engine:
             # The batch size is the engine's, read from genai_config.json: overlay it in memory so
             # the (possibly read-only) model folder stays as it is.

@@ -65,6 +65,11 @@ class ServedModel:
             self.metrics.router.load = scheduler.load
             self.runner, self.scheduler = runner, scheduler
             path = f"engine, batch size {runner.batch_size}" if runner.use_engine else "generator only"
+            if runner.batch_size != runner.batch_size_asked:
+                log.warning("batch size %d asked; the engine's static batching steps at most %d requests at "
+                            "once (onnxruntime-genai %s), so the batch size is %d and more requests wait for "
+                            "a place in it", runner.batch_size_asked, runner.batch_size, runner.version,
+                            runner.batch_size)
             log.info("model %s loaded from %s in %.2fs (onnxruntime-genai %s, %s, %d at once, %d waiting)",
                      self.model_id, self.folder, time.monotonic() - started, runner.version, path,
                      concurrency, self.queue_size)
