@@ -284,7 +284,7 @@ def images_cmd(targets: tuple[str, ...], runtime_base_image: str | None, print_t
 @click.option("--queue-size", default=16, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; more get 429.")
 @click.option("--batch-size", default=None, type=click.IntRange(1, 256),
-              help="Requests the engine batches at once [default: the model's genai_config, else 4].")
+              help="Requests the engine batches at once, at most 4 on the CPU engine [default: the model's genai_config, else 4].")
 @click.option("--api-key", default=None, envvar="OLIVE_BUILDER_API_KEY", show_envvar=False,
               help="Require `Authorization: Bearer KEY` on /v1 (/health stays open). Env: OLIVE_BUILDER_API_KEY "
                    "(preferred: a command line is visible to other users).")
