@@ -330,6 +330,17 @@ def _stream_first_event(port: int, payload: dict) -> socket.socket:
     return sock
 
 
+def _read_to_done(sock: socket.socket) -> bytes:
+    """The rest of a streaming answer, up to its `data: [DONE]`; the socket is closed."""
+    data = b""
+    while b"[DONE]" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data[-500:]
+        data += chunk
+    sock.close()
+    return data
+
+
 LONG = {"model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000,
         "temperature": 0, "stream": True, "ignore_eos": True}
 
@@ -522,15 +533,7 @@ def test_four_streams_are_batched_by_the_engine(served_model: Path, tmp_path: Pa
         before = _histogram(s, "olive_server_engine_step_requests")
         payload = {**LONG, "max_tokens": 300, "stream_options": {"include_usage": True}}
         socks = [_stream_first_event(s.port, payload) for _ in range(4)]
-        datas = []
-        for sock in socks:
-            data = b""
-            while b"[DONE]" not in data:
-                chunk = sock.recv(65536)
-                assert chunk
-                data += chunk
-            sock.close()
-            datas.append(data)
+        datas = [_read_to_done(sock) for sock in socks]
         assert all(b'"completion_tokens": 300' in d for d in datas)
         after = _histogram(s, "olive_server_engine_step_requests")
         steps = after["count"] - before["count"]
@@ -566,13 +569,7 @@ def test_a_batch_size_above_the_engines_step_limit_is_held_to_it(served_model: P
         results: list[bytes] = []
 
         def finish(sock: socket.socket) -> None:
-            data = b""
-            while b"[DONE]" not in data:
-                chunk = sock.recv(65536)
-                assert chunk
-                data += chunk
-            sock.close()
-            results.append(data)
+            results.append(_read_to_done(sock))
 
         long = {**LONG, "max_tokens": 4000, "stream_options": {"include_usage": True}}
         first = [_stream_first_event(s.port, long) for _ in range(4)]
@@ -943,12 +940,7 @@ def test_a_late_request_joins_the_running_batch(served_model: Path, tmp_path: Pa
         code, _, body = s.post("/v1/chat/completions", {**GOOD, "messages": MESSAGES, "max_tokens": 20,
                                                          "temperature": 0, "ignore_eos": True})
         waited = time.monotonic() - started
-        data = b""
-        while b"[DONE]" not in data:
-            chunk = sock.recv(65536)
-            assert chunk
-            data += chunk
-        sock.close()
+        data = _read_to_done(sock)
         assert code == 200 and s.metric("olive_server_engine_rebatches_total") >= 1
         assert body["choices"][0]["message"]["content"] == _greedy_exact(served_model, chat_ids(served_model, MESSAGES), 20)
         assert b'"completion_tokens": %d' % LONG["max_tokens"] in data
