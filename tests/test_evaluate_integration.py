@@ -72,6 +72,9 @@ def test_build_recipe_evaluates_and_annotates(capsys, builds, trained_model, tmp
     # trained, so peaked: far from the uniform distribution's perplexity (the vocabulary size)
     assert acc["source_perplexity"] < 150
     assert "speed" not in data  # what this machine observed is beside the folder, not in the artifact
+    # The source's figures were computed while Olive converted (or, for a later precision, kept
+    # by that): the stage read them from the cache.
+    assert observations.full_record(out)["evaluation"]["source_cached"] is True
     speed = observations.full_record(out)["evaluation"]["speed"]
     assert speed["measured"] and speed["prompt_tokens"] == 512 and speed["decode_tokens"] == 128
     assert speed["decode_tokens_per_s"] > 0 and speed["peak_rss_mb"] > 0 and speed["cpu"]["usable_cores"] >= 1
@@ -255,6 +258,26 @@ def test_the_source_figures_are_cached_for_the_next_build_of_the_same_source(
         entry.write_bytes(b"not a tensor file")
     damaged = ev.evaluate(int4, trained_model, precision="int4", settings=settings)
     assert not damaged.source_cached and damaged.accuracy == first.accuracy
+
+
+def test_the_source_figures_computed_ahead_are_the_ones_the_evaluation_computes(
+        capsys, builds, trained_model, tmp_path_factory, local_engine_ready, monkeypatch):  # type: ignore[no-untyped-def]
+    """What the worker starts while Olive converts: the source pass in a thread, into the cache."""
+    int4, _ = built(capsys, builds, trained_model, tmp_path_factory, "int4")
+    settings = ev.Settings(speed=False, max_tokens=192)
+    cache = source_figures.reference_cache_dir()
+    assert cache is not None
+    before = set(cache.glob("*.pt"))
+    thread = measure.prefetch_reference(trained_model, max_tokens=192)
+    assert thread is not None
+    thread.join()
+    assert len(set(cache.glob("*.pt")) - before) == 1
+    ahead = ev.evaluate(int4, trained_model, precision="int4", settings=settings)
+    assert ahead.source_cached
+    monkeypatch.setenv(source_figures.REFERENCE_CACHE_ENV, "off")
+    assert measure.prefetch_reference(trained_model, max_tokens=192) is None  # nowhere to keep them
+    computed = ev.evaluate(int4, trained_model, precision="int4", settings=settings)
+    assert not computed.source_cached and computed.accuracy == ahead.accuracy
 
 
 def test_the_fast_paths_compute_what_the_plain_ones_do(trained_model) -> None:  # type: ignore[no-untyped-def]

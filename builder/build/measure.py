@@ -168,6 +168,131 @@ def preload() -> threading.Thread:
     return thread
 
 
+@dataclass
+class _SourceSide:
+    """What the source pass runs on: the token windows and chat prompts, as the source's tokenizer
+    makes them, and the dtype the source runs in."""
+
+    source_dir: Path
+    windows: list[list[int]]
+    prompts: list[list[int]]
+    dtype: Any
+    dtype_note: str | None
+    peft_dir: Path | None
+    trust_remote_code: bool
+
+
+def _source_side(source_dir: Path, text: EvalText, context: int, max_tokens: int, trust_remote_code: bool,
+                 adapter: AdapterUnderTest | None) -> _SourceSide:
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging
+
+    hf_logging: Any = logging
+    hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum": we window it
+
+    tok = AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)
+    src_config = AutoConfig.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)
+    context = min(context, int(getattr(src_config, "max_position_embeddings", context) or context))
+    ids = tok(text.text, add_special_tokens=False)["input_ids"]
+    bos = tok.bos_token_id if tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id] else None
+    windows = _windows(ids, max_tokens, min(context, max_tokens), bos)
+    prompts = []
+    for content in CHAT_PROMPTS:
+        messages = [{"role": "user", "content": content}]
+        if getattr(tok, "chat_template", None):
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:
+            prompt = content
+        prompts.append(tok(prompt, add_special_tokens=True)["input_ids"])
+    dtype, dtype_note = source_dtype(source_dir)
+    peft_dir = Path(adapter.peft_dir) if adapter is not None and adapter.peft_dir else None
+    return _SourceSide(source_dir, windows, prompts, dtype, dtype_note, peft_dir, trust_remote_code)
+
+
+def _reference(side: _SourceSide, announce: Callable[[], object]) -> tuple[Reference, bool]:
+    """The source's figures on ``side``: from the reference cache when an earlier evaluation (or the
+    prefetch) kept them, else computed (``announce`` first) and kept. (figures, from the cache)."""
+    cache = reference_cache_dir()
+    key_args = (side.source_dir, side.peft_dir, side.windows, side.prompts, side.dtype, not side.trust_remote_code,
+                cache)
+    key: str | None = None
+    if cache is not None:
+        try:
+            key = reference_key(*key_args, read=False)
+            found = load_reference(cache, key)
+            if found is not None:
+                return found, True
+        except DigestUnknown:
+            # Files never hashed here: no earlier evaluation can have seen them (short of a
+            # copy elsewhere), so nothing is looked up, and the hashing for storing the
+            # figures runs beside the source pass instead of before it.
+            pass
+    announce()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        keying = pool.submit(reference_key, *key_args) if cache is not None and key is None else None
+        ref = source_pass(side.source_dir, side.windows, side.prompts, side.trust_remote_code,
+                          peft_dir=side.peft_dir, dtype=side.dtype)
+        try:
+            key = keying.result() if keying is not None else key
+        except OSError:
+            key = None  # unreadable now: the figures are not kept
+    if cache is not None and key is not None:
+        save_reference(cache, key, ref)
+    return ref, False
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def prefetch_reference(source_dir: str | Path, *, text_path: str | Path | None = None, text_source: str | None = None,
+                       max_tokens: int = DEFAULT_MAX_TOKENS, trust_remote_code: bool = False) -> threading.Thread | None:
+    """Compute the source's figures in a background thread and keep them in the reference cache, so
+    that ``measure`` later finds them instead of running the source then: the worker calls this
+    while Olive converts in its own process, which leaves a core idle on small machines (measured
+    on the real model, 2 cores: the stage's source pass is ~7 s of its ~18). None when nothing is started:
+    no reference cache, or too little memory for the source in fp32 beside Olive's own copy.
+    Whatever goes wrong in the thread only costs the head start: ``measure`` computes as before
+    (the windows differ, and so does the cache key, if the built model's context is shorter)."""
+    source_dir = Path(source_dir)
+    if reference_cache_dir() is None:
+        return None
+    available = _available_memory()
+    try:
+        weights = _weights_bytes(source_dir)
+    except OSError:
+        return None
+    # fp32 of a 16-bit checkpoint is twice its files; Olive holds the model at the same time.
+    if available is None or 4 * weights > available:
+        return None
+
+    def run() -> None:
+        # Passive OpenMP waiting, as in measure(): this shares the machine with Olive. torch keeps its
+        # thread count: another count could round the figures differently from the stage's own pass.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        try:
+            text = load_text(text_path, text_source)
+            side = _source_side(source_dir, text, 1 << 30, max_tokens, trust_remote_code, None)
+            _reference(side, lambda: None)
+        except Exception:  # noqa: BLE001, S110 - only a head start: measure() computes (and reports) for real
+            pass
+
+    thread = threading.Thread(target=run, name="olive-builder-source-figures", daemon=True)
+    thread.start()
+    return thread
+
+
 # ---------------------------------------------------------------------------- the models
 
 
@@ -523,57 +648,16 @@ def measure(
         # make torch several times slower (measured 2-10x on 2 busy cores); passive waiting costs
         # nothing on an idle machine. Takes effect only if torch is not loaded yet (the worker's case).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from transformers import AutoConfig, AutoTokenizer
-        from transformers.utils import logging
-
-        hf_logging: Any = logging
-        hf_logging.set_verbosity_error()  # e.g. "sequence longer than the model's maximum": we window it
-
-        tok = AutoTokenizer.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)
-        src_config = AutoConfig.from_pretrained(str(source_dir), trust_remote_code=trust_remote_code)
-        context = min(context, int(getattr(src_config, "max_position_embeddings", context) or context))
-        ids = tok(text.text, add_special_tokens=False)["input_ids"]
-        bos = tok.bos_token_id if tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id] else None
-        windows = _windows(ids, max_tokens, min(context, max_tokens), bos)
-        for content in CHAT_PROMPTS:
-            messages = [{"role": "user", "content": content}]
-            if getattr(tok, "chat_template", None):
-                prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            else:
-                prompt = content
-            prompts.append(tok(prompt, add_special_tokens=True)["input_ids"])
-        dtype, dtype_note = source_dtype(Path(source_dir))
-        peft_dir = Path(adapter.peft_dir) if adapter is not None and adapter.peft_dir else None
-        cache = reference_cache_dir()
-        key_args = (Path(source_dir), peft_dir, windows, prompts, dtype, not trust_remote_code, cache)
-        key: str | None = None
-        ref = None
-        if cache is not None:
-            try:
-                key = reference_key(*key_args, read=False)
-                ref = load_reference(cache, key)
-            except DigestUnknown:
-                # Files never hashed here: no earlier evaluation can have seen them (short of a
-                # copy elsewhere), so nothing is looked up, and the hashing for storing the
-                # figures runs beside the source pass instead of before it.
-                pass
-        if ref is not None:
-            # A second precision or target of the same source (a matrix build): the source's
-            # figures on these tokens are already known.
-            say(f"source model{what}: its figures on these tokens are cached ({cache})")
+        side = _source_side(Path(source_dir), text, context, max_tokens, trust_remote_code, adapter)
+        windows, prompts, dtype_note = side.windows, side.prompts, side.dtype_note
+        ref, cached = _reference(side, lambda: say(f"source model (transformers, fp32){what}: {len(windows)} "
+                                                   f"window(s) of up to {len(windows[0])} tokens"))
+        if cached:
+            # A second precision or target of the same source (a matrix build), or figures computed
+            # while Olive converted: the source's figures on these tokens are already known.
+            say(f"source model{what}: its figures on these tokens are cached ({reference_cache_dir()}), by an "
+                "earlier evaluation or while Olive converted")
             result.source_cached = True
-        else:
-            say(f"source model (transformers, fp32){what}: {len(windows)} window(s) of up to {len(windows[0])} tokens")
-            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-                keying = pool.submit(reference_key, *key_args) if cache is not None and key is None else None
-                ref = source_pass(Path(source_dir), windows, prompts, trust_remote_code, peft_dir=peft_dir,
-                                  dtype=dtype)
-                try:
-                    key = keying.result() if keying is not None else key
-                except OSError:
-                    key = None  # unreadable now: the figures are not kept
-            if cache is not None and key is not None:
-                save_reference(cache, key, ref)
         ref.dtype_note = dtype_note
         result.timings["source_s"] = round(time.monotonic() - started, 2)
         result.timings["source_cpu_s"] = round(_cpu_seconds() - cpu_started, 2)

@@ -29,7 +29,7 @@ from typing import Any
 
 from builder.build.check import check_target
 from builder.build.evaluate import Settings, evaluate, not_evaluated, raise_for_gates
-from builder.build.measure import AdapterUnderTest, preload
+from builder.build.measure import AdapterUnderTest, prefetch_reference, preload
 from builder.contract import (
     ADAPTERS_DIR,
     CACHE_DIR,
@@ -226,8 +226,16 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
     )
     passes = ", ".join(f"{name} ({p.get('type')})" for name, p in step.olive_config["passes"].items())
     event("finetune" if finetune else "convert", f"olive run: {passes}")
+    source_figures = None
     if (step.evaluate or {}).get("enabled", True):
         preload()  # torch and transformers imported for the evaluation while Olive runs in its own process
+        if not finetune:
+            # ... and the source's figures computed beside it, into the reference cache (not for a
+            # finetune: its reference is the finetuned model, made by Olive's run).
+            settings = Settings.from_json(step.evaluate)
+            source_figures = prefetch_reference(model_dir, text_path=settings.text, text_source=settings.text_source,
+                                                max_tokens=settings.max_tokens,
+                                                trust_remote_code=step.model.trust_remote_code)
     started = time.monotonic()
     code, train_loss = _olive_run(config_path, env, watch_loss=bool(finetune))
     olive_seconds = time.monotonic() - started
@@ -258,6 +266,10 @@ def run(spec: WorkerSpec) -> dict[str, Any]:
         raise WorkerFailure("check_failed", e.message, e.hint or "") from None
     how = "natively" if report.reason is None else f"by a CPU cross-check ({report.reason})"
     event("check", f"generated {len(report.generated_ids)} tokens from a {report.prompt_tokens}-token prompt, {how}")
+    if source_figures is not None and source_figures.is_alive():
+        event("evaluate", "waiting for the source model's figures, computed while Olive ran")
+    if source_figures is not None:
+        source_figures.join()
     if tuned is None:
         evaluation = evaluate_build(step, checked, model_dir, cross_check=report.reason)
     else:
