@@ -118,15 +118,9 @@ def build(kind: str, hf: Path | None, root: Path, precision: str, max_tokens: in
         return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
     record = observed.full_record(out)  # the record and what the run observed (speed, seconds)
     ev = record["evaluation"]
-    build_s = wall - ev["seconds"]
     # CPU seconds too: on a machine shared with other work, wall time also measures the neighbours.
-    eval_cpu = (ev.get("timings") or {}).get("cpu_s")
-    build_cpu = cpu - eval_cpu if eval_cpu is not None else None
-    return {"precision": precision, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "build_s": round(build_s, 1), "eval_s": ev["seconds"],
-            "ratio": round(ev["seconds"] / build_s, 3),
-            "build_cpu_s": round(build_cpu, 1) if build_cpu is not None else None, "eval_cpu_s": eval_cpu,
-            "cpu_ratio": round(eval_cpu / build_cpu, 3) if build_cpu else None, "accuracy": ev["accuracy"],
-            "text": ev["text"], "speed": ev["speed"], "timings": ev.get("timings"),
+    return {"precision": precision, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "eval_s": ev["seconds"],
+            "accuracy": ev["accuracy"], "text": ev["text"], "speed": ev["speed"], "timings": ev.get("timings"),
             "source_cached": bool(ev.get("source_cached"))}
 
 

@@ -42,9 +42,9 @@ AMX off, as above.
    OpenAI server: ``--llama-server`` (llama.cpp's own ``llama-server``, run with ``--parallel``
    equal to the streams, its best setting for that load, and ``--llama-context`` tokens of context
    per stream, as many as our build's max_length gives each of our sequences) or else
-   llama-cpp-python's server (one request at a time). 1, 4 and 8 streaming clients, each sending distinct ~64-token prompts for
-   64 tokens (EOS ignored) for ``--window`` seconds: aggregate completion tokens/s and the median
-   time to first token.
+   llama-cpp-python's server (one request at a time). 1, 4 and 8 streaming clients, each sending
+   distinct ~64-token prompts for 64 tokens (EOS ignored) for ``--window`` seconds: aggregate
+   completion tokens/s and the median time to first token.
 
 Every figure is printed beside llama.cpp's at the same bit width as a ratio (ours / theirs; >= 1.0
 is better for speed, <= 1.0 for perplexity and memory). Pairs: int4 against Q4_K_M and Q4_0,

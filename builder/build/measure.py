@@ -57,6 +57,8 @@ from builder.build.source_figures import (
     TOKEN_CHUNK,
     DigestUnknown,
     Reference,
+    available_memory,
+    fp32_weight_bytes,
     load_reference,
     reference_cache_dir,
     reference_key,
@@ -241,40 +243,25 @@ def _reference(side: _SourceSide, announce: Callable[[], object]) -> tuple[Refer
     return ref, False
 
 
-def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir()
-               if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-
-
-def _available_memory() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text(encoding="ascii").splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def prefetch_reference(source_dir: str | Path, *, text_path: str | Path | None = None, text_source: str | None = None,
                        max_tokens: int = DEFAULT_MAX_TOKENS, trust_remote_code: bool = False) -> threading.Thread | None:
     """Compute the source's figures in a background thread and keep them in the reference cache, so
     that ``measure`` later finds them instead of running the source then: the worker calls this
     while Olive converts in its own process, which leaves a core idle on small machines (measured
     on the real model, 2 cores: the stage's source pass is ~7 s of its ~18). None when nothing is started:
-    no reference cache, or too little memory for the source in fp32 beside Olive's own copy.
+    no reference cache, or too little memory for the source in fp32 beside Olive's own copy (the
+    same 70 % of the available memory ``source_dtype`` allows one fp32 copy).
     Whatever goes wrong in the thread only costs the head start: ``measure`` computes as before
     (the windows differ, and so does the cache key, if the built model's context is shorter)."""
     source_dir = Path(source_dir)
     if reference_cache_dir() is None:
         return None
-    available = _available_memory()
+    available = available_memory()
     try:
-        weights = _weights_bytes(source_dir)
+        fp32_bytes = fp32_weight_bytes(source_dir)
     except OSError:
         return None
-    # fp32 of a 16-bit checkpoint is twice its files; Olive holds the model at the same time.
-    if available is None or 4 * weights > available:
+    if available is None or 2 * fp32_bytes > 0.7 * available:  # Olive holds the model at the same time
         return None
 
     def run() -> None:

@@ -106,21 +106,30 @@ def _can_split(model: Any, window: list[int]) -> bool:
         return False
 
 
-def source_dtype(source_dir: Path) -> tuple[Any, str | None]:
-    """fp32, unless the fp32 weights would not fit in the memory available now: then the
-    checkpoint's own dtype (the conversion loaded it that way too), and why."""
-    import torch
-
-    stored = sum(p.stat().st_size for p in source_dir.glob("*.safetensors")) or \
-        sum(p.stat().st_size for p in source_dir.glob("*.bin"))
+def _checkpoint_dtype(source_dir: Path) -> tuple[str, int]:
     try:
         config = json.loads((source_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         config = {}
     name = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(name, 4)
-    fp32_bytes = stored * 4 // width
-    available = _available_memory()
+    return name, {"float32": 4, "float16": 2, "bfloat16": 2}.get(name, 4)
+
+
+def fp32_weight_bytes(source_dir: Path) -> int:
+    """What the checkpoint's weights take in fp32 (from its files' sizes and its dtype)."""
+    stored = sum(p.stat().st_size for p in source_dir.glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in source_dir.glob("*.bin"))
+    return stored * 4 // _checkpoint_dtype(source_dir)[1]
+
+
+def source_dtype(source_dir: Path) -> tuple[Any, str | None]:
+    """fp32, unless the fp32 weights would not fit in the memory available now: then the
+    checkpoint's own dtype (the conversion loaded it that way too), and why."""
+    import torch
+
+    name, width = _checkpoint_dtype(source_dir)
+    fp32_bytes = fp32_weight_bytes(source_dir)
+    available = available_memory()
     if width < 4 and available is not None and fp32_bytes > 0.7 * available:
         why = (f"source run in {name}: its fp32 weights ({fp32_bytes >> 20} MiB) would not fit in the "
                f"{available >> 20} MiB available")
@@ -128,7 +137,7 @@ def source_dtype(source_dir: Path) -> tuple[Any, str | None]:
     return torch.float32, None
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -25,9 +25,10 @@ from builder.serve.sampling import Finished, Piece, Sampling, seed32
 DEFAULT_BATCH_SIZE = 4  # the most the static engine steps at once (ENGINE_STEP_LIMIT)
 # onnxruntime-genai's static batching (the CPU engine) steps at most 4 requests at once whatever
 # engine.static_batching.max_batch_size says (StaticBatchScheduler::Schedule, `static_batch_size = 4`).
-# Measured on 0.18 with max_batch_size 8 and 8 requests: every step carried 4 tokens, the two
-# groups of 4 took turns, and a server at batch 8 gave 124 tokens/s to 8 streams against 161 at 4
-# (first tokens 2.7 s against 2.1 s). A larger batch size is therefore held to this.
+# Measured on 0.18 with max_batch_size 8 and 8 requests: every step carried 4 tokens. A server at
+# batch 8 believed it had room and paused running requests to re-batch them with newcomers the
+# engine could not run beside them: 124 tokens/s to 8 streams against 161 at batch 4 (first tokens
+# 2.7 s against 2.1 s). A larger batch size is therefore held to this.
 ENGINE_STEP_LIMIT = 4
 
 
