@@ -206,3 +206,21 @@ def _wait_idle_threads(s: Running, at_most: int | None = None) -> int:
         elif at_most is None and time.monotonic() - since > 6:
             return now
     return last
+
+
+@pytest.mark.parametrize(("config", "says"), [
+    ({"engine": "lots"}, "`engine` and `engine.static_batching` must be objects"),
+    ({"engine": {"static_batching": 7}}, "`engine` and `engine.static_batching` must be objects"),
+    ({"engine": {"static_batching": {"max_batch_size": "lots"}}}, 'not "lots"'),
+    ({"engine": {"static_batching": {"max_batch_size": 10**12}}}, "not 1000000000000"),
+    ({"engine": {"static_batching": {"max_batch_size": 0}}}, "from 1 to 256, not 0"),
+    ({"engine": {"static_batching": {"max_batch_size": True}}}, "not true"),
+])
+def test_a_genai_config_that_lies_about_its_engine_is_named(config: dict, says: str) -> None:
+    from builder.serve.generator import _engine_section
+
+    with pytest.raises(ValueError, match="genai_config.json: ") as caught:
+        _engine_section(config)
+    assert says in str(caught.value)
+    assert _engine_section({"engine": {"static_batching": {"max_batch_size": 8}}})[1] == 8
+    assert _engine_section({}) == ({}, None)

@@ -32,6 +32,20 @@ DEFAULT_BATCH_SIZE = 4  # the most the static engine steps at once (ENGINE_STEP_
 ENGINE_STEP_LIMIT = 4
 
 
+def _engine_section(config: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """genai_config.json's ``engine`` section and its static batch size, checked: a folder from
+    anywhere may say anything there, and a wrong shape is named, not met with an AttributeError."""
+    engine = config.get("engine") or {}
+    static = engine.get("static_batching") or {} if isinstance(engine, dict) else None
+    if not isinstance(engine, dict) or not isinstance(static, dict):
+        raise ValueError("genai_config.json: `engine` and `engine.static_batching` must be objects")
+    size = static.get("max_batch_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 256):
+        raise ValueError(f"genai_config.json: engine.static_batching.max_batch_size must be a whole number from "
+                         f"1 to 256, not {json.dumps(size)[:40]}")
+    return engine, size
+
+
 def engine_available(og: Any) -> bool:
     return hasattr(og, "Engine") and hasattr(og, "TurnOptions")
 
@@ -60,6 +74,8 @@ class ModelRunner:
         self.og = og
         self.folder = Path(folder)
         config = json.loads((self.folder / "genai_config.json").read_text())
+        if not isinstance(config, dict) or not all(isinstance(config.get(k) or {}, dict) for k in ("model", "search")):
+            raise ValueError("genai_config.json: the file, its `model` and its `search` must be JSON objects")
         model = config.get("model", {})
         search = config.get("search", {})
         # The KV cache is sized by search.max_length: that, not the model's native context, is the limit.
@@ -69,11 +85,10 @@ class ModelRunner:
         eos = model.get("eos_token_id", [])
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.use_engine = use_engine and engine_available(og)
-        configured = (config.get("engine") or {}).get("static_batching", {}).get("max_batch_size")
-        self.batch_size = batch_size or (int(configured) if configured else DEFAULT_BATCH_SIZE)
+        engine, configured = _engine_section(config)
+        self.batch_size = batch_size or configured or DEFAULT_BATCH_SIZE
         self.batch_size_asked = self.batch_size
-        static = not (config.get("engine") or {}).get("dynamic_batching")
-        if self.use_engine and static and self.batch_size > ENGINE_STEP_LIMIT:
+        if self.use_engine and not engine.get("dynamic_batching") and self.batch_size > ENGINE_STEP_LIMIT:
             self.batch_size = ENGINE_STEP_LIMIT
         if self.use_engine:
             # The batch size is the engine's, read from genai_config.json: overlay it in memory so
